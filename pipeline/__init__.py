@@ -1,0 +1,1 @@
+"""postalign: post-hoc multimodal alignment pipeline."""
