@@ -1,0 +1,61 @@
+"""Paired rows between an image store and a caption store, and nested training subsets.
+
+Feature stores keep the row order of the dataset manifests: row i of an image store is
+row i of ``images.parquet``, row j of a caption store is row j of ``captions.parquet``.
+A *pair* is one caption with its image, so pair j joins caption row j to the row of its
+image. Subsets for the data-size grid are prefixes of one seeded permutation, so for a
+given seed every smaller subset is nested in every larger one (DESIGN.md section 8).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Paired row indices: ``image_rows[j]`` is the image of caption ``caption_rows[j]``."""
+
+    image_rows: np.ndarray
+    caption_rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.caption_rows)
+
+    def take(self, index: np.ndarray) -> Pairs:
+        return Pairs(self.image_rows[index], self.caption_rows[index])
+
+    def one_caption_per_image(self) -> Pairs:
+        """Keep the first pair of each image (in pair order), so no image repeats."""
+        _, first = np.unique(self.image_rows, return_index=True)
+        return self.take(np.sort(first))
+
+
+def pair_rows(images: pl.DataFrame, captions: pl.DataFrame) -> Pairs:
+    """Join each caption (in caption-store order) to the row of its image in the image store."""
+    row_of = {image_id: row for row, image_id in enumerate(images["image_id"].to_list())}
+    try:
+        image_rows = np.fromiter(
+            (row_of[i] for i in captions["image_id"].to_list()), dtype=np.int64, count=len(captions)
+        )
+    except KeyError as err:
+        missing = err.args[0]
+        raise ValueError(f"a caption refers to image {missing!r}, not in the split") from None
+    return Pairs(image_rows, np.arange(len(captions), dtype=np.int64))
+
+
+def subset_order(n_total: int, seed: int) -> np.ndarray:
+    """The seeded permutation whose prefixes are the nested training subsets."""
+    return np.random.default_rng(seed).permutation(n_total)
+
+
+def nested_subset(n_total: int, n_pairs: int | None, seed: int) -> np.ndarray:
+    """Indices of the first ``n_pairs`` of the seed's permutation (``None`` means all)."""
+    if n_pairs is None:
+        n_pairs = n_total
+    if not 0 < n_pairs <= n_total:
+        raise ValueError(f"n_pairs={n_pairs} is outside 1..{n_total} (the pairs available)")
+    return subset_order(n_total, seed)[:n_pairs]
