@@ -1,0 +1,34 @@
+# Two commands do all set-up on a machine with only Python >= 3.11 and make:
+#   make run    install, then run the whole pipeline on config.yaml
+#   make test   install, then run the test suite
+UV_VERSION := 0.13.9
+UV := .tools/bin/uv
+CORES ?= 2
+SNAKEMAKE := $(UV) run --frozen snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
+export UV_LINK_MODE := copy
+
+.PHONY: install run test lint report clean
+
+$(UV):
+	python3 -m venv .tools
+	.tools/bin/python -m pip install --quiet "uv==$(UV_VERSION)"
+
+.venv/installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen
+	touch $@
+
+install: .venv/installed
+
+run: install
+	$(SNAKEMAKE)
+
+test: install
+	$(UV) run --frozen pytest -n 2
+
+lint: install
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen snakemake --lint
+
+clean:
+	rm -rf results .snakemake

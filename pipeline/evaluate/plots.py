@@ -1,0 +1,227 @@
+"""Figures made only from the metrics, summary and similarity tables.
+
+Each function draws one PNG (matplotlib's Agg canvas through ``Figure``, no pyplot state),
+writes it atomically and returns its path. A figure has one panel per encoder pair.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from scipy.stats import spearmanr
+
+from pipeline.atomic import atomic_path
+from pipeline.evaluate.tables import BASELINE
+
+ENCODER_PAIR = ["vision_encoder", "text_encoder"]
+SERIES = ["method", "layer_choice"]
+LAYER_PAIR = ["vision_layer", "text_layer"]
+PANEL_SIZE = (5.5, 4.0)
+DPI = 120
+
+
+def plot_metric_vs_pairs(
+    summary: pl.DataFrame, task: str, metric: str, path: str | os.PathLike[str]
+) -> Path:
+    """Metric against n_pairs (log x) per method and layer choice: mean line, +-1 std band."""
+    rows = _select(summary, task, metric, "summary")
+    colours = _series_colours(rows)
+    fig, panels = _panels(rows)
+    for ax, ((vision, text), panel) in zip(
+        panels, rows.group_by(ENCODER_PAIR, maintain_order=True), strict=True
+    ):
+        for (method, choice), series in panel.sort([*SERIES, "n_pairs"]).group_by(
+            SERIES, maintain_order=True
+        ):
+            n_pairs = series["n_pairs"].to_numpy()
+            mean = series["mean"].to_numpy()
+            std = series["std"].fill_null(0.0).to_numpy()
+            colour = colours[(method, choice)]
+            ax.plot(n_pairs, mean, marker="o", color=colour, label=f"{method} ({choice})")
+            ax.fill_between(n_pairs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+        ax.set_xscale("log")
+        _n_pairs_ticks(ax, panel["n_pairs"].unique().sort().to_list())
+        ax.set(title=f"{vision} + {text}", xlabel="paired training samples (n_pairs)")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", title="method (layers)")
+    fig.suptitle(f"{task}: {metric} vs. paired data (mean ± 1 std over seeds)")
+    return _save(fig, path)
+
+
+def plot_relative_improvement(
+    summary: pl.DataFrame,
+    task: str,
+    metric: str,
+    path: str | os.PathLike[str],
+    baseline: tuple[str, str] = BASELINE,
+) -> Path:
+    """Grouped bars per n_pairs: relative improvement (%) of each method over the baseline."""
+    rows = _select(summary, task, metric, "summary").filter(~_is_baseline(baseline))
+    if rows.is_empty():
+        raise ValueError(f"no method other than the baseline {baseline} for {task}/{metric}")
+    colours = _series_colours(rows)
+    fig, panels = _panels(rows)
+    for ax, ((vision, text), panel) in zip(
+        panels, rows.group_by(ENCODER_PAIR, maintain_order=True), strict=True
+    ):
+        n_pairs = panel["n_pairs"].unique().sort().to_list()
+        series = panel.select(SERIES).unique().sort(SERIES).rows()
+        width = 0.8 / len(series)
+        for i, (method, choice) in enumerate(series):
+            improvement = (
+                pl.DataFrame({"n_pairs": n_pairs})
+                .join(
+                    panel.filter((pl.col("method") == method) & (pl.col("layer_choice") == choice)),
+                    on="n_pairs",
+                    how="left",
+                )["relative_improvement"]
+                .fill_null(np.nan)
+                .to_numpy()
+            )
+            offsets = np.arange(len(n_pairs)) + (i - (len(series) - 1) / 2) * width
+            ax.bar(
+                offsets,
+                100 * improvement,
+                width,
+                color=colours[(method, choice)],
+                label=f"{method} ({choice})",
+            )
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xticks(np.arange(len(n_pairs)), labels=[str(n) for n in n_pairs])
+        ax.set(title=f"{vision} + {text}", xlabel="paired training samples (n_pairs)")
+        ax.set_ylabel(f"relative improvement in {metric} (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize="small", title="method (layers)")
+    fig.suptitle(f"{task}: improvement over {baseline[0]} ({baseline[1]} layers)")
+    return _save(fig, path)
+
+
+def plot_similarity_vs_metric(
+    similarity: pl.DataFrame,
+    metrics: pl.DataFrame,
+    similarity_metric: str,
+    task: str,
+    metric: str,
+    path: str | os.PathLike[str],
+) -> Path:
+    """Layer-pair similarity against the downstream metric, Spearman's rho in the title.
+
+    ``metrics`` holds runs of one method and n_pairs whose layer pairs vary; the metric is
+    averaged over seeds per layer pair. The similarity of a layer pair is taken at the largest
+    ``n_samples`` of the table, averaged over its sample seeds.
+    """
+    runs = _select(metrics, task, metric, "metrics")
+    groups = runs.select([*ENCODER_PAIR, "method", "n_pairs"]).unique().sort(pl.all())
+    if len(groups) != 1:
+        raise ValueError(
+            f"metrics for {task}/{metric} must be one encoder pair, method and n_pairs; "
+            f"got {groups.rows()}"
+        )
+    vision, text, method, n_pairs = groups.row(0)
+    scores = _layer_pair_similarity(similarity, similarity_metric, vision, text)
+    points = (
+        runs.group_by(LAYER_PAIR)
+        .agg(pl.col("value").mean())
+        .join(scores, on=LAYER_PAIR, how="inner")
+        .sort(LAYER_PAIR)
+    )
+    if points.is_empty():
+        raise ValueError(f"no layer pair of the {task}/{metric} runs has a {similarity_metric!r}")
+    x, y = points["similarity"].to_numpy(), points["value"].to_numpy()
+    fig = Figure(figsize=PANEL_SIZE, layout="constrained")
+    ax = fig.subplots()
+    ax.scatter(x, y, color=colormaps["tab10"](0))
+    for xi, yi, (v, t) in zip(x, y, points.select(LAYER_PAIR).rows(), strict=True):
+        ax.annotate(
+            f"v{v}/t{t}", (xi, yi), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
+        )
+    ax.set(xlabel=f"layer-pair similarity ({similarity_metric})", ylabel=f"{task}: {metric}")
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"{vision} + {text}, {method}, n_pairs={n_pairs}\n"
+        f"Spearman ρ = {spearman_rho(x, y):.3f} over {len(points)} layer pairs"
+    )
+    return _save(fig, path)
+
+
+def plot_all(summary: pl.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Every metric-vs-n_pairs and relative-improvement figure of a summary table."""
+    paths = []
+    for task, metric in summary.select("task", "metric").unique().sort(pl.all()).rows():
+        stem = Path(out_dir) / _file_stem(f"{task}__{metric}")
+        paths.append(plot_metric_vs_pairs(summary, task, metric, f"{stem}__vs_n_pairs.png"))
+        compared = summary.filter(
+            (pl.col("task") == task) & (pl.col("metric") == metric) & ~_is_baseline(BASELINE)
+        )
+        if compared["relative_improvement"].is_not_null().any():
+            paths.append(
+                plot_relative_improvement(summary, task, metric, f"{stem}__improvement.png")
+            )
+    return paths
+
+
+def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation; NaN when fewer than 2 points or either side is constant."""
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def _layer_pair_similarity(
+    similarity: pl.DataFrame, similarity_metric: str, vision: str, text: str
+) -> pl.DataFrame:
+    rows = similarity.filter(
+        (pl.col("metric") == similarity_metric)
+        & (pl.col("vision_encoder") == vision)
+        & (pl.col("text_encoder") == text)
+    )
+    if rows.is_empty():
+        raise ValueError(f"similarity table has no {similarity_metric!r} rows for {vision}+{text}")
+    largest = rows.filter(pl.col("n_samples") == pl.col("n_samples").max())
+    return largest.group_by(LAYER_PAIR).agg(similarity=pl.col("value").mean())
+
+
+def _is_baseline(baseline: tuple[str, str]) -> pl.Expr:
+    return (pl.col("method") == baseline[0]) & (pl.col("layer_choice") == baseline[1])
+
+
+def _select(table: pl.DataFrame, task: str, metric: str, name: str) -> pl.DataFrame:
+    rows = table.filter((pl.col("task") == task) & (pl.col("metric") == metric))
+    if rows.is_empty():
+        raise ValueError(f"{name} table has no rows for task {task!r}, metric {metric!r}")
+    return rows.sort([*ENCODER_PAIR, *SERIES])
+
+
+def _series_colours(rows: pl.DataFrame) -> dict[tuple[str, str], tuple[float, ...]]:
+    series = rows.select(SERIES).unique().sort(SERIES).rows()
+    palette = colormaps["tab10"]
+    return {key: palette(i % palette.N) for i, key in enumerate(series)}
+
+
+def _panels(rows: pl.DataFrame) -> tuple[Figure, list[Axes]]:
+    n = rows.select(ENCODER_PAIR).n_unique()
+    fig = Figure(figsize=(PANEL_SIZE[0] * n, PANEL_SIZE[1]), layout="constrained")
+    return fig, list(fig.subplots(1, n, squeeze=False)[0])
+
+
+def _n_pairs_ticks(ax: Axes, n_pairs: list[int]) -> None:
+    ax.set_xticks(n_pairs, labels=[str(n) for n in n_pairs])
+    ax.minorticks_off()
+
+
+def _file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)

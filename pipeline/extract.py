@@ -1,0 +1,177 @@
+"""The extract stage: run one frozen encoder over one dataset split, pool every layer, store it.
+
+Vision encoders run over the split's distinct images, text encoders over its captions (or,
+for the pseudo-split ``prompts``, over the dataset's zero-shot prompts). Work proceeds in
+blocks of one Zarr chunk; a killed run resumes from the first unfinished block and ends with
+a store identical to an uninterrupted run, since every block is computed the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from pipeline import store
+from pipeline.config import spec_hash
+from pipeline.data import load_prompts, load_split, read_manifest
+from pipeline.encoders import Encoder, build_encoder
+from pipeline.versions import library_versions
+
+log = logging.getLogger(__name__)
+
+PROMPTS_SPLIT = "prompts"
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class _Rows(Dataset):
+    """Map-style dataset over chosen row indices, loading each item on demand."""
+
+    def __init__(self, rows: Sequence[int], load: Callable[[int], Any]) -> None:
+        self.rows, self.load = list(rows), load
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.load(self.rows[i])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"runtime.device is {name!r} but CUDA is not available here")
+    return device
+
+
+def split_items(
+    dataset_dir: Path, split: str, modality: str
+) -> tuple[list[str], Callable[[int], Any]]:
+    """Sample ids of the rows an encoder of ``modality`` runs over, and a loader for row i."""
+    if split == PROMPTS_SPLIT:
+        if modality != "text":
+            raise ValueError(f"the '{PROMPTS_SPLIT}' pseudo-split is text only")
+        prompts = load_prompts(dataset_dir)
+        texts = prompts["text"].to_list()
+        return prompts["prompt_id"].to_list(), texts.__getitem__
+    data = load_split(dataset_dir, split)
+    if modality == "vision":
+        return data.images["image_id"].to_list(), data.open_image
+    texts = data.captions["text"].to_list()
+    return data.captions["caption_id"].to_list(), texts.__getitem__
+
+
+def fingerprint(encoder: Encoder, dataset: dict[str, Any], split: str, precision: str) -> str:
+    """Everything that determines the stored values (library versions are recorded, not keyed)."""
+    provenance = {k: v for k, v in encoder.provenance().items() if k != "versions"}
+    return spec_hash(
+        {
+            "format_version": store.FORMAT_VERSION,
+            "encoder": provenance,
+            "dataset": dataset["name"],
+            "content_hash": dataset["content_hash"],
+            "split": split,
+            "precision": precision,
+        }
+    )
+
+
+def extract(
+    *,
+    encoder_name: str,
+    encoder_spec: dict[str, Any],
+    dataset_dir: Path,
+    split: str,
+    out: Path,
+    runtime: dict[str, Any],
+) -> Path:
+    """Extract every layer of ``encoder_name`` over ``split`` into the store at ``out``."""
+    dataset_dir, out = Path(dataset_dir), Path(out)
+    manifest = read_manifest(dataset_dir)
+    dataset = {"name": manifest.get("name", dataset_dir.name), **manifest}
+    encoder = build_encoder(encoder_name, encoder_spec)
+    sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
+    precision = runtime.get("precision", "float32")
+    key = fingerprint(encoder, dataset, split, precision)
+    writer = store.StoreWriter.create_or_resume(
+        out,
+        fingerprint=key,
+        sample_ids=sample_ids,
+        layer_names=encoder.layer_names,
+        dims=encoder.dims,
+        on_stale=runtime.get("on_stale", "recompute"),
+        chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
+        attrs={
+            "encoder": {"name": encoder_name, "modality": encoder.modality, **encoder.provenance()},
+            "dataset": {
+                "name": dataset["name"],
+                "split": split,
+                "content_hash": dataset["content_hash"],
+                "spec": manifest.get("spec"),
+            },
+            "precision": precision,
+            "versions": library_versions(),
+        },
+    )
+    pending = writer.pending_blocks()
+    device = resolve_device(runtime.get("device", "auto"))
+    encoder.to(device)
+    log.info(
+        "%s on %s/%s: %d samples, %d layers, %d of %d blocks to do, on %s",
+        encoder_name,
+        dataset["name"],
+        split,
+        len(sample_ids),
+        len(encoder.layer_names),
+        len(pending),
+        len(writer.flags),
+        device,
+    )
+    done_rows = writer.n_samples - sum(stop - start for _, start, stop in pending)
+    with tqdm(
+        total=writer.n_samples, initial=done_rows, unit="sample", desc=f"{encoder_name} {split}"
+    ) as bar:
+        for block, start, stop in pending:
+            pooled = _encode_rows(
+                encoder, range(start, stop), load_item, device, precision, runtime, bar.update
+            )
+            writer.write_block(block, pooled)
+    writer.finalize({"encoder": encoder_name, "split": split, "layers": len(encoder.layer_names)})
+    return out
+
+
+def _encode_rows(
+    encoder: Encoder,
+    rows: range,
+    load_item: Callable[[int], Any],
+    device: torch.device,
+    precision: str,
+    runtime: dict[str, Any],
+    progress: Callable[[int], Any],
+) -> list[np.ndarray]:
+    """Pooled features of every layer for ``rows``, as float32 arrays (one per layer)."""
+    loader = DataLoader(
+        _Rows(rows, load_item),
+        batch_size=runtime.get("batch_size", 128),
+        num_workers=runtime.get("num_workers", 0),
+        collate_fn=encoder.collate,
+    )
+    dtype = PRECISIONS[precision]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    per_layer: list[list[np.ndarray]] = [[] for _ in encoder.layer_names]
+    with torch.inference_mode(), autocast:
+        for batch in loader:
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            for values, layer in zip(per_layer, encoder.pooled_layers(batch), strict=True):
+                values.append(layer.float().cpu().numpy())
+            progress(len(next(iter(batch.values()))))
+    return [np.concatenate(values) for values in per_layer]
