@@ -3,7 +3,8 @@
 Layout of ``<name>.zarr``::
 
     layers/<i>        float32 (n_samples, dim_i), chunked along samples only,
-                      dimension names ("sample", "dim")
+                      dimension names ("sample", "dim"); ("sample", "dim_<i>") when
+                      layer widths differ, so xarray opens the group as one Dataset
     sample_id         str (n_samples,), the dataset's stable ids in row order
     block_complete    bool (n_blocks,), one chunk each; True once all layers of a block are written
     zarr.json         attributes: encoder and dataset provenance, fingerprint, layer names, ...
@@ -237,13 +238,14 @@ def _create(
         raise ValueError(f"{path}: {len(layer_names)} layer names but {len(dims)} dims")
     group = zarr.open_group(path, mode="w")
     dense = {"write_empty_chunks": True}
+    same_width = len(set(dims)) == 1
     for i, dim in enumerate(dims):
         group.create_array(
             f"layers/{i}",
             shape=(n, dim),
             chunks=(rows, dim),
             dtype="float32",
-            dimension_names=("sample", "dim"),
+            dimension_names=("sample", "dim" if same_width else f"dim_{i}"),
             fill_value=np.nan,
             config=dense,
         )

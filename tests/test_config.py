@@ -1,0 +1,134 @@
+"""Config validation: the default is valid; a wrong key, type or value fails naming the key."""
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config, validate_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def default() -> dict:
+    return yaml.safe_load((ROOT / "config.yaml").read_text())
+
+
+def test_default_config_is_valid_and_gets_defaults(default):
+    config = load_config(ROOT / "config.yaml")
+    assert config["runtime"]["device"] == "auto"
+    assert config["encoders"]["minilm"]["trust_remote_code"] is False
+    assert (
+        "runtime"
+        not in validate_config({k: v for k, v in default.items() if k != "runtime"})["experiment"]
+    )
+
+
+def broken(default, edit):
+    config = copy.deepcopy(default)
+    edit(config)
+    return config
+
+
+CASES = [
+    ("unknown top-level key", lambda c: c.update(extra=1), "<top level>", "extra"),
+    (
+        "unknown encoder source",
+        lambda c: c["encoders"]["vit_tiny"].update(source="keras"),
+        "encoders.vit_tiny.source",
+        "keras",
+    ),
+    (
+        "negative split size",
+        lambda c: c["datasets"]["shapes"]["splits"].update(train=-5),
+        "datasets.shapes.splits.train",
+        "-5",
+    ),
+    (
+        "wrong type",
+        lambda c: c["runtime"].update(batch_size="many"),
+        "runtime.batch_size",
+        "many",
+    ),
+    (
+        "unknown dataset source",
+        lambda c: c["datasets"]["shapes"].update(source="imagenet21k"),
+        "datasets.shapes.source",
+        "imagenet21k",
+    ),
+    (
+        "unknown pooling",
+        lambda c: c["encoders"]["minilm"].update(pooling="max"),
+        "encoders.minilm.pooling",
+        "max",
+    ),
+    (
+        "misspelt encoder key",
+        lambda c: c["encoders"]["vit_tiny"].update(pretrained_weights="x"),
+        "encoders.vit_tiny",
+        "pretrained_weights",
+    ),
+    (
+        "undefined dataset",
+        lambda c: c["experiment"]["train"].update(dataset="coco"),
+        "experiment.train.dataset",
+        "coco",
+    ),
+    (
+        "unknown split",
+        lambda c: c["experiment"]["evaluate"][0].update(split="holdout"),
+        "experiment.evaluate.0.split",
+        "holdout",
+    ),
+    (
+        "undefined encoder in a pair",
+        lambda c: c["experiment"]["pairs"][0].update(text="bert"),
+        "experiment.pairs.0.text",
+        "bert",
+    ),
+    (
+        "text encoder used as vision",
+        lambda c: c["experiment"]["pairs"][0].update(vision="minilm"),
+        "experiment.pairs.0.vision",
+        "not a vision encoder",
+    ),
+    (
+        "test split used for early stopping",
+        lambda c: c["experiment"]["val"].update(split="test"),
+        "experiment.evaluate.0",
+        "cannot be a test set",
+    ),
+    (
+        "name unusable in paths",
+        lambda c: c["encoders"].update({"vit/tiny": c["encoders"]["vit_tiny"]}),
+        "encoders",
+        "vit/tiny",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "edit", "key", "mentions"), CASES, ids=[c[0] for c in CASES])
+def test_invalid_config_names_the_key(default, case, edit, key, mentions):
+    with pytest.raises(ConfigError) as error:
+        validate_config(broken(default, edit))
+    message = str(error.value)
+    assert f"config key '{key}" in message, message
+    assert mentions in message, message
+
+
+def test_missing_weights_file_is_reported_before_any_work(default, tmp_path):
+    config = broken(
+        default,
+        lambda c: c["encoders"]["vit_tiny"].update(weights=str(tmp_path / "missing.safetensors")),
+    )
+    with pytest.raises(ConfigError, match=r"config key 'encoders\.vit_tiny'.*missing\.safetensors"):
+        validate_config(config)
+
+
+def test_unreadable_config_file(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("datasets: [unclosed")
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(path)

@@ -1,0 +1,108 @@
+"""The feature store: round trip, block resume, completion marker, stale fingerprints."""
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+from pipeline import store
+
+DIMS = [8, 12]
+
+
+def make_writer(path, n=50, fingerprint="f1", **kwargs):
+    return store.StoreWriter.create_or_resume(
+        path,
+        fingerprint=fingerprint,
+        sample_ids=[f"id-{i}" for i in range(n)],
+        layer_names=["block.0", "block.1"],
+        dims=DIMS,
+        attrs={"encoder": {"name": "toy"}},
+        chunk_bytes=8 * 4 * 16,  # 16 rows of the narrowest layer per chunk
+        **kwargs,
+    )
+
+
+def features(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((n, d)).astype(np.float32) for d in DIMS]
+
+
+def write_all(writer, values):
+    for block, start, stop in writer.pending_blocks():
+        writer.write_block(block, [v[start:stop] for v in values])
+
+
+def test_round_trip_opens_with_xarray_and_dask(tmp_path):
+    path = tmp_path / "toy.zarr"
+    values = features(50)
+    writer = make_writer(path)
+    blocks = [(start, stop) for _, start, stop in writer.pending_blocks()]
+    assert blocks == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    write_all(writer, values)
+    writer.finalize()
+
+    opened = store.open_store(path, "f1")
+    assert opened.num_layers == 2 and opened.dims == DIMS and opened.n_samples == 50
+    np.testing.assert_array_equal(opened.read(1), values[1])
+    rows = np.array([7, 3, 49, 3])
+    np.testing.assert_array_equal(opened.read(0, rows), values[0][rows])
+    np.testing.assert_array_equal(opened.read(-1), values[1])
+    assert opened.sample_ids()[:2].tolist() == ["id-0", "id-1"]
+    assert opened.attrs["encoder"] == {"name": "toy"} and opened.attrs["complete"]
+
+    dataset = xr.open_zarr(path, group="layers")
+    assert dataset["0"].dims == ("sample", "dim_0")  # widths differ, so one name per layer
+    np.testing.assert_array_equal(dataset["1"].values, values[1])
+    lazy = da.from_zarr(str(path), component="layers/0")
+    assert lazy.chunks[0][0] == 16
+    np.testing.assert_array_equal(lazy.compute(), values[0])
+    with pytest.raises(IndexError, match="layer 2 does not exist"):
+        opened.layer(2)
+
+
+def test_chunks_hold_at_least_a_megabyte_by_default():
+    assert store.rows_per_chunk(100_000, [192, 384]) * 192 * 4 >= 2**20
+    assert store.rows_per_chunk(10, [192]) == 10
+
+
+def test_resume_writes_only_missing_blocks_and_gives_the_same_store(tmp_path):
+    values = features(50)
+    full = make_writer(tmp_path / "full.zarr")
+    write_all(full, values)
+    full.finalize()
+
+    path = tmp_path / "resumed.zarr"
+    first = make_writer(path)
+    block, start, stop = first.pending_blocks()[1]
+    first.write_block(block, [v[start:stop] for v in values])
+    with pytest.raises(store.IncompleteStoreError):
+        first.finalize()
+    with pytest.raises(store.IncompleteStoreError, match="incomplete"):
+        store.open_store(path)
+
+    again = make_writer(path)  # same fingerprint: resume
+    assert [b for b, _, _ in again.pending_blocks()] == [0, 2, 3]
+    write_all(again, values)
+    again.finalize()
+    for layer in range(2):
+        np.testing.assert_array_equal(
+            store.open_store(path).read(layer), store.open_store(tmp_path / "full.zarr").read(layer)
+        )
+
+
+def test_stale_store_is_recomputed_or_refused_never_reused(tmp_path):
+    path = tmp_path / "toy.zarr"
+    writer = make_writer(path)
+    write_all(writer, features(50))
+    writer.finalize()
+
+    with pytest.raises(store.StaleStoreError, match="stale"):
+        store.open_store(path, "another")
+    with pytest.raises(store.StaleStoreError, match="another configuration"):
+        make_writer(path, fingerprint="f2", on_stale="error")
+
+    fresh = make_writer(path, fingerprint="f2")
+    assert not store.marker_path(path).exists()  # reopening for writing withdraws the marker
+    assert len(fresh.pending_blocks()) == 4  # nothing of the old store survives
+    assert np.isnan(fresh.layers[0][0, 0])
