@@ -23,6 +23,7 @@ from pipeline.evaluate.tables import BASELINE
 ENCODER_PAIR = ["vision_encoder", "text_encoder"]
 SERIES = ["method", "layer_choice"]
 LAYER_PAIR = ["vision_layer", "text_layer"]
+RUN_GROUP = [*ENCODER_PAIR, "method", "n_pairs"]
 PANEL_SIZE = (5.5, 4.0)
 DPI = 120
 
@@ -104,6 +105,40 @@ def plot_relative_improvement(
     return _save(fig, path)
 
 
+def layer_pair_points(
+    similarity: pl.DataFrame,
+    metrics: pl.DataFrame,
+    similarity_metric: str,
+    task: str,
+    metric: str,
+) -> pl.DataFrame:
+    """Per layer pair: its similarity and the downstream metric averaged over seeds.
+
+    ``metrics`` holds runs of one encoder pair, method and n_pairs whose layer pairs vary.
+    The similarity of a layer pair is taken at the largest ``n_samples`` of the table for
+    that encoder pair, averaged over its sample seeds. Columns: the metrics' encoder pair,
+    method and n_pairs, then ``vision_layer, text_layer, similarity, value``.
+    """
+    runs = _select(metrics, task, metric, "metrics")
+    groups = runs.select(RUN_GROUP).unique().sort(pl.all())
+    if len(groups) != 1:
+        raise ValueError(
+            f"metrics for {task}/{metric} must be one encoder pair, method and n_pairs; "
+            f"got {groups.rows()}"
+        )
+    vision, text, _, _ = groups.row(0)
+    points = (
+        runs.group_by([*RUN_GROUP, *LAYER_PAIR])
+        .agg(pl.col("value").mean())
+        .join(_layer_pair_similarity(similarity, similarity_metric, vision, text), on=LAYER_PAIR)
+        .select([*RUN_GROUP, *LAYER_PAIR, "similarity", "value"])
+        .sort(LAYER_PAIR)
+    )
+    if points.is_empty():
+        raise ValueError(f"no layer pair of the {task}/{metric} runs has a {similarity_metric!r}")
+    return points
+
+
 def plot_similarity_vs_metric(
     similarity: pl.DataFrame,
     metrics: pl.DataFrame,
@@ -114,27 +149,10 @@ def plot_similarity_vs_metric(
 ) -> Path:
     """Layer-pair similarity against the downstream metric, Spearman's rho in the title.
 
-    ``metrics`` holds runs of one method and n_pairs whose layer pairs vary; the metric is
-    averaged over seeds per layer pair. The similarity of a layer pair is taken at the largest
-    ``n_samples`` of the table, averaged over its sample seeds.
+    The points are those of ``layer_pair_points`` (same arguments).
     """
-    runs = _select(metrics, task, metric, "metrics")
-    groups = runs.select([*ENCODER_PAIR, "method", "n_pairs"]).unique().sort(pl.all())
-    if len(groups) != 1:
-        raise ValueError(
-            f"metrics for {task}/{metric} must be one encoder pair, method and n_pairs; "
-            f"got {groups.rows()}"
-        )
-    vision, text, method, n_pairs = groups.row(0)
-    scores = _layer_pair_similarity(similarity, similarity_metric, vision, text)
-    points = (
-        runs.group_by(LAYER_PAIR)
-        .agg(pl.col("value").mean())
-        .join(scores, on=LAYER_PAIR, how="inner")
-        .sort(LAYER_PAIR)
-    )
-    if points.is_empty():
-        raise ValueError(f"no layer pair of the {task}/{metric} runs has a {similarity_metric!r}")
+    points = layer_pair_points(similarity, metrics, similarity_metric, task, metric)
+    vision, text, method, n_pairs = points.select(RUN_GROUP).row(0)
     x, y = points["similarity"].to_numpy(), points["value"].to_numpy()
     fig = Figure(figsize=PANEL_SIZE, layout="constrained")
     ax = fig.subplots()

@@ -27,7 +27,7 @@ BLOCK_ELEMENTS = 1 << 22
 
 
 class Aligner(Protocol):
-    """What evaluation needs from an aligner (see ``pipeline.align``)."""
+    """What evaluation needs from an aligner; ``pipeline.align`` aligners satisfy it."""
 
     def embed_image(self, x: np.ndarray) -> np.ndarray: ...
 

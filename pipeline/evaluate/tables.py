@@ -110,7 +110,7 @@ def concat_metrics(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
 
 def summarise(metrics: pl.DataFrame, baseline: tuple[str, str] = BASELINE) -> pl.DataFrame:
     """Mean, std (ddof=1), count over seeds and relative improvement over the baseline."""
-    metrics = validate(metrics, METRICS_SCHEMA)
+    metrics = validate(metrics, METRICS_SCHEMA).sort(METRICS_KEY)  # fixed summation order
     repeated = metrics.filter(pl.struct([*SUMMARY_KEY, "seed"]).is_duplicated())
     if len(repeated):
         raise ValueError(
@@ -169,10 +169,12 @@ def write_summary(summary: pl.DataFrame, path: str | os.PathLike[str]) -> None:
 
 
 def read_metrics(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """The metrics table at ``path``, validated against ``METRICS_SCHEMA``."""
     return validate(pl.read_parquet(path), METRICS_SCHEMA)
 
 
 def read_summary(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """The summary table at ``path``, validated against ``SUMMARY_SCHEMA``."""
     return validate(pl.read_parquet(path), SUMMARY_SCHEMA)
 
 
