@@ -133,7 +133,7 @@ def extract(
         len(sample_ids),
         len(encoder.layer_names),
         len(pending),
-        len(writer.flags),
+        writer.flags.shape[0],
         device,
     )
     done_rows = writer.n_samples - sum(stop - start for _, start, stop in pending)

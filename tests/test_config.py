@@ -19,7 +19,8 @@ def default() -> dict:
 def test_default_config_is_valid_and_gets_defaults(default):
     config = load_config(ROOT / "config.yaml")
     assert config["runtime"]["device"] == "auto"
-    assert config["encoders"]["minilm"]["trust_remote_code"] is False
+    assert config["encoders"]["minilm"]["max_tokens"] == 64
+    assert config["datasets"]["shapes"]["image_size"] == 64
     assert (
         "runtime"
         not in validate_config({k: v for k, v in default.items() if k != "runtime"})["experiment"]

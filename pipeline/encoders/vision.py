@@ -1,0 +1,268 @@
+"""Vision encoders from timm (``source: timm``): every transformer block is a layer.
+
+Block outputs are read before the final norm, from ``forward_intermediates`` where the
+model reports its prefix (class, register) tokens, else from forward hooks on
+``model.blocks``. timm is imported on first use: it takes seconds, and validating a
+spec must stay cheap.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from .base import (
+    Encoder,
+    EncoderLoadError,
+    EncoderSpecError,
+    Pooling,
+    check_keys,
+    package_versions,
+    read_init_seed,
+    read_name,
+    read_option,
+    read_pooling,
+    read_positive_int,
+    seeded,
+    sha256_files,
+)
+
+TIMM_KEYS = (
+    "source",
+    "name",
+    "pretrained",
+    "weights",
+    "init_seed",
+    "pooling",
+    "image_size",
+    "model_kwargs",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# create_model arguments that would load weights behind the back of `weights`/`pretrained`.
+RESERVED_MODEL_KWARGS = (
+    "pretrained",
+    "checkpoint_path",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+)
+
+# Per block: (prefix tokens (B, P, D), patch tokens (B, N, D)); P may be 0.
+BlockTokens = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class TimmSpec:
+    name: str
+    pretrained: bool
+    weights: Path | None
+    init_seed: int | None
+    pooling: Pooling
+    image_size: int | None
+    model_kwargs: dict[str, Any]
+
+    @property
+    def from_hub(self) -> bool:
+        """Pretrained weights come through timm's hub path (no local file given)."""
+        return self.pretrained and self.weights is None
+
+
+def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
+    check_keys(encoder, spec, TIMM_KEYS)
+    weights = read_option(encoder, spec, "weights", str, None)
+    if weights is not None:
+        weights = Path(weights)
+        if weights.suffix not in WEIGHT_SUFFIXES:
+            raise EncoderSpecError(encoder, "weights", f"{weights} is not one of {WEIGHT_SUFFIXES}")
+        if not weights.is_file():
+            raise EncoderSpecError(encoder, "weights", f"file not found: {weights}")
+    pretrained = read_option(encoder, spec, "pretrained", bool, True)
+    model_kwargs = read_option(encoder, spec, "model_kwargs", dict, {})
+    for key in model_kwargs:
+        if not isinstance(key, str) or key in RESERVED_MODEL_KWARGS:
+            raise EncoderSpecError(
+                encoder, "model_kwargs", f"{key!r} is not allowed; use 'weights' / 'pretrained'"
+            )
+    return TimmSpec(
+        name=read_name(encoder, spec),
+        pretrained=pretrained,
+        weights=weights,
+        init_seed=read_init_seed(
+            encoder, spec, not pretrained and weights is None, "for a random init (no weights)"
+        ),
+        pooling=read_pooling(encoder, spec, "cls"),
+        image_size=read_positive_int(encoder, spec, "image_size"),
+        model_kwargs=dict(model_kwargs),
+    )
+
+
+class TimmVisionEncoder(Encoder):
+    modality = "vision"
+
+    def __init__(self, name: str, spec: TimmSpec) -> None:
+        from timm.data import create_transform, resolve_data_config
+
+        self.name = name
+        self.spec = spec
+        self.model = create_timm_model(name, spec).eval()
+        self.weights_sha256 = sha256_files([spec.weights]) if spec.weights else None
+        self._block_tokens = _block_token_reader(name, spec, self.model)
+        size = spec.image_size or resolve_data_config(model=self.model)["input_size"][-1]
+        self.data_config = resolve_data_config({"input_size": (3, size, size)}, model=self.model)
+        self.transform = create_transform(**self.data_config, is_training=False)
+        try:  # one image through the real path: exact widths, and image_size checked early
+            with torch.inference_mode():
+                pooled = self.pooled_layers({"pixel_values": torch.zeros(1, 3, size, size)})
+        except Exception as err:
+            raise EncoderLoadError(
+                f"encoder {name!r}: a forward pass of timm model {spec.name!r} at "
+                f"image_size={size} failed: {err}"
+            ) from err
+        self.layer_names = [f"block.{i}" for i in range(len(pooled))]
+        self.dims = [vector.shape[-1] for vector in pooled]
+
+    def provenance(self) -> dict[str, Any]:
+        return {
+            "source": "timm",
+            "name": self.spec.name,
+            "revision": self.model.pretrained_cfg.get("tag") if self.spec.from_hub else None,
+            "weights_sha256": self.weights_sha256,
+            "pretrained": self.spec.pretrained,
+            "init_seed": self.spec.init_seed,
+            "pooling": self.spec.pooling,
+            "image_size": self.data_config["input_size"][-1],
+            "model_kwargs": self.spec.model_kwargs,
+            "preprocessing": {
+                key: list(value) if isinstance(value, tuple) else value
+                for key, value in self.data_config.items()
+            },
+            "versions": package_versions("torch", "timm"),
+        }
+
+    def collate(self, items: list) -> dict[str, torch.Tensor]:
+        for item in items:
+            if not isinstance(item, Image.Image):
+                raise TypeError(f"encoder {self.name!r} takes PIL images, not {type(item)}")
+        return {"pixel_values": torch.stack([self.transform(i.convert("RGB")) for i in items])}
+
+    def pooled_layers(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        blocks = self._block_tokens(self.model, batch["pixel_values"])
+        return [pool_tokens(prefix, patches, self.spec.pooling) for prefix, patches in blocks]
+
+    def to(self, device: torch.device | str) -> TimmVisionEncoder:
+        self.model.to(device)
+        return self
+
+
+def pool_tokens(prefix: torch.Tensor, patches: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """CLS = first prefix token; mean = mean over patch tokens only (no class/register)."""
+    if pooling == "cls":
+        return prefix[:, 0].float()
+    return patches.mean(dim=1, dtype=torch.float32)
+
+
+def create_timm_model(encoder: str, spec: TimmSpec) -> nn.Module:
+    """The timm model with its weights: a local file, timm's hub path, or a seeded init."""
+    import timm
+
+    try:
+        with seeded(spec.init_seed):
+            model = timm.create_model(spec.name, pretrained=spec.from_hub, **spec.model_kwargs)
+    except Exception as err:
+        if spec.from_hub:
+            problem = (
+                f"timm could not load pretrained {spec.name!r} (it fetches weights from the "
+                "hub, which needs network or a cached copy; offline, set 'weights' to a local "
+                "file)"
+            )
+        else:
+            problem = f"timm could not create {spec.name!r}"
+        raise EncoderLoadError(f"encoder {encoder!r}: {problem}: {err}") from err
+    if spec.weights is not None:
+        state = read_state_dict(spec.weights)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            raise EncoderLoadError(
+                f"encoder {encoder!r}: weights {spec.weights} do not fit timm model "
+                f"{spec.name!r}: {err}"
+            ) from err
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from safetensors, or from a torch file with ``weights_only=True``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderLoadError(f"{path}: expected a flat state dict of tensors")
+    return state
+
+
+def _block_token_reader(
+    encoder: str, spec: TimmSpec, model: nn.Module
+) -> Callable[[nn.Module, torch.Tensor], BlockTokens]:
+    """How to read the per-block tokens of ``model``; fails early when pooling is impossible."""
+    if _reports_prefix_tokens(model):
+        if spec.pooling == "cls" and getattr(model, "cls_token", None) is None:
+            raise EncoderSpecError(
+                encoder, "pooling", f"timm model {spec.name!r} has no CLS token; use 'mean'"
+            )
+        return _intermediate_tokens
+    if not isinstance(getattr(model, "blocks", None), nn.Module):
+        raise EncoderLoadError(
+            f"encoder {encoder!r}: timm model {spec.name!r} has neither forward_intermediates "
+            "with prefix tokens nor a 'blocks' module; only transformer-style models are supported"
+        )
+    if spec.pooling == "cls":
+        raise EncoderSpecError(
+            encoder,
+            "pooling",
+            f"timm model {spec.name!r} exposes no CLS token in its block outputs; use 'mean'",
+        )
+    return _hooked_block_tokens
+
+
+def _reports_prefix_tokens(model: nn.Module) -> bool:
+    method = getattr(model, "forward_intermediates", None)
+    return method is not None and "return_prefix_tokens" in inspect.signature(method).parameters
+
+
+def _intermediate_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockTokens:
+    outputs = model.forward_intermediates(
+        pixel_values,
+        indices=None,
+        norm=False,
+        output_fmt="NLC",
+        intermediates_only=True,
+        return_prefix_tokens=True,
+    )
+    # timm gives (patches, prefix) pairs, or bare patch tokens when the model has no prefix.
+    return [(out[1], out[0]) if isinstance(out, tuple) else (out[:, :0], out) for out in outputs]
+
+
+def _hooked_block_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockTokens:
+    """Block outputs via hooks; all tokens count as patch tokens (these models add none)."""
+    outputs: list[torch.Tensor] = []
+    handles = [
+        block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
+        for block in model.blocks
+    ]
+    try:
+        model.forward_features(pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if any(out.ndim != 3 for out in outputs) or len({out.shape[1] for out in outputs}) > 1:
+        shapes = [tuple(out.shape) for out in outputs]
+        raise ValueError(f"block outputs are not token sequences of one length: {shapes}")
+    return [(out[:, :0], out) for out in outputs]
