@@ -21,10 +21,8 @@ def test_default_config_is_valid_and_gets_defaults(default):
     assert config["runtime"]["device"] == "auto"
     assert config["encoders"]["minilm"]["max_tokens"] == 64
     assert config["datasets"]["shapes"]["image_size"] == 64
-    assert (
-        "runtime"
-        not in validate_config({k: v for k, v in default.items() if k != "runtime"})["experiment"]
-    )
+    without_runtime = {k: v for k, v in default.items() if k != "runtime"}
+    assert validate_config(without_runtime)["runtime"]["batch_size"] == 128
 
 
 def broken(default, edit):
