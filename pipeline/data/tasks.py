@@ -136,10 +136,6 @@ class Task:
                 f"expected {CLASSIFICATION!r} or {RETRIEVAL!r}"
             )
 
-    def prompts(self, class_index: int) -> list[str]:
-        """The prompt of every template for one class."""
-        return [fill_template(t, self.classnames[class_index]) for t in self.templates]
-
     def to_dict(self) -> dict[str, Any]:
         if self.kind == RETRIEVAL:
             return {"name": self.name, "kind": self.kind, "split": self.split}

@@ -1,0 +1,171 @@
+"""Extraction overhead: (every layer pooled and written to Zarr) / (bare forward pass).
+
+Both loops run on the same pre-collated batches, so the ratio isolates what extraction adds
+to the model's own forward pass: reading every block, pooling, the copy to the host and the
+Zarr writes. Repeats alternate between the two loops and the medians are compared.
+
+    python benchmarks/bench_extract.py                      # default vision and text encoders
+    python benchmarks/bench_extract.py --vit-large --device cuda --precision bfloat16 --n 4096
+
+Goal (issue 2): ratio <= 1.10 on CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from pipeline.encoders import build_encoder
+from pipeline.store import StoreWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+VIT_LARGE = {  # ViT-L/14 shape at 224 px (the CLIP vision tower), random weights
+    "source": "timm",
+    "name": "vit_large_patch14_clip_224",
+    "pretrained": False,
+    "init_seed": 0,
+    "image_size": 224,
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def inputs(modality: str, n: int, image_size: int) -> list:
+    rng = np.random.default_rng(0)
+    if modality == "vision":
+        pixels = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
+        return [Image.fromarray(p) for p in pixels]
+    words = [
+        "a",
+        "small",
+        "red",
+        "circle",
+        "two",
+        "large",
+        "blue",
+        "squares",
+        "at",
+        "the",
+        "top",
+        "left",
+        "of",
+        "a",
+        "picture",
+    ]
+    return [" ".join(rng.choice(words, size=rng.integers(6, 16))) for _ in range(n)]
+
+
+def bare_forward(encoder, batch):
+    if encoder.modality == "vision":
+        return encoder.model.forward_features(batch["pixel_values"])
+    return encoder.model(**batch)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_bare(encoder, batches, device, autocast) -> float:
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast():
+        for batch in batches:
+            bare_forward(encoder, batch)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def time_extract(encoder, batches, device, autocast, out: Path) -> float:
+    """Pool every layer, copy it to the host, and write it block by block to a fresh store."""
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    sync(device)
+    start = time.perf_counter()
+    writer = StoreWriter.create_or_resume(
+        out,
+        fingerprint="bench",
+        sample_ids=[str(i) for i in range(n)],
+        layer_names=encoder.layer_names,
+        dims=encoder.dims,
+        attrs={},
+    )
+    pooled: list[list[np.ndarray]] = [[] for _ in encoder.dims]
+    with torch.inference_mode(), autocast():
+        for batch in batches:
+            for values, layer in zip(pooled, encoder.pooled_layers(batch), strict=True):
+                values.append(layer.float().cpu().numpy())
+    layers = [np.concatenate(values) for values in pooled]
+    for block, first, stop in writer.pending_blocks():
+        writer.write_block(block, [layer[first:stop] for layer in layers])
+    writer.finalize()
+    return time.perf_counter() - start
+
+
+def bench(
+    name: str,
+    spec: dict,
+    n: int,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    repeats: int,
+) -> None:
+    encoder = build_encoder(name, spec).to(device)
+    image_size = spec.get("image_size", 224)
+    items = inputs(encoder.modality, n, image_size)
+    batches = [
+        {k: v.to(device) for k, v in encoder.collate(items[i : i + batch_size]).items()}
+        for i in range(0, n, batch_size)
+    ]
+    dtype = DTYPES[precision]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    time_bare(encoder, batches[:1], device, autocast)  # warm-up
+    bare, full = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            bare.append(time_bare(encoder, batches, device, autocast))
+            full.append(time_extract(encoder, batches, device, autocast, Path(tmp) / f"{r}.zarr"))
+    b, f = statistics.median(bare), statistics.median(full)
+    print(
+        f"{name:>10} {encoder.modality:>6} {len(encoder.dims):>2} layers  n={n} batch={batch_size} "
+        f"{device.type}/{precision}: bare {n / b:8.1f} samples/s, extract {n / f:8.1f} samples/s, "
+        f"ratio {f / b:.3f}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "config.yaml")
+    parser.add_argument("--n", type=int, default=1024, help="samples per encoder")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", choices=DTYPES, default="float32")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--vit-large", action="store_true", help="only the ViT-L/14 at 224 px")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    if args.vit_large:
+        encoders = {"vit_l14": VIT_LARGE}
+    else:
+        config = yaml.safe_load(args.config.read_text())
+        pair = config["experiment"]["pairs"][0]
+        encoders = {role: config["encoders"][role] for role in (pair["vision"], pair["text"])}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
+    for name, spec in encoders.items():
+        bench(name, spec, args.n, args.batch_size, device, args.precision, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

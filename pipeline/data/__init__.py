@@ -1,0 +1,89 @@
+"""Datasets: prepare a dataset spec into the on-disk contract, and read it back.
+
+``prepare_dataset(name, spec, out_dir)`` writes ``results/datasets/<name>/`` (layout in
+``manifest.py``); the readers (``load_split``, ``load_tasks``, ``load_prompts``,
+``read_manifest``) are what the other stages use. Sources, chosen by ``spec["source"]``:
+
+- ``synthetic``: the offline world of coloured shapes (``synthetic.py``);
+- ``coco_karpathy`` / ``flickr30k_karpathy``: Karpathy splits on disk (``karpathy.py``);
+- ``image_folder``: ``<root>/<split>/<class>/<image>`` classification sets (``image_folder.py``).
+
+Zero-shot tasks and their label convention are described in ``tasks.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from pipeline.data import image_folder, karpathy, synthetic
+from pipeline.data.manifest import (
+    MANIFEST,
+    PreparedDataset,
+    Split,
+    is_prepared,
+    load_prompts,
+    load_split,
+    load_tasks,
+    read_manifest,
+    write_dataset,
+)
+from pipeline.data.tasks import Task
+
+__all__ = [
+    "SOURCES",
+    "Split",
+    "Task",
+    "load_prompts",
+    "load_split",
+    "load_tasks",
+    "prepare_dataset",
+    "read_manifest",
+    "validate_spec",
+]
+
+
+class Source(NamedTuple):
+    """How one kind of dataset is checked (defaults filled in) and built."""
+
+    normalize: Callable[[str, Mapping[str, Any]], dict[str, Any]]
+    build: Callable[[str, Mapping[str, Any], Path], PreparedDataset]
+
+
+SOURCES: dict[str, Source] = {
+    "synthetic": Source(synthetic.normalize_spec, synthetic.build),
+    "coco_karpathy": Source(karpathy.normalize_coco_spec, karpathy.build_coco),
+    "flickr30k_karpathy": Source(karpathy.normalize_flickr_spec, karpathy.build_flickr),
+    "image_folder": Source(image_folder.normalize_spec, image_folder.build),
+}
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def validate_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a dataset spec before any work; return it with defaults filled in.
+
+    Raises ValueError naming the dataset and the offending key.
+    """
+    if not isinstance(name, str) or not DATASET_NAME.fullmatch(name):
+        raise ValueError(f"dataset name {name!r} must be letters, digits, '_', '.' or '-'")
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"dataset {name!r}: spec must be a mapping, not {type(spec).__name__}")
+    source = spec.get("source")
+    if source not in SOURCES:
+        raise ValueError(
+            f"dataset {name!r}: key 'source' is {source!r}, not one of {list(SOURCES)}"
+        )
+    return SOURCES[source].normalize(name, spec)
+
+
+def prepare_dataset(name: str, spec: Mapping[str, Any], out_dir: Path) -> None:
+    """Prepare ``spec`` into ``out_dir``; returns at once if it is already prepared."""
+    normalized = validate_spec(name, spec)
+    out_dir = Path(out_dir)
+    if is_prepared(out_dir, name, normalized):
+        return
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # whatever follows is incomplete until rewritten
+    prepared = SOURCES[normalized["source"]].build(name, normalized, out_dir)
+    write_dataset(out_dir, name, normalized, prepared)

@@ -1,0 +1,452 @@
+"""The offline synthetic world (``source: synthetic``): coloured shapes, captions, masks.
+
+Each image shows 1..``max_count`` objects that share one shape, colour and size, placed in
+one region of a lightly noisy grey background: the region is split into a grid with a
+cell per object, and each object lies in its own cell, one pixel clear of the cell's border
+where the cell has room (so neighbours stay at least two pixels apart). Objects can only
+overlap when cells are smaller than objects, which takes ``max_count`` > 4. Every object
+fills a square box whose side is set by its size. The mask is drawn first (uint8 PNG;
+``SHAPES.index(shape) + 1`` on object pixels, 0 elsewhere) and the image is painted from
+it, so the two agree exactly.
+
+Determinism: image ``index`` of ``split`` depends only on ``(seed, split, index)``, so
+a split does not change when another one grows, and one spec gives byte-identical files.
+
+Held-out combinations: ``holdout_combinations`` (shape, colour) pairs, with distinct
+shapes and distinct colours so each shape and colour is still seen in training, never
+occur in ``train``. In the other splits every ``len(COMBINATIONS) // n_holdout``-th image
+(index 0, step, 2 step, ...) shows one of them in turn (the frequency uniform sampling
+would give, but without the chance of a split with none); the rest are drawn uniformly
+from the seen combinations.
+
+``images.parquet`` columns: ``image_id``, ``path``, ``shape``, ``colour``, ``size``,
+``position``, ``count``, ``mask_path``, then ``<task>_label`` for each zero-shot task:
+the class index of the image, or -1 where it is outside the task (see ``tasks.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from pipeline.atomic import write_bytes
+from pipeline.data.manifest import (
+    CAPTION_SCHEMA,
+    PreparedDataset,
+    Split,
+    check_keys,
+    spec_error,
+    spec_int,
+)
+from pipeline.data.tasks import (
+    CLASSIFICATION,
+    NOT_IN_TASK,
+    RETRIEVAL,
+    SYNTHETIC_TEMPLATES,
+    Task,
+)
+
+SPLITS = ("train", "val", "test")
+TRAIN, TEST = "train", "test"
+DEFAULTS = {"image_size": 64, "captions_per_image": 5, "max_count": 4, "holdout_combinations": 4}
+
+SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 190),
+    "orange": (240, 130, 30),
+}
+COLOUR_NAMES = tuple(COLOURS)
+N_HOLDOUT_MAX = min(len(SHAPES), len(COLOURS))  # held-out shapes and colours are distinct
+COMBINATIONS = tuple((shape, colour) for shape in SHAPES for colour in COLOUR_NAMES)
+SIZES = ("small", "medium", "large")
+SIZE_FRACTIONS = {"small": 0.12, "medium": 0.17, "large": 0.22}  # object width / image width
+POSITIONS = ("left", "right", "top", "bottom", "centre")
+REGIONS = {  # (x0, y0, x1, y1) as fractions of the image
+    "left": (0.0, 0.25, 0.5, 0.75),
+    "right": (0.5, 0.25, 1.0, 0.75),
+    "top": (0.25, 0.0, 0.75, 0.5),
+    "bottom": (0.25, 0.5, 0.75, 1.0),
+    "centre": (0.25, 0.25, 0.75, 0.75),
+}
+MIN_SIZE = 32  # small objects are then 4 pixels wide: any smaller cannot show a shape
+GAP = 1  # pixels kept free on each side of an object inside its cell
+BACKGROUND_GREY = (190, 236)  # range of the background's base grey level
+BACKGROUND_NOISE = 6.0  # standard deviation of the per-pixel background noise
+
+
+def _star_outline(points: int = 5, inner_ratio: float = 0.45) -> tuple[tuple[float, float], ...]:
+    """Vertices of a star, alternating outer and inner radius, stretched to the unit square."""
+    angles = [-math.pi / 2 + k * math.pi / points for k in range(2 * points)]
+    radii = [1.0 if k % 2 == 0 else inner_ratio for k in range(2 * points)]
+    xs = [r * math.cos(a) for r, a in zip(radii, angles, strict=True)]
+    ys = [r * math.sin(a) for r, a in zip(radii, angles, strict=True)]
+    return tuple(
+        ((x - min(xs)) / (max(xs) - min(xs)), (y - min(ys)) / (max(ys) - min(ys)))
+        for x, y in zip(xs, ys, strict=True)
+    )
+
+
+_CROSS_IN_THIRDS = ((1, 0), (2, 0), (2, 1), (3, 1), (3, 2), (2, 2), (2, 3), (1, 3), (1, 2), (0, 2))
+_CROSS_IN_THIRDS += ((0, 1), (1, 1))  # a plus sign with arms a third of the box wide
+UNIT_POLYGONS = {  # outlines in the unit square; circles are drawn as ellipses
+    "square": ((0, 0), (1, 0), (1, 1), (0, 1)),
+    "triangle": ((0.5, 0), (1, 1), (0, 1)),
+    "star": _star_outline(),
+    "cross": tuple((u / 3, v / 3) for u, v in _CROSS_IN_THIRDS),
+    "diamond": ((0.5, 0), (1, 0.5), (0.5, 1), (0, 0.5)),
+}
+
+# Caption vocabulary: every word or phrase names exactly one attribute value.
+SHAPE_NOUNS: dict[str, tuple[tuple[str, str], ...]] = {  # (singular, plural)
+    "circle": (("circle", "circles"), ("disc", "discs")),
+    "square": (("square", "squares"),),
+    "triangle": (("triangle", "triangles"),),
+    "star": (("star", "stars"),),
+    "cross": (("cross", "crosses"), ("plus sign", "plus signs")),
+    "diamond": (("diamond", "diamonds"), ("rhombus", "rhombi")),
+}
+COLOUR_WORDS = {colour: (colour,) for colour in COLOURS} | {"purple": ("purple", "violet")}
+SIZE_WORDS = {
+    "small": ("small", "little", "tiny"),
+    "medium": ("medium-sized", "mid-sized", "medium"),
+    "large": ("large", "big"),
+}
+POSITION_PHRASES = {
+    "left": ("on the left", "on the left side", "in the left half"),
+    "right": ("on the right", "on the right side", "in the right half"),
+    "top": ("at the top", "near the top", "in the upper half"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower half"),
+    "centre": ("in the centre", "in the middle", "at the center"),
+}
+NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+SINGLE_PHRASES = ("a", "one", "a single", "1")
+CAPTION_TEMPLATES = (
+    "{n} {size} {colour} {noun} {pos}.",
+    "{pos}, there {be} {n} {colour} {noun}; {they} {be} {size}.",
+    "an image of {n} {size} {noun} coloured {colour}, placed {pos}.",
+    "{n} {noun}, {size} and {colour}, {pos}.",
+    "there {be} {n} {size} {colour} {noun} {pos} on a grey background.",
+    "a picture showing {n} {colour} {noun} {pos}. {they} {be} {size}.",
+    "{pos} of the image: {n} {size} {colour} {noun}.",
+    "{n} {colour} {noun} ({size}) {pos}.",
+    "a rendering of {n} {size} {colour} {noun}, located {pos}.",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """The attributes of one image and the top-left corner of each object's box."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    diameter: int  # side of each object's square box, in pixels
+    corners: tuple[tuple[int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.corners)
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One generated image with its mask and captions."""
+
+    scene: Scene
+    image: np.ndarray  # (size, size, 3) uint8
+    mask: np.ndarray  # (size, size) uint8
+    captions: list[str]
+
+
+# --- spec -----------------------------------------------------------------------------------
+
+
+def normalize_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec with defaults filled in; ValueError naming the key when it is invalid."""
+    check_keys(name, spec, required=("seed", "splits"), optional=DEFAULTS)
+    splits = spec["splits"]
+    if not isinstance(splits, Mapping) or not splits:
+        raise spec_error(name, "splits", f"must map split names to image counts, not {splits!r}")
+    for split, count in splits.items():
+        if split not in SPLITS:
+            raise spec_error(name, "splits", f"names unknown split {split!r} (known: {SPLITS})")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise spec_error(name, "splits", f"gives split {split!r} {count!r} images")
+    if TEST not in splits:
+        raise spec_error(name, "splits", "needs a 'test' split: the zero-shot tasks use it")
+    n_holdout = spec_int(
+        name, spec, "holdout_combinations", DEFAULTS["holdout_combinations"], 0, N_HOLDOUT_MAX
+    )
+    if n_holdout == 1:
+        raise spec_error(name, "holdout_combinations", "must be 0 or at least 2 (classes)")
+    n_templates = len(CAPTION_TEMPLATES)
+    return {
+        "source": "synthetic",
+        "seed": spec_int(name, spec, "seed", 0, 0, 2**63 - 1),
+        "splits": {str(split): count for split, count in splits.items()},
+        "image_size": spec_int(name, spec, "image_size", DEFAULTS["image_size"], MIN_SIZE, 4096),
+        "captions_per_image": spec_int(
+            name, spec, "captions_per_image", DEFAULTS["captions_per_image"], 1, n_templates
+        ),
+        "max_count": spec_int(name, spec, "max_count", DEFAULTS["max_count"], 2, 10),
+        "holdout_combinations": n_holdout,
+    }
+
+
+# --- the world ------------------------------------------------------------------------------
+
+
+def holdout_combinations(seed: int, n: int) -> tuple[tuple[str, str], ...]:
+    """``n`` (shape, colour) pairs with distinct shapes and colours, in SHAPES x COLOURS order."""
+    rng = np.random.default_rng([seed, zlib.crc32(b"holdout")])
+    shapes = rng.choice(len(SHAPES), size=n, replace=False)
+    colours = rng.choice(len(COLOURS), size=n, replace=False)
+    chosen = {(SHAPES[s], COLOUR_NAMES[c]) for s, c in zip(shapes, colours, strict=True)}
+    return tuple(combo for combo in COMBINATIONS if combo in chosen)
+
+
+def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(split.encode()), index])
+
+
+def choose_combination(
+    rng: np.random.Generator, split: str, index: int, holdout: tuple[tuple[str, str], ...]
+) -> tuple[str, str]:
+    """The (shape, colour) of image ``index``: see the module docstring for the rule."""
+    if split != TRAIN and holdout:
+        step = len(COMBINATIONS) // len(holdout)
+        if index % step == 0:
+            return holdout[(index // step) % len(holdout)]
+    seen = [combo for combo in COMBINATIONS if combo not in holdout]
+    return seen[rng.integers(len(seen))]
+
+
+def region_box(position: str, image_size: int) -> tuple[int, int, int, int]:
+    x0, y0, x1, y1 = (round(f * image_size) for f in REGIONS[position])
+    return x0, y0, x1, y1
+
+
+def object_diameter(size: str, image_size: int) -> int:
+    return round(SIZE_FRACTIONS[size] * image_size)
+
+
+def place_objects(
+    rng: np.random.Generator, box: tuple[int, int, int, int], diameter: int, count: int
+) -> tuple[tuple[int, int], ...]:
+    """Top-left corners of ``count`` d x d objects, one per cell of a grid over ``box``."""
+    x0, y0, x1, y1 = box
+    grid = math.ceil(math.sqrt(count))
+    cells = rng.choice(grid * grid, size=count, replace=False)
+    return tuple(
+        (
+            _cell_offset(rng, x0, x1, grid, int(cell) % grid, diameter),
+            _cell_offset(rng, y0, y1, grid, int(cell) // grid, diameter),
+        )
+        for cell in cells
+    )
+
+
+def _cell_offset(rng: np.random.Generator, lo: int, hi: int, grid: int, k: int, d: int) -> int:
+    """Start of an object of width ``d`` in cell ``k`` of ``grid`` cells over [lo, hi)."""
+    start, end = lo + (hi - lo) * k // grid, lo + (hi - lo) * (k + 1) // grid
+    slack = end - start - d - 2 * GAP
+    offset = start + GAP + int(rng.integers(slack + 1)) if slack >= 0 else (start + end - d) // 2
+    return min(max(offset, lo), hi - d)
+
+
+def sample_scene(
+    rng: np.random.Generator, shape: str, colour: str, image_size: int, max_count: int
+) -> Scene:
+    size = SIZES[rng.integers(len(SIZES))]
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    count = int(rng.integers(1, max_count + 1))
+    diameter = object_diameter(size, image_size)
+    corners = place_objects(rng, region_box(position, image_size), diameter, count)
+    return Scene(shape, colour, size, position, diameter, corners)
+
+
+def draw_mask(scene: Scene, image_size: int) -> np.ndarray:
+    """uint8 mask: ``SHAPES.index(shape) + 1`` on object pixels, 0 elsewhere."""
+    mask = Image.new("L", (image_size, image_size), 0)
+    draw = ImageDraw.Draw(mask)
+    value = SHAPES.index(scene.shape) + 1
+    last = scene.diameter - 1  # boxes are inclusive: pixels x .. x + last
+    for x, y in scene.corners:
+        if scene.shape == "circle":
+            draw.ellipse((x, y, x + last, y + last), fill=value)
+        else:
+            outline = [(x + u * last, y + v * last) for u, v in UNIT_POLYGONS[scene.shape]]
+            draw.polygon(outline, fill=value)
+    return np.asarray(mask, dtype=np.uint8)
+
+
+def paint_image(
+    rng: np.random.Generator, mask: np.ndarray, rgb: tuple[int, int, int]
+) -> np.ndarray:
+    """A noisy grey background with the mask's object pixels in the flat colour ``rgb``."""
+    base = rng.integers(*BACKGROUND_GREY)
+    noise = rng.normal(0.0, BACKGROUND_NOISE, size=(*mask.shape, 3))
+    image = np.clip(np.rint(base + noise), 0, 255).astype(np.uint8)
+    image[mask > 0] = rgb
+    return image
+
+
+def describe(rng: np.random.Generator, scene: Scene, n: int) -> list[str]:
+    """``n`` captions of the scene from distinct templates, with varied wording."""
+    templates = rng.choice(len(CAPTION_TEMPLATES), size=n, replace=False)
+    return [_caption(rng, CAPTION_TEMPLATES[t], scene) for t in templates]
+
+
+def _caption(rng: np.random.Generator, template: str, scene: Scene) -> str:
+    def pick(options: tuple[str, ...]) -> str:
+        return options[rng.integers(len(options))]
+
+    many = scene.count > 1
+    nouns = SHAPE_NOUNS[scene.shape][rng.integers(len(SHAPE_NOUNS[scene.shape]))]
+    if many:
+        number = pick((NUMBER_WORDS[scene.count - 1], str(scene.count)))
+    else:
+        number = pick(SINGLE_PHRASES)
+    text = template.format(
+        n=number,
+        size=pick(SIZE_WORDS[scene.size]),
+        colour=pick(COLOUR_WORDS[scene.colour]),
+        noun=nouns[1] if many else nouns[0],
+        pos=pick(POSITION_PHRASES[scene.position]),
+        be="are" if many else "is",
+        they="they" if many else "it",
+    )
+    text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
+    return re.sub(r"(^|\.\s+)([a-z])", lambda m: m[1] + m[2].upper(), text)
+
+
+def generate_example(
+    spec: Mapping[str, Any], split: str, index: int, holdout: tuple[tuple[str, str], ...]
+) -> Example:
+    """Image ``index`` of ``split`` under a normalized spec: a pure function of its arguments."""
+    rng = image_rng(spec["seed"], split, index)
+    shape, colour = choose_combination(rng, split, index, holdout)
+    scene = sample_scene(rng, shape, colour, spec["image_size"], spec["max_count"])
+    mask = draw_mask(scene, spec["image_size"])
+    image = paint_image(rng, mask, COLOURS[colour])
+    return Example(scene, image, mask, describe(rng, scene, spec["captions_per_image"]))
+
+
+# --- tasks ----------------------------------------------------------------------------------
+
+
+def attribute_classnames(max_count: int) -> dict[str, tuple[str, ...]]:
+    """Class names (in class-index order) of the attribute tasks."""
+    return {
+        "shape": SHAPES,
+        "colour": COLOUR_NAMES,
+        "size": tuple(SIZE_WORDS[size][0] for size in SIZES),
+        "position": tuple(POSITION_PHRASES[position][0] for position in POSITIONS),
+        "count": tuple(
+            f"{NUMBER_WORDS[c - 1]} shape{'s' if c > 1 else ''}" for c in range(1, max_count + 1)
+        ),
+    }
+
+
+def world_tasks(holdout: tuple[tuple[str, str], ...], max_count: int) -> list[Task]:
+    """One classification task per attribute, ``novel_combination`` and retrieval, on test."""
+    classnames = attribute_classnames(max_count)
+    if holdout:
+        classnames["novel_combination"] = tuple(f"{colour} {shape}" for shape, colour in holdout)
+    tasks = [
+        Task(name, CLASSIFICATION, TEST, f"{name}_label", names, SYNTHETIC_TEMPLATES[name])
+        for name, names in classnames.items()
+    ]
+    return [*tasks, Task("retrieval", RETRIEVAL, TEST)]
+
+
+def scene_labels(scene: Scene, holdout: tuple[tuple[str, str], ...]) -> dict[str, int]:
+    """The ``<task>_label`` class indices of one scene (see ``attribute_classnames``)."""
+    labels = {
+        "shape_label": SHAPES.index(scene.shape),
+        "colour_label": COLOUR_NAMES.index(scene.colour),
+        "size_label": SIZES.index(scene.size),
+        "position_label": POSITIONS.index(scene.position),
+        "count_label": scene.count - 1,
+    }
+    if holdout:
+        combo = (scene.shape, scene.colour)
+        labels["novel_combination_label"] = (
+            holdout.index(combo) if combo in holdout else NOT_IN_TASK
+        )
+    return labels
+
+
+# --- preparation ----------------------------------------------------------------------------
+
+
+def build(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
+    """Generate every split's images and masks under ``out_dir``; return tables and tasks."""
+    holdout = holdout_combinations(spec["seed"], spec["holdout_combinations"])
+    splits = {
+        split: _generate_split(name, spec, split, n_images, holdout, Path(out_dir))
+        for split, n_images in spec["splits"].items()
+    }
+    return PreparedDataset(splits, world_tasks(holdout, spec["max_count"]))
+
+
+def _generate_split(
+    name: str,
+    spec: Mapping[str, Any],
+    split: str,
+    n_images: int,
+    holdout: tuple[tuple[str, str], ...],
+    out_dir: Path,
+) -> Split:
+    images, captions = [], []
+    for index in tqdm(range(n_images), desc=f"{name}/{split}", unit="image", leave=False):
+        example = generate_example(spec, split, index, holdout)
+        image_id = f"{name}-{split}-{index:06d}"
+        path, mask_path = f"{split}/images/{image_id}.png", f"{split}/masks/{image_id}.png"
+        write_bytes(out_dir / path, _png(example.image))
+        write_bytes(out_dir / mask_path, _png(example.mask))
+        scene = example.scene
+        images.append(
+            {
+                "image_id": image_id,
+                "path": path,
+                "shape": scene.shape,
+                "colour": scene.colour,
+                "size": scene.size,
+                "position": scene.position,
+                "count": scene.count,
+                "mask_path": mask_path,
+                **scene_labels(scene, holdout),
+            }
+        )
+        captions.extend(
+            {"caption_id": f"{image_id}-c{k}", "image_id": image_id, "text": text}
+            for k, text in enumerate(example.captions)
+        )
+    return Split(
+        images=pl.DataFrame(images, infer_schema_length=None),
+        captions=pl.DataFrame(captions, schema=CAPTION_SCHEMA),
+        root=out_dir,
+    )
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)  # lossless; fast
+    return buffer.getvalue()
