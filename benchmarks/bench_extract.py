@@ -35,6 +35,7 @@ VIT_LARGE = {  # ViT-L/14 shape at 224 px (the CLIP vision tower), random weight
     "init_seed": 0,
     "image_size": 224,
 }
+WORDS = ["a", "small", "red", "circle", "two", "large", "blue", "squares", "at", "the", "top"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
