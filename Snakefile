@@ -1,5 +1,6 @@
 # postalign: post-hoc multimodal alignment with limited paired data.
 # Thin on purpose: all logic is in the `pipeline` package; rules call `python -m pipeline`.
+# Targets: extract, similarity, align, evaluate, report; `all` (the default) is everything.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -8,12 +9,18 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/similarity.smk"
+include: "workflow/rules/align.smk"
+include: "workflow/rules/evaluate.smk"
 
 
 rule all:
     default_target: True
     input:
-        rules.extract.input,
+        rules.report.input,

@@ -113,6 +113,19 @@ def _check_references(config: dict[str, Any]) -> None:
                 f"config key '{key}.split': dataset {ref['dataset']!r} has no split "
                 f"{ref['split']!r} (it has: {', '.join(splits)})"
             )
+    similarity = config["similarity"]
+    if similarity["selection_metric"] not in similarity["metrics"]:
+        raise ConfigError(
+            f"config key 'similarity.selection_metric': {similarity['selection_metric']!r} is "
+            f"not one of similarity.metrics {similarity['metrics']}"
+        )
+    quantiles = {f"q{q:g}" for q in similarity["quantile_bins"]}
+    for choice in config["align"]["layer_choices"]:
+        if choice not in ("last", "best") and choice not in quantiles:
+            raise ConfigError(
+                f"config key 'align.layer_choices': {choice!r} needs its quantile in "
+                f"similarity.quantile_bins (choices available: last, best, {sorted(quantiles)})"
+            )
     train, val = experiment["train"], experiment["val"]
     if train == val:
         raise ConfigError(
@@ -131,6 +144,7 @@ def _check_references(config: dict[str, Any]) -> None:
 
 def _check_components(config: dict[str, Any]) -> None:
     """Let each component check the spec it owns (paths exist, names resolve)."""
+    from pipeline.align import build_aligner
     from pipeline.data import validate_spec
     from pipeline.encoders import validate_encoder_spec
 
@@ -144,6 +158,16 @@ def _check_components(config: dict[str, Any]) -> None:
             validate_encoder_spec(name, spec)
         except ValueError as err:
             raise ConfigError(f"config key 'encoders.{name}': {err}") from err
+    for name, spec in config["align"]["methods"].items():
+        try:
+            build_aligner(spec["method"], method_params(spec))
+        except ValueError as err:
+            raise ConfigError(f"config key 'align.methods.{name}': {err}") from err
+
+
+def method_params(spec: dict[str, Any]) -> dict[str, Any]:
+    """An align.methods entry without its ``method`` key: the aligner's hyper-parameters."""
+    return {key: value for key, value in spec.items() if key != "method"}
 
 
 def spec_hash(spec: Any) -> str:

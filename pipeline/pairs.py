@@ -59,3 +59,11 @@ def nested_subset(n_total: int, n_pairs: int | None, seed: int) -> np.ndarray:
     if not 0 < n_pairs <= n_total:
         raise ValueError(f"n_pairs={n_pairs} is outside 1..{n_total} (the pairs available)")
     return subset_order(n_total, seed)[:n_pairs]
+
+
+def grid_sizes(sizes: list[int | str | None], n_total: int) -> list[int]:
+    """Data-size grid as pair counts, in order, without repeats; ``"full"``/None is every pair."""
+    resolved = list(dict.fromkeys(n_total if n in ("full", None) else int(n) for n in sizes))
+    if outside := [n for n in resolved if not 2 <= n <= n_total]:
+        raise ValueError(f"n_pairs {outside} outside 2..{n_total} (the training pairs available)")
+    return resolved

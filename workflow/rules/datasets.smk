@@ -6,6 +6,8 @@ rule prepare_dataset:
     params:
         spec=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset], sort_keys=True),
         out=lambda wildcards: dataset_dir(wildcards.dataset),
+    conda:
+        "../envs/postalign.yaml"
     log:
         "results/logs/prepare_dataset/{dataset}.log",
     benchmark:

@@ -11,6 +11,8 @@ rule extract_features:
             wildcards.dataset, wildcards.split, wildcards.encoder
         ),
         dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+    conda:
+        "../envs/postalign.yaml"
     log:
         "results/logs/extract/{dataset}/{split}/{encoder}.log",
     benchmark:
