@@ -111,7 +111,12 @@ def extract(
         on_stale=runtime.get("on_stale", "recompute"),
         chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
         attrs={
-            "encoder": {"name": encoder_name, "modality": encoder.modality, **encoder.provenance()},
+            "encoder": {
+                **encoder.provenance(),
+                "name": encoder_name,  # the config's name; the architecture is under "model"
+                "model": encoder.provenance()["name"],
+                "modality": encoder.modality,
+            },
             "dataset": {
                 "name": dataset["name"],
                 "split": split,
