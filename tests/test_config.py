@@ -131,3 +131,9 @@ def test_unreadable_config_file(tmp_path):
     path.write_text("datasets: [unclosed")
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(path)
+
+
+def test_paper_config_is_valid_until_its_data_paths_are_filled_in():
+    # The schema and cross-references pass; only the data files a user supplies are missing.
+    with pytest.raises(ConfigError, match=r"'datasets\.coco'.*karpathy_json.*no existing file"):
+        load_config(ROOT / "workflow" / "configs" / "paper.yaml")
