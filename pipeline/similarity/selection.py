@@ -1,0 +1,104 @@
+"""Which pairs score the layers, and which layer pair each layer choice takes.
+
+Scoring sample (``scoring_pairs``), one caption per image either way:
+- ``"pool"``: a fixed pool of up to ``pool_size`` pairs drawn with ``seed`` (as the
+  STRUCTURE code does with 5000 training pairs), the same for every run;
+- ``"run"``: only the pairs the (``n_pairs``, ``seed``) run may train on, i.e. the nested
+  subset of ``pipeline.pairs``, so a run never picks layers with more pairs than it has
+  (DESIGN.md section 8). It is also capped at ``pool_size``.
+
+Layer choice (``select_layers``): ``last`` (the last layer of each encoder), ``best`` (the
+pair with the highest score; ties go to the lowest vision layer, then the lowest text
+layer) and optional quantiles ``q<q>``: the pair at rank round(q (N-1)) of the N pairs
+ordered by score, in the same order whose top is ``best`` (so ``q1`` is ``best``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from pipeline.atomic import write_json
+from pipeline.pairs import Pairs, nested_subset, subset_order
+
+SCORING_MODES = ("pool", "run")
+
+
+def scoring_pairs(
+    pairs: Pairs, mode: str, pool_size: int, seed: int, n_pairs: int | None = None
+) -> Pairs:
+    """The pairs that score layer similarity (module docstring).
+
+    ``n_pairs`` is the run's data size in "run" mode (None: all pairs); "pool" ignores it.
+    """
+    if pool_size < 1:
+        raise ValueError(f"scoring pool_size must be >= 1, got {pool_size}")
+    if mode == "pool":
+        candidates = pairs.take(subset_order(len(pairs), seed))
+    elif mode == "run":
+        candidates = pairs.take(nested_subset(len(pairs), n_pairs, seed))
+    else:
+        raise ValueError(f"unknown scoring mode {mode!r}; choose from {SCORING_MODES}")
+    unique = candidates.one_caption_per_image()
+    return unique.take(np.arange(min(pool_size, len(unique))))
+
+
+def _single_value(table: pl.DataFrame, column: str) -> Any:
+    values = table[column].unique().to_list()
+    if len(values) != 1:
+        raise ValueError(f"the similarity table mixes several {column} values: {values}")
+    return values[0]
+
+
+def _pick(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("vision_layer", "text_layer", "vision_layer_name", "text_layer_name")
+    choice = {key: row[key] for key in keys if key in row}
+    return {**choice, "score": row["value"]}
+
+
+def select_layers(
+    table: pl.DataFrame, metric: str, quantile_bins: Sequence[float] | None = None
+) -> dict[str, Any]:
+    """Layer choices of one encoder pair from its similarity table, scored by ``metric``.
+
+    Returns ``metric, vision_encoder, text_encoder, n_samples, sample_seed`` and
+    ``choices``: ``{"last": ..., "best": ..., "q0.5": ...}``, each with ``vision_layer``,
+    ``text_layer`` (and their names when the table has them) and the ``score`` that chose it.
+    """
+    available = table["metric"].unique().sort().to_list()
+    if metric not in available:
+        raise ValueError(f"metric {metric!r} is not in the similarity table ({available})")
+    scored = table.filter(pl.col("metric") == metric)
+    header = {
+        column: _single_value(scored, column)
+        for column in ("vision_encoder", "text_encoder", "n_samples", "sample_seed")
+    }
+    if scored["value"].is_nan().any() or scored["value"].is_null().any():
+        raise ValueError(f"metric {metric!r} has missing or NaN scores")
+    if scored.select(["vision_layer", "text_layer"]).is_duplicated().any():
+        raise ValueError(f"metric {metric!r} scores some layer pair more than once")
+    # Best first: highest score, ties to the lowest vision then text layer.
+    ranked = scored.sort(
+        ["value", "vision_layer", "text_layer"], descending=[True, False, False]
+    ).rows(named=True)
+    last_vision, last_text = scored["vision_layer"].max(), scored["text_layer"].max()
+    last = [r for r in ranked if (r["vision_layer"], r["text_layer"]) == (last_vision, last_text)]
+    if not last:
+        raise ValueError(f"metric {metric!r} has no score for the last layers")
+    choices = {"last": _pick(last[0]), "best": _pick(ranked[0])}
+    for q in quantile_bins or ():
+        if not 0.0 <= q <= 1.0:
+            raise ValueError(f"quantile {q} is outside [0, 1]")
+        rank = math.floor(q * (len(ranked) - 1) + 0.5)  # position in ascending score order
+        choices[f"q{q:g}"] = {**_pick(ranked[len(ranked) - 1 - rank]), "quantile": q}
+    return {"metric": metric, **header, "choices": choices}
+
+
+def write_layer_choice(path: str | os.PathLike[str], choice: dict[str, Any]) -> None:
+    """Write a ``select_layers`` result as JSON, atomically."""
+    write_json(path, choice)
