@@ -1,18 +1,25 @@
-"""End to end: the Snakemake DAG on a tiny config, run as a user would run it."""
+"""End to end: the whole Snakemake DAG on a tiny config, run as a user would run it."""
 
+import copy
+import filecmp
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import polars as pl
 import pytest
 import yaml
 
+from pipeline.evaluate.tables import read_metrics, read_summary
 from pipeline.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
 
+HEAD = {"method": "linear", "dim": 16, "lr": 1.0e-2, "max_epochs": 3, "patience": 2}
 TINY = {
     "runtime": {"device": "cpu", "batch_size": 32},
     "datasets": {
@@ -47,12 +54,26 @@ TINY = {
         "val": {"dataset": "tiny", "split": "val"},
         "evaluate": [{"dataset": "tiny", "split": "test"}],
     },
+    "similarity": {"metrics": ["linear_cka", "mutual_knn"], "pool_size": 40},
+    "align": {
+        "n_pairs": [24, "full"],
+        "seeds": [0, 1],
+        "layer_choices": ["last", "best"],
+        "methods": {
+            "linear": HEAD,
+            "linear_structure": {**HEAD, "structure": {"lambda": 1.0, "warmup_steps": 2}},
+            "csa": {"method": "csa", "sim_dim": 4},
+            "asif": {"method": "asif", "k": 16},
+            "procrustes": {"method": "procrustes"},
+        },
+    },
 }
+METHODS = sorted(TINY["align"]["methods"])
 
 
-def snakemake(workdir: Path, *targets: str) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -65,55 +86,136 @@ def snakemake(workdir: Path, *targets: str) -> subprocess.CompletedProcess:
             str(workdir / "config.yaml"),
             "--cores",
             "2",
-            *targets,
+            *args,
         ],
         capture_output=True,
         text=True,
         env=env,
         check=False,
     )
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+    """Job counts per rule of a dry run."""
+    result = snakemake(workdir, "--dry-run", *args)
+    assert result.returncode == 0, result.output[-3000:]
+    stats = result.output.split("Job stats:")[-1] if "Job stats:" in result.output else ""
+    return {
+        rule: int(n)
+        for rule, n in re.findall(r"^(\w+)\s+(\d+)$", stats, re.MULTILINE)
+        if rule != "total"
+    }
+
+
+def write_config(workdir: Path, config: dict) -> None:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("tiny")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
-    result = snakemake(workdir, "extract")
-    assert result.returncode == 0, result.stderr[-4000:]
+    write_config(workdir, TINY)
+    result = snakemake(workdir)
+    assert result.returncode == 0, result.output[-6000:]
     return workdir
 
 
-@pytest.mark.slow
-def test_extract_target_builds_every_store(tiny_run):
-    data = tiny_run / "results" / "datasets" / "tiny"
+def test_every_artefact_of_the_dag(tiny_run):
+    results = tiny_run / "results"
+    data = results / "datasets" / "tiny"
     for split in ("train", "val", "test"):
         images = pl.read_parquet(data / split / "images.parquet")
         captions = pl.read_parquet(data / split / "captions.parquet")
-        vision = open_store(tiny_run / f"results/features/tiny/{split}/vit.zarr")
-        text = open_store(tiny_run / f"results/features/tiny/{split}/minilm.zarr")
+        vision = open_store(results / f"features/tiny/{split}/vit.zarr")
+        text = open_store(results / f"features/tiny/{split}/minilm.zarr")
         assert vision.sample_ids().tolist() == images["image_id"].to_list()
         assert text.sample_ids().tolist() == captions["caption_id"].to_list()
         assert vision.num_layers == 3 and text.num_layers == 7
         assert vision.attrs["encoder"]["pretrained"] is False
-        assert vision.attrs["encoder"]["init_seed"] == 0
-    prompts = open_store(tiny_run / "results/features/tiny/prompts/minilm.zarr")
+    prompts = open_store(results / "features/tiny/prompts/minilm.zarr")
     assert prompts.n_samples == len(pl.read_parquet(data / "prompts.parquet"))
-    assert (tiny_run / "results/logs/extract/tiny/train/vit.log").exists()
-    assert (tiny_run / "results/benchmarks/extract/tiny/train/vit.tsv").exists()
+
+    similarity = pl.read_parquet(results / "similarity/vit/minilm/similarity.parquet")
+    assert len(similarity) == 2 * 3 * 7
+    for metric in ("linear_cka", "mutual_knn"):
+        assert (results / f"similarity/vit/minilm/heatmaps/{metric}.png").stat().st_size > 0
+
+    for method in METHODS:
+        for choice in ("last", "best"):
+            runs = sorted(
+                p.name for p in (results / f"aligners/vit/minilm/{method}/{choice}").glob("n*_s*")
+            )
+            assert runs == ["n24_s0", "n24_s1", "n96_s0", "n96_s1"]
+            run = results / f"aligners/vit/minilm/{method}/{choice}/n24_s0"
+            assert {"weights.safetensors", "params.json", "curve.parquet", "done.json"} <= {
+                p.name for p in run.iterdir()
+            }
+            assert not list(run.glob("*.pkl")) and not list(run.glob("*.pt"))
+
+    metrics = read_metrics(results / "tables/metrics.parquet")
+    assert set(metrics["method"]) == set(METHODS)
+    assert set(metrics["layer_choice"]) == {"last", "best"}
+    assert set(metrics["task_kind"]) == {"classification", "retrieval"}
+    assert {"tiny.shape", "tiny.colour", "tiny.novel_combination", "tiny.retrieval"} <= set(
+        metrics["task"]
+    )
+    assert {"top1", "balanced_accuracy", "i2t_recall@1", "t2i_recall@10"} <= set(metrics["metric"])
+    assert metrics["value"].is_between(0, 1).all()
+    summary = read_summary(results / "tables/summary.parquet")
+    assert summary["count"].max() == 2  # two seeds
+    baseline = summary.filter((pl.col("method") == "linear") & (pl.col("layer_choice") == "last"))
+    assert (baseline["relative_improvement"].fill_null(0) == 0).all()
+    rows = duckdb.sql(f"select count(*) from '{results / 'tables/metrics.parquet'}'").fetchone()[0]
+    assert rows == len(metrics)
+    assert list((results / "plots").glob("*__vs_n_pairs.png"))
+    assert (results / "logs/aggregate.log").exists()
+    assert (results / "benchmarks/aggregate.tsv").exists()
 
 
-@pytest.mark.slow
 def test_second_run_does_nothing(tiny_run):
-    result = snakemake(tiny_run, "extract")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert "Nothing to be done" in result.stdout + result.stderr
+    result = snakemake(tiny_run)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "Nothing to be done" in result.output
 
 
-@pytest.mark.slow
+def test_html_report(tiny_run):
+    result = snakemake(tiny_run, "--report", "results/report.html")
+    assert result.returncode == 0, result.output[-3000:]
+    assert (tiny_run / "results/report.html").stat().st_size > 10_000
+
+
+def test_forcerun_of_a_stage_reruns_only_what_depends_on_it(tiny_run):
+    jobs = planned_jobs(tiny_run, "--forcerun", "compare_layers")
+    assert "extract_features" not in jobs and "prepare_dataset" not in jobs
+    assert jobs["compare_layers"] == 1
+    assert jobs["fit_aligners"] == jobs["evaluate_aligners"] == 2 * len(METHODS)
+
+
+def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run, tmp_path):
+    changed = copy.deepcopy(TINY)
+    changed["align"]["methods"]["csa"]["sim_dim"] = 3
+    write_config(tiny_run, changed)
+    try:
+        jobs = planned_jobs(tiny_run)
+    finally:
+        write_config(tiny_run, TINY)
+    assert jobs == {"fit_aligners": 2, "evaluate_aligners": 2, "aggregate": 1, "all": 1}
+
+
+def test_two_runs_give_identical_metrics(tiny_run, tmp_path):
+    write_config(tmp_path, TINY)
+    result = snakemake(tmp_path)
+    assert result.returncode == 0, result.output[-3000:]
+    path = "results/tables/metrics.parquet"
+    assert read_metrics(tiny_run / path).equals(read_metrics(tmp_path / path))
+    assert filecmp.cmp(tiny_run / path, tmp_path / path, shallow=False)
+
+
 def test_invalid_config_fails_before_any_job(tmp_path):
-    broken = {**TINY, "runtime": {"device": "cpu", "batch_size": -1}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(broken))
-    result = snakemake(tmp_path, "extract")
+    write_config(tmp_path, {**TINY, "runtime": {"device": "cpu", "batch_size": -1}})
+    result = snakemake(tmp_path)
     assert result.returncode != 0
-    assert "config key 'runtime.batch_size'" in result.stderr
+    assert "config key 'runtime.batch_size'" in result.output
     assert not (tmp_path / "results").exists()
