@@ -26,6 +26,25 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: float) -> tor
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
 
+class _Gram(torch.autograd.Function):
+    """A A^T with a one-matmul backward, (G + G^T) A, instead of autograd's two."""
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a)
+        return a @ a.T
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (a,) = ctx.saved_tensors
+        return (grad + grad.T) @ a
+
+
+def gram(a: torch.Tensor) -> torch.Tensor:
+    """The Gram matrix A A^T of the rows of A (differentiable, cheaper backward)."""
+    return _Gram.apply(a)
+
+
 def neighbour_distributions(
     features: torch.Tensor, tau: float, levels: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -35,7 +54,7 @@ def neighbour_distributions(
     """
     unit = F.normalize(features.float(), dim=1)
     centred = unit - unit.mean(dim=0, keepdim=True)
-    log_p = torch.log_softmax(centred @ centred.T / tau, dim=1)
+    log_p = torch.log_softmax(gram(centred) / tau, dim=1)
     p = log_p.exp()
     powers = [(p, log_p)]
     power = p

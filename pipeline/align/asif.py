@@ -1,0 +1,104 @@
+"""``asif`` (Norelli et al. 2023): relative representations on the training pairs; training free.
+
+The anchors are the training pairs (kept L2-normalised in float32; scores computed in float64).
+A query's representation is its cosine similarity to every anchor of its own modality, keeping
+the top ``k`` (capped at the number of anchors; the rest set to 0), raised to the power ``p``
+with the sign kept (sign(s) |s|^p, so an even p never turns a dissimilar anchor into a similar
+one), then L2-normalised. Image and text representations share the anchor axis, so the score
+of a pair is the inner product of its two representations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.align.base import (
+    Aligner,
+    FitReport,
+    check_features,
+    check_pairs,
+    l2_normalise,
+    register,
+    require,
+    state_arrays,
+)
+
+QUERY_CHUNK = 1024  # query rows per block, bounding the dense (queries x anchors) block
+
+
+def relative_representation(
+    queries: np.ndarray, anchors: np.ndarray, k: int, p: float
+) -> np.ndarray:
+    """Top-k, signed-power, L2-normalised cosine similarities of queries (rows) to anchors."""
+    sims = l2_normalise(queries) @ l2_normalise(anchors).T
+    if k < sims.shape[1]:
+        dropped = np.argpartition(-sims, k, axis=1)[:, k:]
+        np.put_along_axis(sims, dropped, 0.0, axis=1)
+    return l2_normalise(np.sign(sims) * np.abs(sims) ** p)
+
+
+@dataclass(frozen=True)
+class ASIFParams:
+    """``asif`` config: anchors kept per query (k) and the exponent (p)."""
+
+    k: int = 800
+    p: float = 8.0
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        require(self.p > 0, "p", f"must be > 0, got {self.p}")
+
+
+@register
+class ASIFAligner(Aligner):
+    method = "asif"
+    Params = ASIFParams
+    params: ASIFParams
+
+    def __init__(self, params: ASIFParams) -> None:
+        super().__init__(params)
+        self.anchors: dict[str, np.ndarray] = {}
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        seed: int,
+    ) -> FitReport:
+        """Closed form on the training pairs; validation pairs and seed are not used."""
+        x, y = check_pairs(x, y)
+        self.anchors = {
+            "image_anchors": l2_normalise(x).astype(np.float32),
+            "text_anchors": l2_normalise(y).astype(np.float32),
+        }
+        self.choices = {"k": min(self.params.k, len(x)), "n_anchors": len(x)}
+        return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
+
+    def _embed(self, a: np.ndarray, key: str, name: str) -> np.ndarray:
+        self._require_fitted(bool(self.anchors))
+        anchors = self.anchors[key]
+        a = check_features(name, a, anchors.shape[1])
+        k = min(self.params.k, len(anchors))
+        blocks = [
+            relative_representation(a[start : start + QUERY_CHUNK], anchors, k, self.params.p)
+            for start in range(0, len(a), QUERY_CHUNK)
+        ]
+        out = np.concatenate(blocks) if blocks else np.zeros((0, len(anchors)))
+        return out.astype(np.float32)
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        return self._embed(x, "image_anchors", "image features")
+
+    def embed_text(self, y: np.ndarray) -> np.ndarray:
+        return self._embed(y, "text_anchors", "text features")
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._require_fitted(bool(self.anchors))
+        return dict(self.anchors)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.anchors = state_arrays(self.method, state, ("image_anchors", "text_anchors"))

@@ -1,0 +1,160 @@
+"""``csa``: canonical similarity analysis (Li, Chinchali, Topcu; ICLR 2025), training free.
+
+Both sides are centred with the training means; CCA is solved in closed form: each side is
+whitened with its covariance plus a ridge ``eps`` times its mean variance, and the SVD of the
+whitened cross-covariance gives the canonical directions and correlations rho. An embedding is
+the first ``sim_dim`` canonical coordinates, L2-normalised; the score of a pair is
+sum_i rho_i u_i v_i.
+
+``pca_dim`` (when set) first projects each side onto at most that many principal components.
+With n pairs <= a side's (projected) width its covariance is singular: ``reduce: error`` raises,
+``reduce: pca`` (default) projects that side onto its top n - 1 principal components. The
+widths used are recorded in ``hyperparameters()["fitted"]["pca_dims"]`` (null: not reduced).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.align.base import (
+    Aligner,
+    FitReport,
+    check_features,
+    check_pairs,
+    l2_normalise,
+    register,
+    require,
+    state_arrays,
+)
+
+
+def principal_axes(centred: np.ndarray, k: int) -> np.ndarray:
+    """(d, k) top-k principal directions of column-centred data (eigenvectors of its scatter
+    matrix, by decreasing eigenvalue; d x d work instead of an n x d SVD)."""
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    return vectors[:, np.argsort(values)[::-1][:k]]
+
+
+def inverse_sqrt(cov: np.ndarray) -> np.ndarray:
+    """C^(-1/2) of a symmetric positive-definite matrix, by eigendecomposition."""
+    values, vectors = np.linalg.eigh(cov)
+    if values[0] <= 0:
+        raise ValueError("covariance is singular: raise eps or reduce the dimension")
+    return (vectors / np.sqrt(values)) @ vectors.T
+
+
+def ridge_covariance(centred: np.ndarray, eps: float) -> np.ndarray:
+    """Sample covariance plus eps times its mean variance on the diagonal."""
+    cov = centred.T @ centred / (len(centred) - 1)
+    return cov + eps * np.trace(cov) / len(cov) * np.eye(len(cov))
+
+
+def cca(xc: np.ndarray, yc: np.ndarray, rank: int, eps: float) -> tuple[np.ndarray, ...]:
+    """Closed-form CCA of centred data: directions A (d1, r), B (d2, r) and correlations (r,).
+
+    Whitening W = C^(-1/2); SVD of Wx Cxy Wy = U S V^T; A = Wx U, B = Wy V, rho = S.
+    """
+    wx, wy = inverse_sqrt(ridge_covariance(xc, eps)), inverse_sqrt(ridge_covariance(yc, eps))
+    cross = xc.T @ yc / (len(xc) - 1)
+    u, s, vt = np.linalg.svd(wx @ cross @ wy)
+    return wx @ u[:, :rank], wy @ vt[:rank].T, s[:rank]
+
+
+STATE_KEYS = ("image_mean", "text_mean", "image_directions", "text_directions", "correlations")
+
+
+@dataclass(frozen=True)
+class CSAParams:
+    """``csa`` config: canonical dimensions kept, covariance ridge, the small-n policy."""
+
+    sim_dim: int = 64
+    eps: float = 0.1
+    reduce: str = "pca"
+    pca_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.sim_dim >= 1, "sim_dim", f"must be >= 1, got {self.sim_dim}")
+        require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
+        require(self.reduce in ("pca", "error"), "reduce", f"must be pca or error: {self.reduce!r}")
+        require(self.pca_dim is None or self.pca_dim >= 1, "pca_dim", "must be null or >= 1")
+
+
+@register
+class CSAAligner(Aligner):
+    method = "csa"
+    Params = CSAParams
+    params: CSAParams
+
+    def __init__(self, params: CSAParams) -> None:
+        super().__init__(params)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def reduced_width(self, n: int, width: int, side: str) -> int | None:
+        """Principal components to keep on a side, or None to keep its features as they are."""
+        k = min(width, self.params.pca_dim or width)
+        if n <= k:
+            if self.params.reduce == "error":
+                raise ValueError(
+                    f"csa: {n} pairs <= {side} feature width {k}, so its covariance is singular;"
+                    " use more pairs, set pca_dim, or set reduce: pca"
+                )
+            k = n - 1
+        return None if k == width else k
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        seed: int,
+    ) -> FitReport:
+        """Closed form on the training pairs; validation pairs and seed are not used."""
+        x, y = check_pairs(x, y)
+        n = len(x)
+        means = {"image": x.mean(axis=0), "text": y.mean(axis=0)}
+        centred = {"image": x - means["image"], "text": y - means["text"]}
+        projections, widths = {}, {}
+        for side, data in centred.items():
+            k = self.reduced_width(n, data.shape[1], side)
+            widths[side] = k
+            projections[side] = np.eye(data.shape[1]) if k is None else principal_axes(data, k)
+        xp, yp = centred["image"] @ projections["image"], centred["text"] @ projections["text"]
+        rank = min(self.params.sim_dim, xp.shape[1], yp.shape[1])
+        a, b, rho = cca(xp, yp, rank, self.params.eps)
+        self.arrays = {
+            "image_mean": means["image"],
+            "text_mean": means["text"],
+            "image_directions": projections["image"] @ a,
+            "text_directions": projections["text"] @ b,
+            "correlations": rho,
+        }
+        self.choices = {"rank": rank, "pca_dims": widths}
+        return FitReport(chosen_epoch=None, extra={"n_train": n})
+
+    def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
+        self._require_fitted(bool(self.arrays))
+        a = check_features(name, a, len(self.arrays[f"{side}_mean"]))
+        coords = (a - self.arrays[f"{side}_mean"]) @ self.arrays[f"{side}_directions"]
+        return l2_normalise(coords).astype(np.float32)
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        return self._embed(x, "image", "image features")
+
+    def embed_text(self, y: np.ndarray) -> np.ndarray:
+        return self._embed(y, "text", "text features")
+
+    def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+        """sum_i rho_i u_i v_i: coordinates weighted by the canonical correlations."""
+        self._require_fitted(bool(self.arrays))
+        rho = self.arrays["correlations"].astype(np.float32)
+        return (image_emb * rho) @ text_emb.T
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._require_fitted(bool(self.arrays))
+        return dict(self.arrays)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.arrays = state_arrays(self.method, state, STATE_KEYS)

@@ -1,0 +1,198 @@
+"""Trained heads: ``linear`` and ``mlp``, one head per modality into a shared space of ``dim``.
+
+Each head first standardises its input with the training mean and one global scale (the root
+mean squared norm of the centred features over sqrt(width)), so the learning rate means the same
+for every layer whatever its feature scale; this affine map is fixed, not trained.
+
+The MLP is Linear(d, hidden) - GELU - Dropout - Linear(hidden, dim), plus (``residual: true``)
+a linear path Linear(d, dim) added to its output. The skip path is an ordinary trained layer:
+the reference code's residual branch is gated by sigmoid(-inf) = 0 and so never trains.
+
+Training (``pipeline.align.training``) is deterministic on CPU for a seed: torch's generator is
+forked and seeded for initialisation and dropout, and shuffling has its own seeded generator.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.align.base import (
+    Aligner,
+    FitReport,
+    check_features,
+    check_pairs,
+    register,
+    require,
+)
+from pipeline.align.training import Towers, TrainConfig, train_towers
+
+EMBED_CHUNK = 16384  # rows per forward pass when embedding
+
+
+def as_tensors(arrays: tuple[np.ndarray, ...]) -> tuple[torch.Tensor, ...]:
+    """float32 torch tensors of numpy arrays."""
+    return tuple(torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for a in arrays)
+
+
+class Standardise(nn.Module):
+    """(x - mean) / scale with fixed (buffer) statistics of the training features."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("scale", torch.ones(()))
+
+    def set_statistics(self, x: torch.Tensor) -> None:
+        """Training mean, and the RMS of the centred features per coordinate (1 if constant)."""
+        mean = x.double().mean(dim=0)
+        rms = (x.double() - mean).square().mean().sqrt()
+        self.mean.copy_(mean)
+        self.scale.copy_(rms if rms > 0 else torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+class MLP(nn.Module):
+    """Linear-GELU-Dropout-Linear, plus an optional trained linear skip path."""
+
+    def __init__(self, width: int, dim: int, hidden: int, dropout: float, residual: bool) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
+        self.skip = nn.Linear(width, dim, bias=False) if residual else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return out if self.skip is None else out + self.skip(x)
+
+
+@dataclass(frozen=True)
+class LinearParams(TrainConfig):
+    """``linear`` config: the shared-space width ``dim`` plus the training settings."""
+
+    dim: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
+
+
+@dataclass(frozen=True)
+class MLPParams(LinearParams):
+    """``mlp`` config: ``linear``'s plus the hidden width, dropout and the residual path."""
+
+    hidden: int = 1024
+    dropout: float = 0.1
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
+        require(0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}")
+
+
+class HeadAligner(Aligner):
+    """Shared logic of the trained heads; subclasses say how one head is built."""
+
+    params: LinearParams
+
+    def __init__(self, params: LinearParams) -> None:
+        super().__init__(params)
+        self.towers: Towers | None = None
+
+    @abstractmethod
+    def make_head(self, width: int) -> nn.Module:
+        """One modality's trainable head from ``width`` input features to ``dim``."""
+
+    def build_towers(self, image_width: int, text_width: int) -> Towers:
+        return Towers(
+            nn.Sequential(Standardise(image_width), self.make_head(image_width)),
+            nn.Sequential(Standardise(text_width), self.make_head(text_width)),
+        )
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        seed: int,
+    ) -> FitReport:
+        x, y = as_tensors(check_pairs(x, y))
+        if (x_val is None) != (y_val is None):
+            raise ValueError("validation pairs: give both x_val and y_val, or neither")
+        if x_val is not None:
+            x_val, y_val = check_pairs(x_val, y_val, "validation")
+            check_features("validation image features", x_val, x.shape[1])
+            check_features("validation text features", y_val, y.shape[1])
+            x_val, y_val = as_tensors((x_val, y_val))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            towers = self.build_towers(x.shape[1], y.shape[1])
+            towers.image[0].set_statistics(x)
+            towers.text[0].set_statistics(y)
+            report = train_towers(towers, x, y, x_val, y_val, self.params, seed)
+        self.towers = towers
+        report.extra |= {"n_train": len(x), "n_val": 0 if x_val is None else len(x_val)}
+        return report
+
+    @torch.no_grad()
+    def _embed(self, head: nn.Module, a: np.ndarray, name: str, width: int) -> np.ndarray:
+        a = torch.from_numpy(check_features(name, a, width).astype(np.float32))
+        chunks = [
+            nn.functional.normalize(head(part), dim=1) for part in torch.split(a, EMBED_CHUNK)
+        ]
+        return torch.cat(chunks).numpy()
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        self._require_fitted(self.towers is not None)
+        width = self.towers.image[0].mean.shape[0]
+        return self._embed(self.towers.image, x, "image features", width)
+
+    def embed_text(self, y: np.ndarray) -> np.ndarray:
+        self._require_fitted(self.towers is not None)
+        width = self.towers.text[0].mean.shape[0]
+        return self._embed(self.towers.text, y, "text features", width)
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._require_fitted(self.towers is not None)
+        return {k: v.detach().numpy().copy() for k, v in self.towers.state_dict().items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        for key in ("image.0.mean", "text.0.mean"):
+            if key not in state:
+                raise ValueError(f"{self.method} state lacks {key!r}")
+        with torch.random.fork_rng(devices=[]):  # initial weights are overwritten below
+            towers = self.build_towers(len(state["image.0.mean"]), len(state["text.0.mean"]))
+        towers.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        self.towers = towers.eval()
+
+
+@register
+class LinearAligner(HeadAligner):
+    """One linear layer (with bias) per modality, trained with InfoNCE (+ STRUCTURE)."""
+
+    method = "linear"
+    Params = LinearParams
+
+    def make_head(self, width: int) -> nn.Module:
+        return nn.Linear(width, self.params.dim)
+
+
+@register
+class MLPAligner(HeadAligner):
+    """One MLP (see the module docstring) per modality, trained with InfoNCE (+ STRUCTURE)."""
+
+    method = "mlp"
+    Params = MLPParams
+
+    def make_head(self, width: int) -> nn.Module:
+        p = self.params
+        return MLP(width, p.dim, p.hidden, p.dropout, p.residual)

@@ -1,0 +1,136 @@
+"""Closed-form linear baselines: ``procrustes`` (orthogonal map) and ``ridge`` (regression map).
+
+Both first L2-normalise each feature row (the geometry the other methods score in) and centre
+it with the training mean; all fitting is in float64.
+
+- ``procrustes``: each side is projected onto its top ``dim`` principal components (default
+  min(d1, d2, n - 1): centred data of n rows has rank at most n - 1), then the orthogonal
+  W = U V^T from the SVD U S V^T of Xp^T Yp maps image coordinates onto text coordinates.
+  Image embedding: Xp W; text embedding: Yp.
+- ``ridge``: W = (X^T X + alpha I)^(-1) X^T Y maps image features into the text feature space.
+  Image embedding: X W; text embedding: Y.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.align.base import (
+    Aligner,
+    FitReport,
+    check_features,
+    check_pairs,
+    l2_normalise,
+    register,
+    require,
+    state_arrays,
+)
+from pipeline.align.csa import principal_axes
+
+STATE_KEYS = ("image_mean", "text_mean", "image_map", "text_map")
+
+
+def orthogonal_map(xp: np.ndarray, yp: np.ndarray) -> np.ndarray:
+    """The orthogonal W minimising ||Xp W - Yp||_F: U V^T from the SVD of Xp^T Yp."""
+    u, _, vt = np.linalg.svd(xp.T @ yp)
+    return u @ vt
+
+
+def ridge_map(xc: np.ndarray, yc: np.ndarray, alpha: float) -> np.ndarray:
+    """W = (X^T X + alpha I)^(-1) X^T Y, solved (not inverted) in float64."""
+    gram = xc.T @ xc + alpha * np.eye(xc.shape[1])
+    return np.linalg.solve(gram, xc.T @ yc)
+
+
+class LinearMapAligner(Aligner):
+    """Row-normalise, centre, then a linear map per modality (``image_map``, ``text_map``)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    @abstractmethod
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(image_map, text_map) fitted on centred unit rows."""
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        seed: int,
+    ) -> FitReport:
+        """Closed form on the training pairs; validation pairs and seed are not used."""
+        x, y = check_pairs(x, y)
+        x, y = l2_normalise(x), l2_normalise(y)
+        means = x.mean(axis=0), y.mean(axis=0)
+        image_map, text_map = self.maps(x - means[0], y - means[1])
+        self.arrays = dict(zip(STATE_KEYS, (*means, image_map, text_map), strict=True))
+        return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
+
+    def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
+        self._require_fitted(bool(self.arrays))
+        a = check_features(name, a, len(self.arrays[f"{side}_mean"]))
+        coords = (l2_normalise(a) - self.arrays[f"{side}_mean"]) @ self.arrays[f"{side}_map"]
+        return l2_normalise(coords).astype(np.float32)
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        return self._embed(x, "image", "image features")
+
+    def embed_text(self, y: np.ndarray) -> np.ndarray:
+        return self._embed(y, "text", "text features")
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._require_fitted(bool(self.arrays))
+        return dict(self.arrays)
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        self.arrays = state_arrays(self.method, state, STATE_KEYS)
+
+
+@dataclass(frozen=True)
+class ProcrustesParams:
+    """``procrustes`` config: the common PCA width (null: min(d1, d2, n - 1))."""
+
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.dim is None or self.dim >= 1, "dim", f"must be null or >= 1, got {self.dim}")
+
+
+@register
+class ProcrustesAligner(LinearMapAligner):
+    method = "procrustes"
+    Params = ProcrustesParams
+    params: ProcrustesParams
+
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k = min(xc.shape[1], yc.shape[1], len(xc) - 1)
+        k = min(self.params.dim or k, k)
+        self.choices = {"dim": k}
+        px, py = principal_axes(xc, k), principal_axes(yc, k)
+        return px @ orthogonal_map(xc @ px, yc @ py), py
+
+
+@dataclass(frozen=True)
+class RidgeParams:
+    """``ridge`` config: the L2 penalty alpha on the map (features are unit rows, centred)."""
+
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+
+
+@register
+class RidgeAligner(LinearMapAligner):
+    method = "ridge"
+    Params = RidgeParams
+    params: RidgeParams
+
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return ridge_map(xc, yc, self.params.alpha), np.eye(yc.shape[1])

@@ -1,0 +1,272 @@
+"""Training of a pair of heads: symmetric InfoNCE (+ STRUCTURE), AdamW, cosine schedule, early stop.
+
+The configuration follows STRUCTURE's reference settings (DESIGN.md section 7): AdamW with betas
+(0.9, 0.95) and weight decay 1e-4, batch 4096 capped at n, an optional linear learning-rate
+warm-up followed by a cosine decay to zero over ``max_epochs``, gradient-norm clipping at 1.0,
+and early stopping on the validation InfoNCE with a patience in epochs, keeping the best epoch's
+weights. The validation criterion is InfoNCE alone: the regulariser's weight ramps up during its
+warm-up, so a total including it would not be comparable across epochs (its value is still
+recorded as ``val_structure``). Without validation pairs the last epoch is kept.
+
+Each epoch visits the training pairs in a seeded random order, split into ceil(n / batch)
+batches of near-equal size (no tiny last batch). The caller seeds torch's global generator
+(dropout) for the whole fit; the shuffling has its own generator seeded here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import polars as pl
+import torch
+from torch import nn
+
+from pipeline.align.base import CURVE_SCHEMA, FitReport, make_params, require
+from pipeline.align.losses import DIVERGENCES, info_nce, structure_regulariser, structure_weight
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """The STRUCTURE regulariser: config keys ``lambda``, ``levels``, ``warmup_steps`` and
+    ``divergence`` ("js": true Jensen-Shannon; "reference": the reference code's variant, with
+    which lambda = 10 was tuned)."""
+
+    weight: float = 10.0
+    levels: int = 1
+    warmup_steps: int = 1000
+    divergence: str = "js"
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "lambda": "weight",
+        "levels": "levels",
+        "warmup_steps": "warmup_steps",
+        "divergence": "divergence",
+    }
+
+    def __post_init__(self) -> None:
+        require(self.weight >= 0, "lambda", f"must be >= 0, got {self.weight}")
+        require(self.levels >= 1, "levels", f"must be >= 1, got {self.levels}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(
+            self.divergence in DIVERGENCES,
+            "divergence",
+            f"must be one of {DIVERGENCES}, got {self.divergence!r}",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StructureConfig:
+        """From the config section; a ValueError names a bad ``structure.<key>``."""
+        try:
+            return make_params(cls, values, cls.CONFIG_KEYS)
+        except ValueError as err:
+            raise ValueError(str(err).replace("parameter '", "parameter 'structure.", 1)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, name) for key, name in self.CONFIG_KEYS.items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the trained heads (config keys = field names).
+
+    ``structure``: None (off) or a ``StructureConfig`` / its config dict.
+    """
+
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = 4096
+    max_epochs: int = 100
+    patience: int = 10
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    tau: float = 0.05
+    structure: StructureConfig | None = None
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        if isinstance(self.structure, dict):
+            object.__setattr__(self, "structure", StructureConfig.from_dict(self.structure))
+        require(
+            self.structure is None or isinstance(self.structure, StructureConfig),
+            "structure",
+            "must be null or a mapping of lambda, levels, warmup_steps, divergence",
+        )
+
+
+@contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Flush subnormal floats to zero inside the block. Tiny softmax probabilities and their
+    gradients otherwise turn subnormal late in training and slow CPU steps down ~15x."""
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate: linear warm-up, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Towers(nn.Module):
+    """An image head and a text head; ``forward`` gives L2-normalised embeddings of both."""
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_image(x), self.embed_text(y)
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.image(x), dim=1)
+
+    def embed_text(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text(y), dim=1)
+
+
+def batch_losses(
+    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """InfoNCE of a batch and, when configured, (R_S(image) + R_S(text)) / 2."""
+    z_img, z_txt = towers(x, y)
+    contrastive = info_nce(z_img, z_txt, config.tau)
+    s = config.structure
+    if s is None:
+        return contrastive, None
+    regulariser = 0.5 * (
+        structure_regulariser(x, z_img, config.tau, s.levels, s.divergence)
+        + structure_regulariser(y, z_txt, config.tau, s.levels, s.divergence)
+    )
+    return contrastive, regulariser
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """ceil(n / batch), the batch capped at n."""
+    return math.ceil(n / min(batch_size, n))
+
+
+def near_equal_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+    """``order`` cut into ``batches_per_epoch`` consecutive batches, sizes differing by <= 1."""
+    return torch.tensor_split(order, batches_per_epoch(len(order), batch_size))
+
+
+@torch.no_grad()
+def validation_losses(
+    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
+) -> tuple[float, float | None]:
+    """Mean InfoNCE (and R_S, when configured) over the validation pairs, in fixed batches."""
+    towers.eval()
+    contrastive = regulariser = 0.0
+    for rows in near_equal_batches(torch.arange(len(x)), config.batch_size):
+        c, r = batch_losses(towers, x[rows], y[rows], config)
+        contrastive += c.item() * len(rows) / len(x)
+        regulariser += 0.0 if r is None else r.item() * len(rows) / len(x)
+    return contrastive, (None if config.structure is None else regulariser)
+
+
+def train_epoch(
+    towers: Towers,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    shuffle: torch.Generator,
+    step: int,
+) -> dict[str, Any]:
+    """One pass over the pairs in a shuffled order; returns the epoch's curve entries."""
+    towers.train()
+    n = len(x)
+    row = {"train_loss": 0.0, "infonce": 0.0, "structure": None, "structure_lambda": None}
+    for batch in near_equal_batches(torch.randperm(n, generator=shuffle), config.batch_size):
+        contrastive, regulariser = batch_losses(towers, x[batch], y[batch], config)
+        loss = contrastive
+        if regulariser is not None:
+            s = config.structure
+            row["structure_lambda"] = structure_weight(step, s.weight, s.warmup_steps)
+            loss = contrastive + row["structure_lambda"] * regulariser
+            row["structure"] = (row["structure"] or 0.0) + regulariser.item() * len(batch) / n
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(towers.parameters(), config.grad_clip)
+        optimiser.step()
+        schedule.step()
+        step += 1
+        row["train_loss"] += loss.item() * len(batch) / n
+        row["infonce"] += contrastive.item() * len(batch) / n
+    return {**row, "step": step, "lr": schedule.get_last_lr()[0]}
+
+
+def train_towers(
+    towers: Towers,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor | None,
+    y_val: torch.Tensor | None,
+    config: TrainConfig,
+    seed: int,
+) -> FitReport:
+    """Train ``towers`` in place on pairs (x[i], y[i]); leaves it holding the chosen epoch."""
+    total_steps = batches_per_epoch(len(x), config.batch_size) * config.max_epochs
+    optimiser = torch.optim.AdamW(
+        towers.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: lr_factor(step, config.warmup_steps, total_steps)
+    )
+    shuffle = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    best_loss, best_epoch, best_weights = math.inf, 0, None
+    with flushed_denormals():
+        for epoch in range(1, config.max_epochs + 1):
+            start = time.perf_counter()
+            step = rows[-1]["step"] if rows else 0
+            row = train_epoch(towers, x, y, config, optimiser, schedule, shuffle, step)
+            if x_val is None:
+                val_loss, val_structure = None, None
+            else:
+                val_loss, val_structure = validation_losses(towers, x_val, y_val, config)
+            row |= {"val_loss": val_loss, "val_structure": val_structure}
+            rows.append({"epoch": epoch, **row, "seconds": time.perf_counter() - start})
+            if val_loss is None:
+                continue
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_weights = {k: v.detach().clone() for k, v in towers.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                break
+    if best_weights is not None:
+        towers.load_state_dict(best_weights)
+    towers.eval()
+    return FitReport(
+        chosen_epoch=best_epoch if x_val is not None else len(rows),
+        curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
+        extra={
+            "epochs_run": len(rows),
+            "steps": rows[-1]["step"],
+            "stopped_early": len(rows) < config.max_epochs,
+            "best_val_loss": None if best_weights is None else best_loss,
+        },
+    )

@@ -1,0 +1,415 @@
+"""Aligner methods on data with known answers; params, determinism, artifacts and the grid."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from scipy.linalg import sqrtm
+from sklearn.cross_decomposition import CCA
+
+from pipeline.align import ALIGNERS, build_aligner, fit_grid, load_aligner, save_run
+from pipeline.align.artifacts import CURVE, DONE, PARAMS, WEIGHTS, read_params
+from pipeline.align.asif import relative_representation
+from pipeline.align.base import CURVE_SCHEMA
+from pipeline.align.linear_maps import ridge_map
+from pipeline.align.losses import info_nce
+from pipeline.align.training import lr_factor
+from pipeline.pairs import nested_subset
+
+FAST_HEAD = {"dim": 16, "batch_size": 64, "max_epochs": 6, "patience": 2}
+FAST = {
+    "linear": FAST_HEAD,
+    "mlp": {**FAST_HEAD, "hidden": 32},
+    "csa": {"sim_dim": 4},
+    "asif": {"k": 20},
+    "procrustes": {},
+    "ridge": {},
+}
+
+
+def linear_world(n: int, seed: int, d1: int = 12, d2: int = 16, noise: float = 0.1):
+    """Pairs sharing a 4-d latent through fixed linear maps (the maps do not depend on seed)."""
+    maps = np.random.default_rng(99)
+    a, b = maps.normal(size=(4, d1)), maps.normal(size=(4, d2))
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 4))
+    x = z @ a + noise * rng.normal(size=(n, d1))
+    y = z @ b + noise * rng.normal(size=(n, d2))
+    return x.astype(np.float32), y.astype(np.float32)
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+# ---- building from config ----
+
+
+def test_registry_holds_every_method() -> None:
+    assert set(ALIGNERS) == {"linear", "mlp", "csa", "asif", "procrustes", "ridge"}
+
+
+def test_unknown_method_key_and_bad_values_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown aligner method 'bogus'"):
+        build_aligner("bogus", {})
+    with pytest.raises(ValueError, match=r"'linear'.*'hidden' is unknown"):
+        build_aligner("linear", {"hidden": 8})
+    with pytest.raises(ValueError, match=r"'mlp'.*'structure.lamda' is unknown"):
+        build_aligner("mlp", {"structure": {"lamda": 1}})
+    with pytest.raises(ValueError, match=r"'linear'.*'structure.divergence'"):
+        build_aligner("linear", {"structure": {"divergence": "kl"}})
+    with pytest.raises(ValueError, match=r"'csa'.*'sim_dim' must be of type int"):
+        build_aligner("csa", {"sim_dim": "many"})
+    with pytest.raises(ValueError, match=r"'asif'.*'k' must be >= 1"):
+        build_aligner("asif", {"k": 0})
+    with pytest.raises(ValueError, match=r"'linear'.*'dim' must be of type int, got True"):
+        build_aligner("linear", {"dim": True})
+
+
+def test_params_are_coerced_and_recorded() -> None:
+    aligner = build_aligner("linear", {"lr": "1e-3", "betas": [0.8, 0.9], "structure": {}})
+    hp = aligner.hyperparameters()
+    assert hp["lr"] == 1e-3 and hp["betas"] == [0.8, 0.9]
+    assert hp["structure"] == {
+        "lambda": 10.0,
+        "levels": 1,
+        "warmup_steps": 1000,
+        "divergence": "js",
+    }
+    assert build_aligner("linear", {}).hyperparameters()["structure"] is None
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_hyperparameters_rebuild_the_same_aligner(method: str) -> None:
+    hp = build_aligner(method, FAST[method]).hyperparameters()
+    assert hp.pop("fitted") == {}
+    assert build_aligner(method, hp).hyperparameters() == {**hp, "fitted": {}}
+    json.dumps(hp)
+
+
+# ---- every method: shapes, norms, beating chance, input checks ----
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_methods_embed_unit_rows_and_retrieve(method: str) -> None:
+    x, y = linear_world(300, seed=0)
+    xt, yt = linear_world(100, seed=1)
+    aligner = build_aligner(method, FAST[method])
+    aligner.fit(x, y, *linear_world(60, seed=2), seed=0)
+    ei, et = aligner.embed_image(xt), aligner.embed_text(yt)
+    assert ei.dtype == et.dtype == np.float32 and ei.shape[1] == et.shape[1]
+    np.testing.assert_allclose(np.linalg.norm(ei, axis=1), 1, rtol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(et, axis=1), 1, rtol=1e-5)
+    scores = aligner.similarity(ei, et)
+    assert scores.shape == (100, 100)
+    top1 = (scores.argmax(axis=1) == np.arange(100)).mean()
+    assert top1 > 0.2  # chance is 0.01
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_bad_inputs_raise_named_errors(method: str) -> None:
+    x, y = linear_world(40, seed=0)
+    aligner = build_aligner(method, FAST[method])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        aligner.embed_image(x)
+    with pytest.raises(ValueError, match="39 text rows"):
+        aligner.fit(x, y[:39], None, None, seed=0)
+    bad = x.copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        aligner.fit(bad, y, None, None, seed=0)
+    aligner.fit(x, y, None, None, seed=0)
+    with pytest.raises(ValueError, match="width 12"):
+        aligner.embed_image(x[:, :5])
+    with pytest.raises(ValueError, match="text features"):
+        aligner.embed_text(y[:, :5])
+
+
+# ---- trained heads ----
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("linear", {**FAST_HEAD, "structure": {"lambda": 5, "warmup_steps": 3, "levels": 2}}),
+        ("mlp", {**FAST_HEAD, "hidden": 32, "dropout": 0.3}),
+    ],
+)
+def test_training_is_deterministic_for_a_seed(method: str, params: dict) -> None:
+    x, y = linear_world(200, seed=0)
+    xv, yv = linear_world(50, seed=1)
+
+    def weights(seed: int) -> dict[str, np.ndarray]:
+        aligner = build_aligner(method, params)
+        aligner.fit(x, y, xv, yv, seed=seed)
+        return aligner.state()
+
+    first, again, other = weights(7), weights(7), weights(8)
+    assert first.keys() == again.keys()
+    assert all(np.array_equal(first[k], again[k]) for k in first)
+    assert any(not np.array_equal(first[k], other[k]) for k in first if k.endswith("weight"))
+
+
+def test_early_stopping_keeps_the_best_validation_epoch() -> None:
+    x, y = linear_world(40, seed=0, noise=1.0)  # few noisy pairs: validation loss turns up
+    xv, yv = linear_world(200, seed=1, noise=1.0)
+    aligner = build_aligner(
+        "linear", {"dim": 32, "lr": 0.05, "max_epochs": 300, "patience": 5, "batch_size": 256}
+    )
+    report = aligner.fit(x, y, xv, yv, seed=0)
+    curve = report.curve
+    assert curve.schema == pl.Schema(CURVE_SCHEMA)
+    best = int(curve["epoch"][int(np.argmin(curve["val_loss"].to_numpy()))])
+    assert report.chosen_epoch == best
+    assert report.extra["stopped_early"] and len(curve) == best + 5
+    assert curve["step"].to_list() == curve["epoch"].to_list()  # one batch of 40 per epoch
+    # the restored weights are the best epoch's: their validation loss (one batch of all 200
+    # validation pairs) is the recorded one
+    zi, zt = (torch.from_numpy(a) for a in (aligner.embed_image(xv), aligner.embed_text(yv)))
+    assert info_nce(zi, zt, 0.05).item() == pytest.approx(curve["val_loss"][best - 1], rel=1e-5)
+
+
+def test_without_validation_the_last_epoch_is_kept() -> None:
+    x, y = linear_world(100, seed=0)
+    report = build_aligner("linear", FAST_HEAD).fit(x, y, None, None, seed=0)
+    assert report.chosen_epoch == FAST_HEAD["max_epochs"] == len(report.curve)
+    assert report.curve["val_loss"].null_count() == len(report.curve)
+
+
+def test_structure_curve_columns_and_warmup() -> None:
+    x, y = linear_world(128, seed=0)
+    params = {**FAST_HEAD, "structure": {"lambda": 4, "warmup_steps": 8}, "max_epochs": 5}
+    report = build_aligner("linear", params).fit(x, y, *linear_world(64, seed=1), seed=0)
+    curve = report.curve
+    # 2 batches per epoch; lambda_t at the last step of epoch e is 4 * min(1, (2e - 1) / 8)
+    assert curve["structure_lambda"].to_list() == [4 * min(1, (2 * e - 1) / 8) for e in range(1, 6)]
+    assert (curve["structure"] > 0).all() and (curve["val_structure"] > 0).all()
+    lam, total = curve["structure_lambda"], curve["train_loss"]
+    np.testing.assert_array_less(curve["infonce"].to_numpy(), total.to_numpy() + 1e-12)
+    assert (lam > 0).all()
+
+
+def test_learning_rate_schedule() -> None:
+    assert [lr_factor(s, 4, 20) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 20) == 1.0
+    assert lr_factor(12, 4, 20) == pytest.approx(0.5)
+    assert lr_factor(20, 4, 20) == pytest.approx(0.0)
+    assert lr_factor(0, 0, 10) == 1.0
+
+
+def test_mlp_residual_path_trains() -> None:
+    x, y = linear_world(100, seed=0)
+    params = {**FAST_HEAD, "hidden": 32}
+    aligner = build_aligner("mlp", params)
+    aligner.fit(x, y, None, None, seed=3)
+    trained = aligner.state()["image.1.skip.weight"]
+    untrained = build_aligner("mlp", {**params, "max_epochs": 1, "lr": 1e-12})
+    untrained.fit(x, y, None, None, seed=3)
+    assert np.abs(trained - untrained.state()["image.1.skip.weight"]).max() > 1e-3
+    no_skip = build_aligner("mlp", {**params, "residual": False})
+    no_skip.fit(x, y, None, None, seed=3)
+    assert not any("skip" in key for key in no_skip.state())
+
+
+# ---- CSA ----
+
+
+def correlated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, 3)) * np.array([2.0, 1.0, 0.5])
+    x = z @ rng.normal(size=(3, 6)) + 0.8 * rng.normal(size=(n, 6)) + 5.0
+    y = z @ rng.normal(size=(3, 5)) + 0.8 * rng.normal(size=(n, 5)) - 2.0
+    return x, y
+
+
+def test_csa_matches_direct_whitening_and_svd() -> None:
+    x, y = correlated(500, seed=0)
+    xt, yt = correlated(50, seed=1)
+    aligner = build_aligner("csa", {"sim_dim": 4, "eps": 0.0})
+    aligner.fit(x, y, None, None, seed=0)
+    # the formula, written directly: C^-1/2 by scipy's matrix square root
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    cxx, cyy, cxy = (a.T @ b / (len(x) - 1) for a, b in ((xc, xc), (yc, yc), (xc, yc)))
+    wx, wy = np.linalg.inv(sqrtm(cxx).real), np.linalg.inv(sqrtm(cyy).real)
+    u, rho, vt = np.linalg.svd(wx @ cxy @ wy)
+    np.testing.assert_allclose(aligner.state()["correlations"], rho[:4], rtol=1e-10)
+    ui = unit_rows((xt - x.mean(0)) @ wx @ u[:, :4])
+    vi = unit_rows((yt - y.mean(0)) @ wy @ vt[:4].T)
+    expected = (ui * rho[:4]) @ vi.T
+    got = aligner.similarity(aligner.embed_image(xt), aligner.embed_text(yt))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # canonical coordinates of the training data: white, cross-covariance diag(rho)
+    a, b = aligner.state()["image_directions"], aligner.state()["text_directions"]
+    cu, cv = xc @ a, yc @ b
+    np.testing.assert_allclose(cu.T @ cu / (len(x) - 1), np.eye(4), atol=1e-10)
+    np.testing.assert_allclose(cu.T @ cv / (len(x) - 1), np.diag(rho[:4]), atol=1e-10)
+
+
+def test_csa_correlations_match_sklearn_cca() -> None:
+    x, y = correlated(2000, seed=2)
+    aligner = build_aligner("csa", {"sim_dim": 3, "eps": 0.0})
+    aligner.fit(x, y, None, None, seed=0)
+    sk = CCA(n_components=3, scale=False, max_iter=5000, tol=1e-12).fit(x, y)
+    u, v = sk.transform(x, y)
+    sk_rho = [abs(np.corrcoef(u[:, i], v[:, i])[0, 1]) for i in range(3)]
+    np.testing.assert_allclose(aligner.state()["correlations"], sk_rho, atol=1e-3)
+
+
+def test_csa_small_n_reduces_or_raises() -> None:
+    x, y = linear_world(10, seed=0)  # 10 pairs, widths 12 and 16
+    with pytest.raises(ValueError, match="10 pairs <= image feature width 12"):
+        build_aligner("csa", {"reduce": "error"}).fit(x, y, None, None, seed=0)
+    aligner = build_aligner("csa", {"sim_dim": 50})
+    aligner.fit(x, y, None, None, seed=0)
+    assert aligner.hyperparameters()["fitted"] == {"rank": 9, "pca_dims": {"image": 9, "text": 9}}
+    assert aligner.embed_image(x).shape == (10, 9)
+    configured = build_aligner("csa", {"pca_dim": 3, "reduce": "error"})
+    configured.fit(*linear_world(100, seed=0), None, None, seed=0)
+    assert configured.hyperparameters()["fitted"] == {
+        "rank": 3,
+        "pca_dims": {"image": 3, "text": 3},
+    }
+
+
+# ---- ASIF ----
+
+
+def test_asif_hand_made_case() -> None:
+    anchors = np.eye(3)  # both modalities: anchors along the axes
+    rep = relative_representation(np.array([[3.0, 4.0, 0.0], [3.0, -4.0, 0.0]]), anchors, 3, 2)
+    # cosines (0.6, +-0.8, 0), signed squares (0.36, +-0.64, 0), normalised by sqrt(0.5392)
+    expected = np.array([[0.36, 0.64, 0.0], [0.36, -0.64, 0.0]]) / np.sqrt(0.5392)
+    np.testing.assert_allclose(rep, expected, rtol=1e-12)
+    top1 = relative_representation(np.array([[3.0, 4.0, 1.0]]), anchors, 1, 8)
+    np.testing.assert_allclose(top1, [[0.0, 1.0, 0.0]])
+
+    aligner = build_aligner("asif", {"p": 2})  # k = 800, capped at the 3 anchors
+    aligner.fit(anchors, 5 * anchors, None, None, seed=0)
+    assert aligner.hyperparameters()["fitted"] == {"k": 3, "n_anchors": 3}
+    image = aligner.embed_image(np.array([[3.0, 4.0, 0.0], [3.0, -4.0, 0.0]]))
+    text = aligner.embed_text(np.array([[0.0, 4.0, 3.0]]))
+    np.testing.assert_allclose(aligner.similarity(image, text)[:, 0], [0.7596, -0.7596], atol=1e-4)
+
+
+# ---- Procrustes and ridge ----
+
+
+def isometric_pairs(n: int, d1: int, d2: int, seed: int) -> tuple[np.ndarray, ...]:
+    """Unit rows x and y = x Q with Q (d1, d2) orthonormal rows, so y rows are unit too."""
+    rng = np.random.default_rng(seed)
+    q = np.linalg.qr(rng.normal(size=(d2, d1)))[0].T
+    x = unit_rows(rng.normal(size=(n, d1)))
+    return x, x @ q, q
+
+
+def test_procrustes_recovers_a_rotation() -> None:
+    x, y, q = isometric_pairs(200, 5, 5, seed=0)
+    aligner = build_aligner("procrustes", {})
+    aligner.fit(x, y, None, None, seed=0)
+    assert aligner.hyperparameters()["fitted"] == {"dim": 5}
+    xt = unit_rows(np.random.default_rng(1).normal(size=(30, 5)))
+    np.testing.assert_allclose(aligner.embed_image(xt), aligner.embed_text(xt @ q), atol=1e-6)
+    reduced = build_aligner("procrustes", {"dim": 3})
+    reduced.fit(x, y, None, None, seed=0)
+    assert reduced.embed_image(xt).shape == (30, 3)
+
+
+def test_ridge_recovers_a_linear_map_and_matches_the_augmented_least_squares() -> None:
+    x, y, q = isometric_pairs(200, 5, 8, seed=2)
+    aligner = build_aligner("ridge", {"alpha": 0.0})
+    aligner.fit(x, y, None, None, seed=0)
+    xt = unit_rows(np.random.default_rng(3).normal(size=(30, 5)))
+    np.testing.assert_allclose(aligner.embed_image(xt), aligner.embed_text(xt @ q), atol=1e-6)
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(50, 6)), rng.normal(size=(50, 3))
+    augmented_a = np.vstack([a, np.sqrt(2.5) * np.eye(6)])
+    augmented_b = np.vstack([b, np.zeros((6, 3))])
+    expected = np.linalg.lstsq(augmented_a, augmented_b, rcond=None)[0]
+    np.testing.assert_allclose(ridge_map(a, b, 2.5), expected, atol=1e-12)
+
+
+# ---- artifacts ----
+
+
+@pytest.mark.parametrize("method", sorted(FAST))
+def test_artifacts_round_trip(method: str, tmp_path) -> None:
+    x, y = linear_world(120, seed=0)
+    xt, yt = linear_world(30, seed=1)
+    aligner = build_aligner(method, FAST[method])
+    report = aligner.fit(x, y, *linear_world(40, seed=2), seed=0)
+    run = save_run(tmp_path / "run", aligner, report, {"n_pairs": 120, "seed": 0})
+    assert sorted(p.name for p in run.iterdir()) == sorted([WEIGHTS, PARAMS, CURVE, DONE])
+    loaded = load_aligner(run)
+    assert type(loaded) is type(aligner)
+    assert loaded.hyperparameters() == aligner.hyperparameters()
+    for embed in ("embed_image", "embed_text"):
+        data = xt if embed == "embed_image" else yt
+        assert np.array_equal(getattr(loaded, embed)(data), getattr(aligner, embed)(data))
+    ei, et = aligner.embed_image(xt), aligner.embed_text(yt)
+    assert np.array_equal(loaded.similarity(ei, et), aligner.similarity(ei, et))
+    params = read_params(run)
+    assert params["method"] == method and params["meta"] == {"n_pairs": 120, "seed": 0}
+    assert params["chosen_epoch"] == report.chosen_epoch
+    assert "torch" in params["versions"] and params["divergence"] is None
+    curve = pl.read_parquet(run / CURVE)
+    assert curve.schema == pl.Schema(CURVE_SCHEMA)
+    assert (len(curve) > 0) == (method in ("linear", "mlp"))
+
+
+def test_artifacts_record_the_divergence_and_need_the_marker(tmp_path) -> None:
+    x, y = linear_world(64, seed=0)
+    aligner = build_aligner("linear", {**FAST_HEAD, "structure": {"divergence": "reference"}})
+    run = save_run(tmp_path / "run", aligner, aligner.fit(x, y, None, None, seed=0), {})
+    assert read_params(run)["divergence"] == "reference"
+    (run / DONE).unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_aligner(run)
+    with pytest.raises(RuntimeError, match="not fitted"):  # a failed save leaves no marker
+        save_run(tmp_path / "failed", build_aligner("ridge", {}), None, {})
+    assert not (tmp_path / "failed" / DONE).exists()
+
+
+# ---- the grid ----
+
+
+def test_fit_grid_nested_subsets_and_resume(tmp_path) -> None:
+    x, y = linear_world(300, seed=0)
+    xv, yv = linear_world(50, seed=1)
+    args = dict(x=x, y=y, x_val=xv, y_val=yv, sizes=[30, 100, None], seeds=[0, 5])
+    runs = fit_grid("csa", {"sim_dim": 3}, **args, out_dir=tmp_path, meta={"layer": 4})
+    assert [r.name for r in runs] == [
+        "n30_s0",
+        "n100_s0",
+        "n300_s0",
+        "n30_s5",
+        "n100_s5",
+        "n300_s5",
+    ]
+    for run in runs:
+        params = read_params(run)
+        n, seed = params["meta"]["n_pairs"], params["meta"]["seed"]
+        assert params["meta"]["layer"] == 4 and params["fit"]["n_train"] == n
+        rows = nested_subset(300, n, seed)
+        refit = build_aligner("csa", {"sim_dim": 3})
+        refit.fit(x[rows], y[rows], None, None, seed)
+        assert np.array_equal(load_aligner(run).embed_image(x[:5]), refit.embed_image(x[:5]))
+    stamps = {r: (r / DONE).stat().st_mtime_ns for r in runs}
+    again = fit_grid("csa", {"sim_dim": 3}, **args, out_dir=tmp_path, meta={"layer": 4})
+    assert again == runs and all((r / DONE).stat().st_mtime_ns == stamps[r] for r in runs)
+    fit_grid("csa", {"sim_dim": 2}, **args, out_dir=tmp_path, meta={"layer": 4})
+    assert all((r / DONE).stat().st_mtime_ns != stamps[r] for r in runs)
+    assert read_params(runs[0])["hyperparameters"]["sim_dim"] == 2
+    with pytest.raises(ValueError, match="n_pairs=400 is outside"):
+        fit_grid("csa", {}, **{**args, "sizes": [400]}, out_dir=tmp_path, meta={})
+
+
+def test_fit_grid_trains_heads_and_restores_threads(tmp_path) -> None:
+    x, y = linear_world(200, seed=0)
+    before = torch.get_num_threads()
+    runs = fit_grid("linear", FAST_HEAD, x, y, None, None, [50, 200], [1], tmp_path, {}, threads=1)
+    assert torch.get_num_threads() == before
+    assert [read_params(r)["chosen_epoch"] for r in runs] == [6, 6]
