@@ -21,9 +21,18 @@ install: .venv/installed
 
 run: install
 	$(SNAKEMAKE)
+	$(MAKE) --no-print-directory results/report.html
+
+# The HTML report, rendered again only when the tables it shows have changed.
+results/report.html: results/tables/metrics.parquet results/tables/summary.parquet
+	$(SNAKEMAKE) --report $@
+
+report: install
+	$(SNAKEMAKE) report
+	$(MAKE) --no-print-directory results/report.html
 
 test: install
-	$(UV) run --frozen pytest -n 2
+	$(UV) run --frozen pytest -n 2 --dist loadfile
 
 lint: install
 	$(UV) run --frozen ruff check .
