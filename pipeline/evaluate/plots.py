@@ -45,15 +45,25 @@ def plot_metric_vs_pairs(
             mean = series["mean"].to_numpy()
             std = series["std"].fill_null(0.0).to_numpy()
             colour = colours[(method, choice)]
-            ax.plot(n_pairs, mean, marker="o", color=colour, label=f"{method} ({choice})")
+            ax.plot(
+                n_pairs,
+                mean,
+                marker="o",
+                ms=3,
+                color=colour,
+                ls=_line_style(choice),
+                label=f"{method} ({choice})",
+            )
             ax.fill_between(n_pairs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
         ax.set_xscale("log")
         _n_pairs_ticks(ax, panel["n_pairs"].unique().sort().to_list())
         ax.set(title=f"{vision} + {text}", xlabel="paired training samples (n_pairs)")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small", title="method (layers)")
-    fig.suptitle(f"{task}: {metric} vs. paired data (mean ± 1 std over seeds)")
+        ax.legend(
+            fontsize="small", title="method (layers)", loc="upper left", bbox_to_anchor=(1.02, 1.0)
+        )
+    fig.suptitle(f"{task}: {metric} vs. paired data\n(mean ± 1 std over seeds)")
     return _save(fig, path)
 
 
@@ -93,6 +103,8 @@ def plot_relative_improvement(
                 100 * improvement,
                 width,
                 color=colours[(method, choice)],
+                hatch="//" if choice == "last" else None,
+                edgecolor="white",
                 label=f"{method} ({choice})",
             )
         ax.axhline(0.0, color="black", lw=0.8)
@@ -100,7 +112,9 @@ def plot_relative_improvement(
         ax.set(title=f"{vision} + {text}", xlabel="paired training samples (n_pairs)")
         ax.set_ylabel(f"relative improvement in {metric} (%)")
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize="small", title="method (layers)")
+        ax.legend(
+            fontsize="small", title="method (layers)", loc="upper left", bbox_to_anchor=(1.02, 1.0)
+        )
     fig.suptitle(f"{task}: improvement over {baseline[0]} ({baseline[1]} layers)")
     return _save(fig, path)
 
@@ -219,14 +233,20 @@ def _select(table: pl.DataFrame, task: str, metric: str, name: str) -> pl.DataFr
 
 
 def _series_colours(rows: pl.DataFrame) -> dict[tuple[str, str], tuple[float, ...]]:
-    series = rows.select(SERIES).unique().sort(SERIES).rows()
+    """One colour per method (its layer choices share it and differ by line style)."""
+    methods = rows["method"].unique().sort().to_list()
     palette = colormaps["tab10"]
-    return {key: palette(i % palette.N) for i, key in enumerate(series)}
+    colour = {method: palette(i % palette.N) for i, method in enumerate(methods)}
+    return {key: colour[key[0]] for key in rows.select(SERIES).unique().rows()}
+
+
+def _line_style(choice: str) -> str:
+    return {"last": "--", "best": "-"}.get(choice, ":")
 
 
 def _panels(rows: pl.DataFrame) -> tuple[Figure, list[Axes]]:
     n = rows.select(ENCODER_PAIR).n_unique()
-    fig = Figure(figsize=(PANEL_SIZE[0] * n, PANEL_SIZE[1]), layout="constrained")
+    fig = Figure(figsize=(PANEL_SIZE[0] * n + 2.5, PANEL_SIZE[1]), layout="constrained")
     return fig, list(fig.subplots(1, n, squeeze=False)[0])
 
 
