@@ -12,8 +12,11 @@ from pipeline.align.losses import (
     gram,
     info_nce,
     level_weights,
+    log_transitions,
+    row_divergence,
     structure_regulariser,
     structure_weight,
+    transition_powers,
 )
 
 # ---- brute-force references: explicit loops, float64, written from DESIGN.md section 7 ----
@@ -136,16 +139,36 @@ def test_structure_is_float32_under_autocast() -> None:
     assert torch.isfinite(w.grad).all() and w.grad.abs().sum() > 0
 
 
-def test_structure_gradient_matches_finite_differences() -> None:
+@pytest.mark.parametrize("levels", [1, 2])
+@pytest.mark.parametrize("divergence", ["js", "reference"])
+def test_structure_gradient_matches_finite_differences(levels: int, divergence: str) -> None:
     x, z = random_pair(seed=3, n=10, d1=4, d2=5)
     z_t = torch.tensor(z, requires_grad=True)
-    structure_regulariser(torch.tensor(x), z_t, 0.5, 2, "js").backward()
-    eps, (i, j) = 1e-4, (3, 2)
-    up, down = z.copy(), z.copy()
-    up[i, j] += eps
-    down[i, j] -= eps
-    numeric = (bf_structure(x, up, 0.5, 2, "js") - bf_structure(x, down, 0.5, 2, "js")) / (2 * eps)
-    assert z_t.grad[i, j].item() == pytest.approx(numeric, rel=1e-2, abs=1e-6)
+    structure_regulariser(torch.tensor(x), z_t, 0.5, levels, divergence).backward()
+    eps = 1e-4
+    for i, j in [(3, 2), (0, 4), (9, 0)]:
+        up, down = z.copy(), z.copy()
+        up[i, j] += eps
+        down[i, j] -= eps
+        numeric = (
+            bf_structure(x, up, 0.5, levels, divergence)
+            - bf_structure(x, down, 0.5, levels, divergence)
+        ) / (2 * eps)
+        assert z_t.grad[i, j].item() == pytest.approx(numeric, rel=1e-2, abs=1e-6)
+
+
+@pytest.mark.parametrize("divergence", ["js", "reference"])
+def test_fused_single_level_matches_autograd_through_matrix_powers(divergence: str) -> None:
+    x, z = (torch.tensor(a, dtype=torch.float32) for a in random_pair(seed=6, n=48, d2=12))
+    fused_z, graph_z = z.clone().requires_grad_(), z.clone().requires_grad_()
+    fused = structure_regulariser(x, fused_z, 0.05, 1, divergence)
+    fused.backward()
+    [(px, log_px)] = transition_powers(log_transitions(x, 0.05), 1)
+    [(pz, log_pz)] = transition_powers(log_transitions(graph_z, 0.05), 1)
+    graph = row_divergence(px, log_px, pz, log_pz, divergence)
+    graph.backward()
+    assert fused.item() == pytest.approx(graph.item(), rel=1e-5)
+    torch.testing.assert_close(fused_z.grad, graph_z.grad, rtol=1e-4, atol=1e-8)
 
 
 def test_gram_backward() -> None:

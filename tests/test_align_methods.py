@@ -187,7 +187,7 @@ def test_structure_curve_columns_and_warmup() -> None:
     curve = report.curve
     # 2 batches per epoch; lambda_t at the last step of epoch e is 4 * min(1, (2e - 1) / 8)
     assert curve["structure_lambda"].to_list() == [4 * min(1, (2 * e - 1) / 8) for e in range(1, 6)]
-    assert (curve["structure"] > 0).all() and (curve["val_structure"] > 0).all()
+    assert (curve["structure"] > 0).all()
     lam, total = curve["structure_lambda"], curve["train_loss"]
     np.testing.assert_array_less(curve["infonce"].to_numpy(), total.to_numpy() + 1e-12)
     assert (lam > 0).all()
@@ -379,7 +379,7 @@ def test_artifacts_record_the_divergence_and_need_the_marker(tmp_path) -> None:
 def test_fit_grid_nested_subsets_and_resume(tmp_path) -> None:
     x, y = linear_world(300, seed=0)
     xv, yv = linear_world(50, seed=1)
-    args = dict(x=x, y=y, x_val=xv, y_val=yv, sizes=[30, 100, None], seeds=[0, 5])
+    args = dict(x=x, y=y, x_val=xv, y_val=yv, sizes=[30, 100, None], seeds=[0, 5], progress=False)
     runs = fit_grid("csa", {"sim_dim": 3}, **args, out_dir=tmp_path, meta={"layer": 4})
     assert [r.name for r in runs] == [
         "n30_s0",

@@ -53,6 +53,8 @@ class ASIFParams:
 
 @register
 class ASIFAligner(Aligner):
+    """Relative representations against the training pairs as anchors."""
+
     method = "asif"
     Params = ASIFParams
     params: ASIFParams

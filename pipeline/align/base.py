@@ -27,10 +27,12 @@ CURVE_SCHEMA: dict[str, pl.DataType] = {
     "infonce": pl.Float64(),
     "structure": pl.Float64(),
     "val_loss": pl.Float64(),
-    "val_structure": pl.Float64(),
     "seconds": pl.Float64(),
 }
-"""Columns of a training curve, one row per epoch (``val_*`` null without validation pairs)."""
+"""Columns of a training curve, one row per epoch: ``step`` and ``lr`` after its last step,
+``structure_lambda`` (lambda_t) at its last step, pair-weighted means of the total loss, InfoNCE
+and R_S over its batches, the validation InfoNCE (null without validation pairs; null columns
+without STRUCTURE), and its wall-clock seconds."""
 
 
 def empty_curve() -> pl.DataFrame:

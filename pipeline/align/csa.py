@@ -58,7 +58,7 @@ def cca(xc: np.ndarray, yc: np.ndarray, rank: int, eps: float) -> tuple[np.ndarr
     """
     wx, wy = inverse_sqrt(ridge_covariance(xc, eps)), inverse_sqrt(ridge_covariance(yc, eps))
     cross = xc.T @ yc / (len(xc) - 1)
-    u, s, vt = np.linalg.svd(wx @ cross @ wy)
+    u, s, vt = np.linalg.svd(wx @ cross @ wy, full_matrices=False)
     return wx @ u[:, :rank], wy @ vt[:rank].T, s[:rank]
 
 
@@ -83,6 +83,8 @@ class CSAParams:
 
 @register
 class CSAAligner(Aligner):
+    """CCA directions per modality; scores weighted by the canonical correlations."""
+
     method = "csa"
     Params = CSAParams
     params: CSAParams
@@ -116,19 +118,19 @@ class CSAAligner(Aligner):
         n = len(x)
         means = {"image": x.mean(axis=0), "text": y.mean(axis=0)}
         centred = {"image": x - means["image"], "text": y - means["text"]}
-        projections, widths = {}, {}
-        for side, data in centred.items():
-            k = self.reduced_width(n, data.shape[1], side)
-            widths[side] = k
-            projections[side] = np.eye(data.shape[1]) if k is None else principal_axes(data, k)
-        xp, yp = centred["image"] @ projections["image"], centred["text"] @ projections["text"]
-        rank = min(self.params.sim_dim, xp.shape[1], yp.shape[1])
-        a, b, rho = cca(xp, yp, rank, self.params.eps)
+        widths = {side: self.reduced_width(n, c.shape[1], side) for side, c in centred.items()}
+        axes = {
+            side: None if k is None else principal_axes(centred[side], k)
+            for side, k in widths.items()
+        }
+        reduced = {side: c if axes[side] is None else c @ axes[side] for side, c in centred.items()}
+        rank = min(self.params.sim_dim, reduced["image"].shape[1], reduced["text"].shape[1])
+        a, b, rho = cca(reduced["image"], reduced["text"], rank, self.params.eps)
         self.arrays = {
             "image_mean": means["image"],
             "text_mean": means["text"],
-            "image_directions": projections["image"] @ a,
-            "text_directions": projections["text"] @ b,
+            "image_directions": a if axes["image"] is None else axes["image"] @ a,
+            "text_directions": b if axes["text"] is None else axes["text"] @ b,
             "correlations": rho,
         }
         self.choices = {"rank": rank, "pca_dims": widths}

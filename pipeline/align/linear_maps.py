@@ -104,6 +104,8 @@ class ProcrustesParams:
 
 @register
 class ProcrustesAligner(LinearMapAligner):
+    """Common-width PCA of each side, then the orthogonal map from image to text."""
+
     method = "procrustes"
     Params = ProcrustesParams
     params: ProcrustesParams
@@ -128,6 +130,8 @@ class RidgeParams:
 
 @register
 class RidgeAligner(LinearMapAligner):
+    """The ridge regression map from image features into the text feature space."""
+
     method = "ridge"
     Params = RidgeParams
     params: RidgeParams

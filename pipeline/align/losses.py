@@ -5,13 +5,13 @@ Pure torch functions (tensors in, scalar tensor out); definitions in DESIGN.md s
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 Divergence = Literal["js", "reference"]
-DIVERGENCES: tuple[str, ...] = ("js", "reference")
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 _TINY = torch.finfo(torch.float32).tiny  # floor before a log, so log(0) stays finite
 
@@ -45,16 +45,20 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     return _Gram.apply(a)
 
 
-def neighbour_distributions(
-    features: torch.Tensor, tau: float, levels: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(P^l, log P^l) for l = 1..levels, P the row-softmax of the batch's similarities / tau.
-
-    Rows are L2-normalised, then the batch mean is subtracted, before the similarities.
-    """
+def similarity_logits(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """S / tau in float32: inner products of the batch's rows after L2-normalising each row
+    and subtracting the batch mean."""
     unit = F.normalize(features.float(), dim=1)
-    centred = unit - unit.mean(dim=0, keepdim=True)
-    log_p = torch.log_softmax(gram(centred) / tau, dim=1)
+    return gram(unit - unit.mean(dim=0, keepdim=True)) / tau
+
+
+def log_transitions(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """log P, P = row-softmax(S / tau): each row's neighbour distribution in the batch."""
+    return torch.log_softmax(similarity_logits(features, tau), dim=1)
+
+
+def transition_powers(log_p: torch.Tensor, levels: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(P^l, log P^l) for l = 1..levels: matrix powers of the row-stochastic P."""
     p = log_p.exp()
     powers = [(p, log_p)]
     power = p
@@ -76,15 +80,59 @@ def row_divergence(
     ``js``: the true Jensen-Shannon divergence 0.5 KL(P||M) + 0.5 KL(Q||M), M = (P + Q) / 2.
     ``reference``: the STRUCTURE reference code's 0.5 [KL(M||Q) + KL(M||P)].
     """
+    check_divergence(divergence)
     m = 0.5 * (p + q)
     log_m = m.clamp_min(_TINY).log()
     if divergence == "js":
         per_row = 0.5 * ((p * (log_p - log_m)).sum(dim=1) + (q * (log_q - log_m)).sum(dim=1))
-    elif divergence == "reference":
-        per_row = 0.5 * ((m * (log_m - log_q)).sum(dim=1) + (m * (log_m - log_p)).sum(dim=1))
     else:
-        raise ValueError(f"unknown divergence {divergence!r} (expected one of {DIVERGENCES})")
+        per_row = 0.5 * ((m * (log_m - log_q)).sum(dim=1) + (m * (log_m - log_p)).sum(dim=1))
     return per_row.mean()
+
+
+class _SoftmaxDivergence(torch.autograd.Function):
+    """``row_divergence(P, softmax(S))`` with its gradient w.r.t. the logits S in closed form.
+
+    With q = softmax(s) per row and g = dD/dq, dD/ds = q g - q sum_k(q_k g_k), where
+    q g = (q/2)(log q - log m) for ``js`` and q (log m / 2 + 1/2 - log q / 4 - log p / 4) - m/2
+    for ``reference``. One fused pass instead of autograd's graph of b x b temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, log_p: torch.Tensor, logits: torch.Tensor, divergence: str) -> torch.Tensor:
+        log_q = torch.log_softmax(logits, dim=1)
+        p, q = log_p.exp(), log_q.exp()
+        m = 0.5 * (p + q)
+        log_m = m.clamp_min(_TINY).log()
+        if divergence == "js":
+            q_term = q * (log_q - log_m)
+            value = 0.5 * ((p * (log_p - log_m)).sum() + q_term.sum())
+            q_grad = 0.5 * q_term
+        else:
+            value = (m * (2 * log_m - log_q - log_p)).sum() / 2
+            q_grad = q * (0.5 * log_m + 0.5 - 0.25 * log_q - 0.25 * log_p) - 0.5 * m
+        rows = len(logits)
+        ctx.save_for_backward((q_grad - q * q_grad.sum(dim=1, keepdim=True)) / rows)
+        return value / rows
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
+        (grad_logits,) = ctx.saved_tensors
+        return None, grad * grad_logits, None
+
+
+def softmax_divergence(
+    log_p: torch.Tensor, logits: torch.Tensor, divergence: Divergence
+) -> torch.Tensor:
+    """D(P, softmax(logits)) averaged over rows; P fixed (no gradient), logits differentiable."""
+    check_divergence(divergence)
+    return _SoftmaxDivergence.apply(log_p.detach(), logits, divergence)
+
+
+def check_divergence(divergence: str) -> None:
+    """A ValueError naming an unknown divergence variant."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r} (expected one of {DIVERGENCES})")
 
 
 def level_weights(levels: int) -> list[float]:
@@ -103,15 +151,20 @@ def structure_regulariser(
 ) -> torch.Tensor:
     """R_S = (1/L) sum_l w_l D(P_X^l, P_Z^l) between a batch's original features and embeddings.
 
-    Always computed in float32, also under autocast.
+    Always computed in float32, also under autocast. One level uses the fused
+    ``softmax_divergence``; several go through matrix powers and ``row_divergence``.
     """
     with torch.autocast(device_type=aligned.device.type, enabled=False):
-        original_powers = neighbour_distributions(original.detach(), tau, levels)
-        aligned_powers = neighbour_distributions(aligned, tau, levels)
+        log_p_x = log_transitions(original.detach(), tau)
+        if levels == 1:
+            return softmax_divergence(log_p_x, similarity_logits(aligned, tau), divergence)
         terms = [
-            weight * row_divergence(p_x, log_p_x, p_z, log_p_z, divergence)
-            for weight, (p_x, log_p_x), (p_z, log_p_z) in zip(
-                level_weights(levels), original_powers, aligned_powers, strict=True
+            weight * row_divergence(px, log_px, pz, log_pz, divergence)
+            for weight, (px, log_px), (pz, log_pz) in zip(
+                level_weights(levels),
+                transition_powers(log_p_x, levels),
+                transition_powers(log_transitions(aligned, tau), levels),
+                strict=True,
             )
         ]
         return torch.stack(terms).sum() / levels

@@ -5,8 +5,8 @@ The configuration follows STRUCTURE's reference settings (DESIGN.md section 7): 
 warm-up followed by a cosine decay to zero over ``max_epochs``, gradient-norm clipping at 1.0,
 and early stopping on the validation InfoNCE with a patience in epochs, keeping the best epoch's
 weights. The validation criterion is InfoNCE alone: the regulariser's weight ramps up during its
-warm-up, so a total including it would not be comparable across epochs (its value is still
-recorded as ``val_structure``). Without validation pairs the last epoch is kept.
+warm-up, so a total including it would not be comparable across epochs. Without validation
+pairs the last epoch is kept.
 
 Each epoch visits the training pairs in a seeded random order, split into ceil(n / batch)
 batches of near-equal size (no tiny last batch). The caller seeds torch's global generator
@@ -171,17 +171,13 @@ def near_equal_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def validation_losses(
-    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
-) -> tuple[float, float | None]:
-    """Mean InfoNCE (and R_S, when configured) over the validation pairs, in fixed batches."""
+def validation_loss(towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
+    """Pair-weighted mean InfoNCE over the validation pairs, in fixed near-equal batches."""
     towers.eval()
-    contrastive = regulariser = 0.0
+    total = 0.0
     for rows in near_equal_batches(torch.arange(len(x)), config.batch_size):
-        c, r = batch_losses(towers, x[rows], y[rows], config)
-        contrastive += c.item() * len(rows) / len(x)
-        regulariser += 0.0 if r is None else r.item() * len(rows) / len(x)
-    return contrastive, (None if config.structure is None else regulariser)
+        total += info_nce(*towers(x[rows], y[rows]), config.tau).item() * len(rows)
+    return total / len(x)
 
 
 def train_epoch(
@@ -244,12 +240,9 @@ def train_towers(
             start = time.perf_counter()
             step = rows[-1]["step"] if rows else 0
             row = train_epoch(towers, x, y, config, optimiser, schedule, shuffle, step)
-            if x_val is None:
-                val_loss, val_structure = None, None
-            else:
-                val_loss, val_structure = validation_losses(towers, x_val, y_val, config)
-            row |= {"val_loss": val_loss, "val_structure": val_structure}
-            rows.append({"epoch": epoch, **row, "seconds": time.perf_counter() - start})
+            val_loss = None if x_val is None else validation_loss(towers, x_val, y_val, config)
+            seconds = time.perf_counter() - start
+            rows.append({"epoch": epoch, **row, "val_loss": val_loss, "seconds": seconds})
             if val_loss is None:
                 continue
             if val_loss < best_loss:
