@@ -24,12 +24,12 @@ from pipeline.align.grid import available_cores, compute_threads
 SIZES = [100, 250, 500, 1000, 2500, 10000]
 SEEDS = [0, 1, 2]
 LAYER_CHOICES = ["last", "best"]
-STRUCTURE = {"lambda": 10, "levels": 1, "warmup_steps": 200, "divergence": "js"}
-HEAD = {"dim": 256, "batch_size": 1024, "lr": 5e-3, "max_epochs": 40, "patience": 5}
+STRUCTURE = {"lambda": 10, "levels": 1, "warmup_steps": 50, "divergence": "js"}
+HEAD = {"dim": 256, "batch_size": 512, "lr": 5e-3, "max_epochs": 40, "patience": 5}
 OFFLINE_PARAMS = {
     "linear": HEAD,
     "linear+structure": {**HEAD, "structure": STRUCTURE},
-    "mlp": {**HEAD, "hidden": 512},
+    "mlp": {**HEAD, "hidden": 256},
     "csa": {"sim_dim": 64},
     "asif": {"k": 800, "p": 8},
     "procrustes": {},

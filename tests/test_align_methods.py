@@ -410,6 +410,19 @@ def test_fit_grid_nested_subsets_and_resume(tmp_path) -> None:
 def test_fit_grid_trains_heads_and_restores_threads(tmp_path) -> None:
     x, y = linear_world(200, seed=0)
     before = torch.get_num_threads()
-    runs = fit_grid("linear", FAST_HEAD, x, y, None, None, [50, 200], [1], tmp_path, {}, threads=1)
+    runs = fit_grid(
+        "linear",
+        FAST_HEAD,
+        x,
+        y,
+        None,
+        None,
+        [50, 200],
+        [1],
+        tmp_path,
+        {},
+        threads=1,
+        progress=False,
+    )
     assert torch.get_num_threads() == before
     assert [read_params(r)["chosen_epoch"] for r in runs] == [6, 6]
