@@ -167,7 +167,7 @@ def test_every_artefact_of_the_dag(tiny_run):
     assert summary["count"].max() == 2  # two seeds
     baseline = summary.filter((pl.col("method") == "linear") & (pl.col("layer_choice") == "last"))
     assert (baseline["relative_improvement"].fill_null(0) == 0).all()
-    rows = duckdb.sql(f"select count(*) from '{results / 'tables/metrics.parquet'}'").fetchone()[0]
+    rows = duckdb.sql(f"select count(*) from '{results / 'tables/metrics.parquet'}'").fetchall()[0][0]
     assert rows == len(metrics)
     assert list((results / "plots").glob("*__vs_n_pairs.png"))
     assert (results / "logs/aggregate.log").exists()
