@@ -167,8 +167,8 @@ def test_every_artefact_of_the_dag(tiny_run):
     assert summary["count"].max() == 2  # two seeds
     baseline = summary.filter((pl.col("method") == "linear") & (pl.col("layer_choice") == "last"))
     assert (baseline["relative_improvement"].fill_null(0) == 0).all()
-    rows = duckdb.sql(f"select count(*) from '{results / 'tables/metrics.parquet'}'").fetchall()[0][0]
-    assert rows == len(metrics)
+    query = f"select count(*) from '{results / 'tables/metrics.parquet'}'"
+    assert duckdb.sql(query).fetchall() == [(len(metrics),)]
     assert list((results / "plots").glob("*__vs_n_pairs.png"))
     assert (results / "logs/aggregate.log").exists()
     assert (results / "benchmarks/aggregate.tsv").exists()
