@@ -74,11 +74,8 @@ _DefaultFillingValidator = _fill_defaults(jsonschema.Draft202012Validator)
 
 def dataset_splits(spec: dict[str, Any]) -> list[str]:
     """The split names a dataset spec provides."""
-    source = spec["source"]
-    if source == "synthetic":
-        return list(spec["splits"])
-    if source == "image_folder":
-        return list(spec["splits"])
+    if spec["source"] in ("synthetic", "image_folder"):
+        return list(spec["splits"])  # a mapping of sizes or a list of names
     return KARPATHY_SPLITS
 
 

@@ -70,9 +70,11 @@ def split_items(
     return data.captions["caption_id"].to_list(), texts.__getitem__
 
 
-def fingerprint(encoder: Encoder, dataset: dict[str, Any], split: str, precision: str) -> str:
+def fingerprint(
+    provenance: dict[str, Any], dataset: dict[str, Any], split: str, precision: str
+) -> str:
     """Everything that determines the stored values (library versions are recorded, not keyed)."""
-    provenance = {k: v for k, v in encoder.provenance().items() if k != "versions"}
+    provenance = {k: v for k, v in provenance.items() if k != "versions"}
     return spec_hash(
         {
             "format_version": store.FORMAT_VERSION,
@@ -99,9 +101,10 @@ def extract(
     manifest = read_manifest(dataset_dir)
     dataset = {"name": manifest.get("name", dataset_dir.name), **manifest}
     encoder = build_encoder(encoder_name, encoder_spec)
+    provenance = encoder.provenance()
     sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
     precision = runtime.get("precision", "float32")
-    key = fingerprint(encoder, dataset, split, precision)
+    key = fingerprint(provenance, dataset, split, precision)
     writer = store.StoreWriter.create_or_resume(
         out,
         fingerprint=key,
@@ -112,9 +115,9 @@ def extract(
         chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
         attrs={
             "encoder": {
-                **encoder.provenance(),
+                **provenance,
                 "name": encoder_name,  # the config's name; the architecture is under "model"
-                "model": encoder.provenance()["name"],
+                "model": provenance["name"],
                 "modality": encoder.modality,
             },
             "dataset": {

@@ -64,6 +64,7 @@ def nested_subset(n_total: int, n_pairs: int | None, seed: int) -> np.ndarray:
 def grid_sizes(sizes: list[int | str | None], n_total: int) -> list[int]:
     """Data-size grid as pair counts, in order, without repeats; ``"full"``/None is every pair."""
     resolved = list(dict.fromkeys(n_total if n in ("full", None) else int(n) for n in sizes))
-    if outside := [n for n in resolved if not 2 <= n <= n_total]:
-        raise ValueError(f"n_pairs {outside} outside 2..{n_total} (the training pairs available)")
+    for n in resolved:
+        if not 2 <= n <= n_total:
+            raise ValueError(f"n_pairs={n} is outside 2..{n_total} (the training pairs available)")
     return resolved

@@ -111,11 +111,6 @@ class FeatureStore:
         values[order] = array.oindex[rows[order], :]
         return values
 
-    def dask_layer(self, index: int):
-        import dask.array as da
-
-        return da.from_zarr(self.layer(index))
-
     def sample_ids(self) -> np.ndarray:
         return np.asarray(self.group["sample_id"][:].tolist(), dtype=str)
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.align.artifacts import read_done, save_run
 from pipeline.align.base import build_aligner
-from pipeline.pairs import nested_subset
+from pipeline.pairs import grid_sizes, nested_subset
 
 
 def available_cores() -> int:
@@ -76,15 +76,6 @@ def run_fingerprint(
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def resolve_sizes(sizes: list[int | None], n_total: int) -> list[int]:
-    """Grid sizes as pair counts (None -> all), in order, without repeats; checked against n."""
-    resolved = list(dict.fromkeys(n_total if n is None else int(n) for n in sizes))
-    for n in resolved:
-        if not 2 <= n <= n_total:
-            raise ValueError(f"grid size n_pairs={n} is outside 2..{n_total} (the pairs available)")
-    return resolved
-
-
 def fit_grid(
     method: str,
     params: dict[str, Any],
@@ -106,7 +97,7 @@ def fit_grid(
     resolved = build_aligner(method, params).hyperparameters()
     resolved.pop("fitted")
     data = arrays_digest(x, y, x_val, y_val)
-    runs = [(n, seed) for seed in seeds for n in resolve_sizes(sizes, len(x))]
+    runs = [(n, seed) for seed in seeds for n in grid_sizes(sizes, len(x))]
     out_dir = Path(out_dir)
     paths = []
     with compute_threads(threads), tqdm(runs, desc=f"align {method}", disable=not progress) as bar:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic
 from pipeline.align.grid import fit_grid
+from pipeline.config import method_params
 from pipeline.data import load_split
 from pipeline.pairs import Pairs, grid_sizes, pair_rows
 from pipeline.similarity.stage import chosen_layers
@@ -65,7 +66,7 @@ def run_align(
             by_layers[key].append((n_pairs, seed))
             scores[key] = chosen["score"]
 
-    params = {k: v for k, v in method_spec.items() if k != "method"}
+    params = method_params(method_spec)
     run_dirs: list[str] = []
     progress = tqdm(total=len(sizes) * len(grid["seeds"]), desc=f"{method_name}/{layer_choice}")
     for key, runs in by_layers.items():

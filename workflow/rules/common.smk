@@ -2,7 +2,7 @@
 import json
 import os
 
-from pipeline.config import method_params, validate_config
+from pipeline.config import validate_config
 
 # Validate once at parse time: a bad key fails here, before any job runs.
 config.update(validate_config(config))
