@@ -8,10 +8,12 @@ every layer pair at once.
 Convention for degenerate denominators: a CKA ratio is 0 wherever a self-similarity term
 (HSIC of a representation with itself) is <= 0. In exact arithmetic HSIC_1(K, K) is a
 squared norm (of the U-centred K) and vanishes only for a layer with no variation over the
-sample; rounding can then make it slightly negative, where a plain ratio gives NaN (the
-reference code's bug). Such a layer has no structure to share, so its score is 0. The
-cross term HSIC_1(K, L) is an unbiased estimate and may be negative, so unbiased CKA may be
-slightly below 0 for unrelated layers.
+sample; rounding then leaves a residue of either sign (its sign depends on the CPU and the
+BLAS), where a plain ratio gives NaN or an arbitrary number (the reference code's bug). So
+``hsic_unbiased`` reports an estimate within the rounding error of its own terms as exactly
+0, and such a layer, having no structure to share, scores 0. The cross term HSIC_1(K, L) is
+an unbiased estimate and may be genuinely negative, so unbiased CKA may be slightly below 0
+for unrelated layers.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import math
 import numpy as np
 
 RICE = "rice"
+# An HSIC_1 estimate no larger than this many n * eps times its largest term is rounding
+# noise of a cancellation that is exact in real arithmetic (summation error grows <= n eps).
+ROUNDING_SLACK = 8.0
 
 
 def centred(x: np.ndarray) -> np.ndarray:
@@ -67,10 +72,15 @@ def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 (the pap
     l_off = np.asarray(l, dtype=np.float64).copy()
     np.fill_diagonal(k_off, 0.0)
     np.fill_diagonal(l_off, 0.0)
-    trace = np.sum(k_off * l_off.T)
-    sums = k_off.sum() * l_off.sum() / ((n - 1) * (n - 2))
-    row_sums = k_off.sum(axis=0) @ l_off.sum(axis=1)
-    return float((trace + sums - 2.0 / (n - 2) * row_sums) / (n * (n - 3)))
+    terms = (
+        np.sum(k_off * l_off.T),
+        k_off.sum() * l_off.sum() / ((n - 1) * (n - 2)),
+        -2.0 / (n - 2) * (k_off.sum(axis=0) @ l_off.sum(axis=1)),
+    )
+    total = sum(terms)
+    if abs(total) <= ROUNDING_SLACK * n * np.finfo(np.float64).eps * max(map(abs, terms)):
+        return 0.0
+    return float(total / (n * (n - 3)))
 
 
 def unbiased_cka(x: np.ndarray, y: np.ndarray) -> float:
