@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.align import build_aligner, fit_grid
-from pipeline.align.grid import available_cores, compute_threads
+from pipeline.align import build_aligner
+from pipeline.align.grid import available_cores, compute_threads, fit_runs
+from pipeline.pairs import grid_runs
 
 SIZES = [100, 250, 500, 1000, 2500, 10000]
 SEEDS = [0, 1, 2]
@@ -70,7 +71,7 @@ def throughput(n: int, batch: int, epochs: int) -> None:
 def grid(
     methods: list[str], sizes: list[int], seeds: list[int], layers: list[str], threads: int
 ) -> None:
-    """Time ``fit_grid`` over methods x layer choices x sizes x seeds, as the pipeline runs it."""
+    """Time ``fit_runs`` over methods x layer choices x sizes x seeds, as the pipeline runs it."""
     features = {
         layer: (
             default_like_features(2000, 5, 1000 * i),
@@ -86,7 +87,8 @@ def grid(
             for layer, ((x, y), (xv, yv)) in features.items():
                 out = Path(tmp) / method / layer
                 params = OFFLINE_PARAMS[method]
-                fit_grid(name, params, x, y, xv, yv, sizes, seeds, out, {}, threads=threads)
+                runs = grid_runs(sizes, seeds, len(x))
+                fit_runs(name, params, (x, y, xv, yv), runs, out, {}, threads=threads)
             totals[method] = time.perf_counter() - start
             fits = len(layers) * len(sizes) * len(seeds)
             print(f"  {method:18s} {totals[method]:7.1f} s  ({fits} fits)", flush=True)

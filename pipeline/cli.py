@@ -1,178 +1,173 @@
-"""Command line of the pipeline: ``python -m pipeline <stage> ...``.
+"""Command line of the pipeline: ``python -m pipeline <stage> ...``, one shape for every stage.
 
-Snakemake rules call these commands with explicit arguments (each job's slice of the
-config as JSON), so every stage also runs by hand. ``--spec`` takes a JSON object.
+Each stage (named like its Snakemake rule) takes its job in one of two equivalent forms:
+
+- what a rule passes: ``--spec JSON`` (the job's slice of the config), ``--in NAME=PATH ...``
+  (the rule's named inputs), ``--out NAME=PATH ...`` (its declared outputs) and, for
+  extraction, ``--options JSON`` (settings that never change results);
+- by hand: ``--config config.yaml`` plus the job's wildcards (``--pair vit_tiny/minilm
+  --method linear --choice best``), from which ``pipeline.jobs`` derives the same spec and
+  paths a rule would.
+
+A NAME given several times is a list (the aggregate stage's many evaluation tables).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], None]] = {}
+from pipeline import jobs
 
 
-def command(name: str, *arguments: tuple[tuple[str, ...], dict[str, Any]]):
-    """Register a subcommand with its arguments."""
+@dataclass(frozen=True)
+class Stage:
+    """A subcommand: what it runs, what it is about, and the wildcards that name one job."""
 
-    def register(function: Callable[[argparse.Namespace], None]):
-        COMMANDS[name] = function
-        function.arguments = arguments  # type: ignore[attr-defined]
-        return function
-
-    return register
-
-
-def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
-    return flags, options
+    runner: str  # "module:function" taking the ``pipeline.jobs.Job``
+    help: str
+    wildcards: tuple[str, ...]
+    job: Callable[..., jobs.Job]
+    alias: str
 
 
-SPEC = arg("--spec", type=json.loads, required=True, help="the job's configuration, as JSON")
+STAGES: dict[str, Stage] = {
+    "prepare_dataset": Stage(
+        "pipeline.data:run_prepare",
+        "materialise one dataset: manifests, captions, tasks, prompts (and synthetic images)",
+        ("dataset",),
+        jobs.prepare_dataset,
+        "prepare",
+    ),
+    "extract_features": Stage(
+        "pipeline.extract:run_extract",
+        "pool every layer of one encoder over one dataset split into a Zarr feature store",
+        ("dataset", "split", "encoder"),
+        jobs.extract_features,
+        "extract",
+    ),
+    "compare_layers": Stage(
+        "pipeline.similarity.stage:run_similarity",
+        "score every (vision layer, text layer) pair, draw heatmaps, choose the layers",
+        ("pair",),
+        jobs.compare_layers,
+        "similarity",
+    ),
+    "fit_aligners": Stage(
+        "pipeline.align.stage:run_align",
+        "fit one method at one layer choice over the whole (n_pairs x seeds) grid",
+        ("pair", "method", "choice"),
+        jobs.fit_aligners,
+        "align",
+    ),
+    "evaluate_aligners": Stage(
+        "pipeline.evaluate.stage:run_evaluate",
+        "zero-shot classification and retrieval of every run of one align job",
+        ("pair", "method", "choice"),
+        jobs.evaluate_aligners,
+        "evaluate",
+    ),
+    "aggregate": Stage(
+        "pipeline.evaluate.aggregate:run_aggregate",
+        "concatenate the metrics tables, summarise over seeds, draw the plots",
+        (),
+        jobs.aggregate,
+        "tables",
+    ),
+}
+
+WILDCARD_HELP = {
+    "dataset": "dataset name (a key under 'datasets')",
+    "split": "split name, or 'prompts' for a dataset's zero-shot prompts",
+    "encoder": "encoder name (a key under 'encoders')",
+    "pair": "encoder pair as VISION/TEXT (one of experiment.pairs)",
+    "method": "method name (a key under 'align.methods')",
+    "choice": "layer choice: last, best or q<quantile>",
+}
 
 
-@command(
-    "validate",
-    arg("config", type=Path, help="config file"),
-)
-def _validate(args: argparse.Namespace) -> None:
+def named_paths(items: list[str] | None) -> dict[str, str | list[str]]:
+    """``["a=x", "b=y", "b=z"]`` -> ``{"a": "x", "b": ["y", "z"]}``."""
+    paths: dict[str, Any] = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"expected NAME=PATH, got {item!r}")
+        if name in paths:
+            previous = paths[name]
+            paths[name] = [*previous, path] if isinstance(previous, list) else [previous, path]
+        else:
+            paths[name] = path
+    return paths
+
+
+def job_from_args(name: str, stage: Stage, args: argparse.Namespace) -> jobs.Job:
+    """The job a rule would run, from --spec/--in/--out or from --config and the wildcards."""
+    if args.config is None:
+        if args.spec is None or not args.outputs:
+            raise SystemExit(f"{name}: give --spec, --in and --out, or --config and the wildcards")
+        inputs, outputs = named_paths(args.inputs), named_paths(args.outputs)
+        return jobs.Job(name, args.spec, inputs, outputs, args.options or {})
+    from pipeline.config import load_config
+
+    config = load_config(args.config)
+    values = []
+    for wildcard in stage.wildcards:
+        value = getattr(args, wildcard)
+        if value is None:
+            raise SystemExit(f"{name} --config needs --{wildcard} ({WILDCARD_HELP[wildcard]})")
+        if wildcard == "pair":
+            vision, sep, text = value.partition("/")
+            if (vision, text) not in jobs.encoder_pairs(config) or not sep:
+                raise SystemExit(f"--pair {value}: not one of {jobs.encoder_pairs(config)}")
+            values += [vision, text]
+        else:
+            values.append(value)
+    try:
+        return stage.job(config, *values)
+    except KeyError as err:
+        raise SystemExit(f"{name}: {err.args[0]!r} is not defined in {args.config}") from None
+
+
+def run_stage(name: str, args: argparse.Namespace) -> None:
+    stage = STAGES[name]
+    job = job_from_args(name, stage, args)
+    module, function = stage.runner.split(":")
+    getattr(importlib.import_module(module), function)(job)
+
+
+def validate(args: argparse.Namespace) -> None:
     from pipeline.config import load_config
 
     load_config(args.config)
     print(f"{args.config}: valid")
 
 
-@command(
-    "prepare-data",
-    arg("--name", required=True, help="dataset name (key under 'datasets')"),
-    SPEC,
-    arg("--out", type=Path, required=True, help="dataset folder, results/datasets/<name>"),
-)
-def _prepare_data(args: argparse.Namespace) -> None:
-    from pipeline.data import prepare_dataset
-
-    prepare_dataset(args.name, args.spec, args.out)
-
-
-@command(
-    "extract",
-    arg("--encoder", required=True, help="encoder name (key under 'encoders')"),
-    SPEC,
-    arg("--dataset-dir", type=Path, required=True, help="prepared dataset folder"),
-    arg("--split", required=True, help="split name, or 'prompts' for zero-shot prompts"),
-    arg("--out", type=Path, required=True, help="the feature store, <encoder>.zarr"),
-)
-def _extract(args: argparse.Namespace) -> None:
-    from pipeline.extract import extract
-
-    extract(
-        encoder_name=args.encoder,
-        encoder_spec=args.spec["encoder"],
-        runtime=args.spec["runtime"],
-        dataset_dir=args.dataset_dir,
-        split=args.split,
-        out=args.out,
-    )
-
-
-@command(
-    "similarity",
-    SPEC,
-    arg("--vision-store", type=Path, required=True),
-    arg("--text-store", type=Path, required=True),
-    arg("--train-dir", type=Path, required=True, help="prepared dataset of the training split"),
-    arg("--train-split", required=True),
-    arg("--out", type=Path, required=True, help="folder for the table, heatmaps, layers.json"),
-)
-def _similarity(args: argparse.Namespace) -> None:
-    from pipeline.similarity.stage import run_similarity
-
-    run_similarity(
-        vision_store=args.vision_store,
-        text_store=args.text_store,
-        train_dir=args.train_dir,
-        train_split=args.train_split,
-        spec=args.spec["similarity"],
-        grid=args.spec["grid"],
-        out_dir=args.out,
-    )
-
-
-@command(
-    "align",
-    SPEC,
-    arg("--method", required=True, help="run name under align.methods"),
-    arg("--layer-choice", required=True, help="last, best or q<quantile>"),
-    arg("--layers", type=Path, required=True, help="layers.json of the similarity stage"),
-    arg(
-        "--stores",
-        type=json.loads,
-        required=True,
-        help="JSON: vision_train, text_train, vision_val, text_val store paths",
-    ),
-    arg("--train", nargs=2, required=True, metavar=("DATASET_DIR", "SPLIT")),
-    arg("--val", nargs=2, required=True, metavar=("DATASET_DIR", "SPLIT")),
-    arg("--out", type=Path, required=True, help="folder of the grid's runs"),
-)
-def _align(args: argparse.Namespace) -> None:
-    from pipeline.align.stage import run_align
-
-    run_align(
-        method_name=args.method,
-        method_spec=args.spec["method"],
-        layer_choice=args.layer_choice,
-        grid=args.spec["grid"],
-        stores={role: Path(path) for role, path in args.stores.items()},
-        train=(Path(args.train[0]), args.train[1]),
-        val=(Path(args.val[0]), args.val[1]),
-        layers_json=args.layers,
-        out_dir=args.out,
-    )
-
-
-@command(
-    "evaluate",
-    SPEC,
-    arg("--aligners", type=Path, required=True, help="folder with runs.json of the align job"),
-    arg("--out", type=Path, required=True, help="the job's metrics, Parquet"),
-)
-def _evaluate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate.stage import EvalSplit, run_evaluate
-
-    splits = [EvalSplit.from_dict(split) for split in args.spec["splits"]]
-    run_evaluate(aligner_dir=args.aligners, splits=splits, out=args.out)
-
-
-@command(
-    "aggregate",
-    arg("--evaluations", type=Path, nargs="+", required=True),
-    arg("--similarities", type=Path, nargs="+", required=True),
-    arg("--tables", type=Path, required=True, help="folder for metrics/summary.parquet"),
-    arg("--plots", type=Path, required=True, help="folder for the figures"),
-)
-def _aggregate(args: argparse.Namespace) -> None:
-    from pipeline.evaluate.aggregate import run_aggregate
-
-    run_aggregate(
-        evaluations=args.evaluations,
-        similarities=args.similarities,
-        tables_dir=args.tables,
-        plots_dir=args.plots,
-    )
-
-
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    subcommands = top.add_subparsers(dest="command", required=True)
-    for name, function in COMMANDS.items():
-        sub = subcommands.add_parser(name, help=(function.__doc__ or "").strip() or None)
-        for flags, options in function.arguments:  # type: ignore[attr-defined]
-            sub.add_argument(*flags, **options)
-        sub.set_defaults(run=function)
+    commands = top.add_subparsers(dest="command", required=True, metavar="STAGE")
+    check = commands.add_parser("validate", help="validate a config file and say so")
+    check.add_argument("config", type=Path, help="config file (YAML)")
+    check.set_defaults(run=validate)
+    for name, stage in STAGES.items():
+        sub = commands.add_parser(name, aliases=[stage.alias], help=stage.help)
+        sub.add_argument("--spec", type=json.loads, help="the job's slice of the config, as JSON")
+        sub.add_argument("--in", dest="inputs", nargs="*", metavar="NAME=PATH", help="inputs")
+        sub.add_argument("--out", dest="outputs", nargs="*", metavar="NAME=PATH", help="outputs")
+        sub.add_argument(
+            "--options", type=json.loads, help="settings that never change results, as JSON"
+        )
+        sub.add_argument("--config", type=Path, help="derive the job from this config file")
+        for wildcard in stage.wildcards:
+            sub.add_argument(f"--{wildcard}", help=WILDCARD_HELP[wildcard])
+        sub.set_defaults(run=lambda args, name=name: run_stage(name, args))
     return top
 
 

@@ -7,8 +7,6 @@ before any job starts, with a message that names the key.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -16,10 +14,11 @@ from typing import Any
 import jsonschema
 import yaml
 
+from pipeline.align.base import aligner_params
+from pipeline.data import validate_spec
+from pipeline.encoders.registry import sources_of, validate_encoder_spec
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
-VISION_SOURCES = {"timm"}
-TEXT_SOURCES = {"huggingface", "bundled"}
-KARPATHY_SPLITS = ["train", "val", "test"]
 
 
 class ConfigError(ValueError):
@@ -47,8 +46,8 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"config key '{_key(error.absolute_path)}': {error.message}")
-    _check_references(config)
-    _check_components(config)
+    datasets = _check_components(config)
+    _check_references(config, datasets)
     return config
 
 
@@ -72,18 +71,13 @@ def _fill_defaults(validator_class: type) -> type:
 _DefaultFillingValidator = _fill_defaults(jsonschema.Draft202012Validator)
 
 
-def dataset_splits(spec: dict[str, Any]) -> list[str]:
-    """The split names a dataset spec provides."""
-    if spec["source"] in ("synthetic", "image_folder"):
-        return list(spec["splits"])  # a mapping of sizes or a list of names
-    return KARPATHY_SPLITS
-
-
-def _check_references(config: dict[str, Any]) -> None:
-    encoders, datasets = config["encoders"], config["datasets"]
+def _check_references(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> None:
+    """Names that point elsewhere in the config resolve; ``datasets``: normalised specs."""
+    encoders = config["encoders"]
     experiment = config["experiment"]
     for i, pair in enumerate(experiment["pairs"]):
-        for role, sources in (("vision", VISION_SOURCES), ("text", TEXT_SOURCES)):
+        for role in ("vision", "text"):
+            sources = sources_of(role)
             name = pair[role]
             key = f"experiment.pairs.{i}.{role}"
             if name not in encoders:
@@ -104,7 +98,7 @@ def _check_references(config: dict[str, Any]) -> None:
                 f"config key '{key}.dataset': dataset {ref['dataset']!r} is not defined under "
                 f"'datasets' (defined: {', '.join(sorted(datasets))})"
             )
-        splits = dataset_splits(datasets[ref["dataset"]])
+        splits = list(datasets[ref["dataset"]]["splits"])
         if ref["split"] not in splits:
             raise ConfigError(
                 f"config key '{key}.split': dataset {ref['dataset']!r} has no split "
@@ -139,15 +133,13 @@ def _check_references(config: dict[str, Any]) -> None:
             )
 
 
-def _check_components(config: dict[str, Any]) -> None:
-    """Let each component check the spec it owns (paths exist, names resolve)."""
-    from pipeline.align import build_aligner
-    from pipeline.data import validate_spec
-    from pipeline.encoders import validate_encoder_spec
-
+def _check_components(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Let each component check the spec it owns (paths exist, names resolve), without
+    importing model code; returns the datasets' normalised specs."""
+    datasets = {}
     for name, spec in config["datasets"].items():
         try:
-            validate_spec(name, spec)
+            datasets[name] = validate_spec(name, spec)
         except ValueError as err:
             raise ConfigError(f"config key 'datasets.{name}': {err}") from err
     for name, spec in config["encoders"].items():
@@ -156,18 +148,9 @@ def _check_components(config: dict[str, Any]) -> None:
         except ValueError as err:
             raise ConfigError(f"config key 'encoders.{name}': {err}") from err
     for name, spec in config["align"]["methods"].items():
+        params = {key: value for key, value in spec.items() if key != "aligner"}
         try:
-            build_aligner(spec["method"], method_params(spec))
+            aligner_params(spec["aligner"], params)
         except ValueError as err:
             raise ConfigError(f"config key 'align.methods.{name}': {err}") from err
-
-
-def method_params(spec: dict[str, Any]) -> dict[str, Any]:
-    """An align.methods entry without its ``method`` key: the aligner's hyper-parameters."""
-    return {key: value for key, value in spec.items() if key != "method"}
-
-
-def spec_hash(spec: Any) -> str:
-    """A stable hash of a JSON-able spec (key order does not matter)."""
-    canonical = json.dumps(spec, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return datasets

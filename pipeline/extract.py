@@ -19,15 +19,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline import store
-from pipeline.config import spec_hash
+from pipeline import layout, store
 from pipeline.data import load_prompts, load_split, read_manifest
 from pipeline.encoders import Encoder, build_encoder
+from pipeline.fingerprint import spec_hash
+from pipeline.jobs import PROMPTS_SPLIT, Job
 from pipeline.versions import library_versions
 
 log = logging.getLogger(__name__)
 
-PROMPTS_SPLIT = "prompts"
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -183,3 +183,16 @@ def _encode_rows(
                 values.append(layer.float().cpu().numpy())
             progress(len(next(iter(batch.values()))))
     return [np.concatenate(values) for values in per_layer]
+
+
+def run_extract(job: Job) -> None:
+    """The ``extract_features`` stage (``pipeline.jobs.extract_features``)."""
+    spec = job.spec
+    extract(
+        encoder_name=spec["encoder_name"],
+        encoder_spec=spec["encoder"],
+        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
+        split=spec["split"],
+        out=Path(layout.store_of_marker(job.output("marker"))),
+        runtime={**spec["runtime"], **job.options},
+    )

@@ -4,7 +4,7 @@ Feature stores keep the row order of the dataset manifests: row i of an image st
 row i of ``images.parquet``, row j of a caption store is row j of ``captions.parquet``.
 A *pair* is one caption with its image, so pair j joins caption row j to the row of its
 image. Subsets for the data-size grid are prefixes of one seeded permutation, so for a
-given seed every smaller subset is nested in every larger one (DESIGN.md section 8).
+given seed every smaller subset is nested in every larger one (docs/protocols.md).
 """
 
 from __future__ import annotations
@@ -59,6 +59,32 @@ def nested_subset(n_total: int, n_pairs: int | None, seed: int) -> np.ndarray:
     if not 0 < n_pairs <= n_total:
         raise ValueError(f"n_pairs={n_pairs} is outside 1..{n_total} (the pairs available)")
     return subset_order(n_total, seed)[:n_pairs]
+
+
+def run_name(n_pairs: int, seed: int) -> str:
+    """The name of one grid run, and of its folder in the align job's output."""
+    return f"n{n_pairs}_s{seed}"
+
+
+@dataclass(frozen=True)
+class GridRun:
+    """One (n_pairs, seed) cell of the data-size grid."""
+
+    n_pairs: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return run_name(self.n_pairs, self.seed)
+
+    def rows(self, n_total: int) -> np.ndarray:
+        """Indices of the pairs this run trains on: the seed's nested subset."""
+        return nested_subset(n_total, self.n_pairs, self.seed)
+
+
+def grid_runs(sizes: list[int | str | None], seeds: list[int], n_total: int) -> list[GridRun]:
+    """Every run of the grid, sizes outer and seeds inner: the one place the grid is looped."""
+    return [GridRun(n, seed) for n in grid_sizes(sizes, n_total) for seed in seeds]
 
 
 def grid_sizes(sizes: list[int | str | None], n_total: int) -> list[int]:

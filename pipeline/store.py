@@ -38,7 +38,7 @@ import zarr
 from pipeline import atomic
 
 FORMAT_VERSION = 1
-MIN_CHUNK_BYTES = 1 << 20  # DESIGN.md: chunks of at least 1 MB
+MIN_CHUNK_BYTES = 1 << 20  # docs/formats.md: chunks of at least 1 MB
 
 
 class StaleStoreError(RuntimeError):

@@ -19,7 +19,7 @@ from pipeline.align.losses import (
     transition_powers,
 )
 
-# ---- brute-force references: explicit loops, float64, written from DESIGN.md section 7 ----
+# ---- brute-force references: explicit loops, float64, written from docs/methods.md ----
 
 
 def bf_unit_centred(a: np.ndarray) -> np.ndarray:

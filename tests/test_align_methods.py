@@ -11,14 +11,16 @@ import torch
 from scipy.linalg import sqrtm
 from sklearn.cross_decomposition import CCA
 
-from pipeline.align import ALIGNERS, build_aligner, fit_grid, load_aligner, save_run
+from pipeline.align import aligner_params, build_aligner, load_aligner, save_run
 from pipeline.align.artifacts import CURVE, DONE, PARAMS, WEIGHTS, read_params
 from pipeline.align.asif import relative_representation
 from pipeline.align.base import CURVE_SCHEMA
+from pipeline.align.grid import fit_runs
 from pipeline.align.linear_maps import ridge_map
 from pipeline.align.losses import info_nce
+from pipeline.align.params import ALIGNER_MODULES, KIND_PARAMS
 from pipeline.align.training import lr_factor
-from pipeline.pairs import nested_subset
+from pipeline.pairs import grid_runs, nested_subset
 
 FAST_HEAD = {"dim": 16, "batch_size": 64, "max_epochs": 6, "patience": 2}
 FAST = {
@@ -49,15 +51,21 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 # ---- building from config ----
 
 
-def test_registry_holds_every_method() -> None:
-    assert set(ALIGNERS) == {"linear", "mlp", "csa", "asif", "procrustes", "ridge"}
+def test_registry_holds_every_kind() -> None:
+    kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge"}
+    assert set(KIND_PARAMS) == set(ALIGNER_MODULES) == kinds
+    for kind in kinds:
+        aligner = build_aligner(kind, {})
+        assert aligner.kind == kind and isinstance(aligner.params, KIND_PARAMS[kind])
 
 
-def test_unknown_method_key_and_bad_values_are_named() -> None:
-    with pytest.raises(ValueError, match="unknown aligner method 'bogus'"):
+def test_unknown_kind_key_and_bad_values_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown aligner 'bogus'"):
         build_aligner("bogus", {})
     with pytest.raises(ValueError, match=r"'linear'.*'hidden' is unknown"):
         build_aligner("linear", {"hidden": 8})
+    with pytest.raises(ValueError, match=r"'mlp'.*'dropout' must lie in"):
+        aligner_params("mlp", {"dropout": 2})
     with pytest.raises(ValueError, match=r"'mlp'.*'structure.lamda' is unknown"):
         build_aligner("mlp", {"structure": {"lamda": 1}})
     with pytest.raises(ValueError, match=r"'linear'.*'structure.divergence'"):
@@ -352,7 +360,7 @@ def test_artifacts_round_trip(method: str, tmp_path) -> None:
     ei, et = aligner.embed_image(xt), aligner.embed_text(yt)
     assert np.array_equal(loaded.similarity(ei, et), aligner.similarity(ei, et))
     params = read_params(run)
-    assert params["method"] == method and params["meta"] == {"n_pairs": 120, "seed": 0}
+    assert params["aligner"] == method and params["meta"] == {"n_pairs": 120, "seed": 0}
     assert params["chosen_epoch"] == report.chosen_epoch
     assert "torch" in params["versions"] and params["divergence"] is None
     curve = pl.read_parquet(run / CURVE)
@@ -376,17 +384,21 @@ def test_artifacts_record_the_divergence_and_need_the_marker(tmp_path) -> None:
 # ---- the grid ----
 
 
-def test_fit_grid_nested_subsets_and_resume(tmp_path) -> None:
+def test_fit_runs_nested_subsets_and_resume(tmp_path) -> None:
     x, y = linear_world(300, seed=0)
-    xv, yv = linear_world(50, seed=1)
-    args = dict(x=x, y=y, x_val=xv, y_val=yv, sizes=[30, 100, None], seeds=[0, 5], progress=False)
-    runs = fit_grid("csa", {"sim_dim": 3}, **args, out_dir=tmp_path, meta={"layer": 4})
+    features = (x, y, *linear_world(50, seed=1))
+    grid = grid_runs([30, 100, "full"], [0, 5], len(x))
+
+    def fit(params):
+        return fit_runs("csa", params, features, grid, tmp_path, {"layer": 4})
+
+    runs = fit({"sim_dim": 3})
     assert [r.name for r in runs] == [
         "n30_s0",
-        "n100_s0",
-        "n300_s0",
         "n30_s5",
+        "n100_s0",
         "n100_s5",
+        "n300_s0",
         "n300_s5",
     ]
     for run in runs:
@@ -398,31 +410,19 @@ def test_fit_grid_nested_subsets_and_resume(tmp_path) -> None:
         refit.fit(x[rows], y[rows], None, None, seed)
         assert np.array_equal(load_aligner(run).embed_image(x[:5]), refit.embed_image(x[:5]))
     stamps = {r: (r / DONE).stat().st_mtime_ns for r in runs}
-    again = fit_grid("csa", {"sim_dim": 3}, **args, out_dir=tmp_path, meta={"layer": 4})
-    assert again == runs and all((r / DONE).stat().st_mtime_ns == stamps[r] for r in runs)
-    fit_grid("csa", {"sim_dim": 2}, **args, out_dir=tmp_path, meta={"layer": 4})
+    assert fit({"sim_dim": 3}) == runs
+    assert all((r / DONE).stat().st_mtime_ns == stamps[r] for r in runs)
+    fit({"sim_dim": 2})
     assert all((r / DONE).stat().st_mtime_ns != stamps[r] for r in runs)
     assert read_params(runs[0])["hyperparameters"]["sim_dim"] == 2
     with pytest.raises(ValueError, match="n_pairs=400 is outside"):
-        fit_grid("csa", {}, **{**args, "sizes": [400]}, out_dir=tmp_path, meta={})
+        grid_runs([400], [0], len(x))
 
 
-def test_fit_grid_trains_heads_and_restores_threads(tmp_path) -> None:
+def test_fit_runs_trains_heads_and_restores_threads(tmp_path) -> None:
     x, y = linear_world(200, seed=0)
     before = torch.get_num_threads()
-    runs = fit_grid(
-        "linear",
-        FAST_HEAD,
-        x,
-        y,
-        None,
-        None,
-        [50, 200],
-        [1],
-        tmp_path,
-        {},
-        threads=1,
-        progress=False,
-    )
+    grid = grid_runs([50, 200], [1], len(x))
+    runs = fit_runs("linear", FAST_HEAD, (x, y, None, None), grid, tmp_path, {}, threads=1)
     assert torch.get_num_threads() == before
     assert [read_params(r)["chosen_epoch"] for r in runs] == [6, 6]

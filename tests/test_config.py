@@ -1,12 +1,14 @@
 """Config validation: the default is valid; a wrong key, type or value fails naming the key."""
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, validate_config
+from pipeline.config import ConfigError, load_config, load_schema, validate_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,3 +139,42 @@ def test_paper_config_is_valid_until_its_data_paths_are_filled_in():
     # The schema and cross-references pass; only the data files a user supplies are missing.
     with pytest.raises(ConfigError, match=r"'datasets\.coco'.*karpathy_json.*no existing file"):
         load_config(ROOT / "workflow" / "configs" / "paper.yaml")
+
+
+def test_schema_enums_match_the_registries():
+    """The schema's lists of names are the registries' keys: adding an aligner, encoder source,
+    dataset source or metric to one without the other fails here."""
+    from pipeline.align.params import KIND_PARAMS
+    from pipeline.data import SOURCES as DATASET_SOURCES
+    from pipeline.encoders.base import POOLINGS
+    from pipeline.encoders.registry import SOURCES as ENCODER_SOURCES
+    from pipeline.similarity.compute import METRICS
+    from pipeline.similarity.selection import SCORING_MODES
+
+    schema = load_schema()["properties"]
+    methods = schema["align"]["properties"]["methods"]["additionalProperties"]
+    assert methods["properties"]["aligner"]["enum"] == list(KIND_PARAMS)
+    encoders = schema["encoders"]["additionalProperties"]["properties"]
+    assert encoders["source"]["enum"] == list(ENCODER_SOURCES)
+    datasets = schema["datasets"]["additionalProperties"]["properties"]
+    assert datasets["source"]["enum"] == list(DATASET_SOURCES)
+    similarity = schema["similarity"]["properties"]
+    assert similarity["metrics"]["items"]["enum"] == list(METRICS)
+    assert similarity["selection_metric"]["enum"] == list(METRICS)
+    assert similarity["scope"]["enum"] == list(SCORING_MODES)
+    for definition in load_schema()["$defs"].values():
+        if "pooling" in definition.get("properties", {}):
+            assert set(definition["properties"]["pooling"]["enum"]) == set(POOLINGS)
+
+
+def test_reading_the_config_imports_no_model_code():
+    """``snakemake -n`` validates the config: that must not import torch or a model library."""
+    code = (
+        "import sys; from pipeline.config import load_config; load_config('config.yaml');"
+        "import pipeline.jobs, pipeline.layout;"
+        "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

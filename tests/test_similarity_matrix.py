@@ -22,10 +22,10 @@ from pipeline.similarity import (
     similarity_table,
     write_layer_choice,
 )
-from pipeline.similarity.plots import score_grid, write_heatmaps
+from pipeline.similarity.plots import score_grid, write_heatmap
 from pipeline.store import IncompleteStoreError, StoreWriter, open_store
 
-# ---- brute force, written plainly from the formulas (DESIGN.md section 6) ----
+# ---- brute force, written plainly from the formulas (docs/similarity.md) ----
 
 
 def bf_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
@@ -358,8 +358,9 @@ def test_selection_finds_the_planted_layer_pair(planted_stores, tmp_path):
     write_layer_choice(tmp_path / "choice.json", choice)
     assert json.loads((tmp_path / "choice.json").read_text()) == choice
 
-    paths = write_heatmaps(table, tmp_path / "heatmaps", choice)
-    assert sorted(p.name for p in paths) == sorted(f"{m}.png" for m in METRICS)
+    paths = [tmp_path / "heatmaps" / f"{m}.png" for m in METRICS]
+    for path in paths:
+        write_heatmap(table, path.stem, path, choice)
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert imread(path).ndim == 3

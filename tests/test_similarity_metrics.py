@@ -11,7 +11,7 @@ from pipeline.similarity import metrics
 SHAPES = [(6, 3, 8), (9, 40, 2), (30, 4, 9), (64, 100, 50), (200, 16, 32)]  # (n, d1, d2)
 
 
-# ---- brute force, written plainly from the definitions in DESIGN.md section 6 ----
+# ---- brute force, written plainly from the definitions in docs/similarity.md ----
 
 
 def centring_matrix(n: int) -> np.ndarray:

@@ -13,13 +13,14 @@ import polars as pl
 import pytest
 import yaml
 
+from pipeline import layout
 from pipeline.evaluate.tables import read_metrics, read_summary
 from pipeline.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
-HEAD = {"method": "linear", "dim": 16, "lr": 1.0e-2, "max_epochs": 3, "patience": 2}
+HEAD = {"aligner": "linear", "dim": 16, "lr": 1.0e-2, "max_epochs": 3, "patience": 2}
 TINY = {
     "runtime": {"device": "cpu", "batch_size": 32},
     "datasets": {
@@ -62,20 +63,35 @@ TINY = {
         "methods": {
             "linear": HEAD,
             "linear_structure": {**HEAD, "structure": {"lambda": 1.0, "warmup_steps": 2}},
-            "csa": {"method": "csa", "sim_dim": 4},
-            "asif": {"method": "asif", "k": 16},
-            "procrustes": {"method": "procrustes"},
+            "csa": {"aligner": "csa", "sim_dim": 4},
+            "asif": {"aligner": "asif", "k": 16},
+            "procrustes": {"aligner": "procrustes"},
         },
     },
 }
 METHODS = sorted(TINY["align"]["methods"])
 
 
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a command of this environment's interpreter with the environment NOT activated: its
+    bin folder is off PATH, so jobs must find the interpreter without a bare ``python``."""
+    bin_dir = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != bin_dir)
     result = subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": path},
+        cwd=cwd,
+        check=False,
+    )
+    result.output = result.stdout + result.stderr
+    return result
+
+
+def snakemake(workdir: Path, *args: str, configfile: Path | None = None):
+    return run(
         [
-            sys.executable,
             "-m",
             "snakemake",
             "--snakefile",
@@ -83,18 +99,12 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
             "--directory",
             str(workdir),
             "--configfile",
-            str(workdir / "config.yaml"),
+            str(configfile or workdir / "config.yaml"),
             "--cores",
             "2",
             *args,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=False,
+        ]
     )
-    result.output = result.stdout + result.stderr
-    return result
 
 
 def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
@@ -170,8 +180,8 @@ def test_every_artefact_of_the_dag(tiny_run):
     query = f"select count(*) from '{results / 'tables/metrics.parquet'}'"
     assert duckdb.sql(query).fetchall() == [(len(metrics),)]
     assert list((results / "plots").glob("*__vs_n_pairs.png"))
-    assert (results / "logs/aggregate.log").exists()
-    assert (results / "benchmarks/aggregate.tsv").exists()
+    assert (tiny_run / layout.log("aggregate", "tables")).exists()
+    assert (tiny_run / layout.benchmark("aggregate", "tables")).exists()
 
 
 def test_second_run_does_nothing(tiny_run):
@@ -219,3 +229,42 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "config key 'runtime.batch_size'" in result.output
     assert not (tmp_path / "results").exists()
+
+
+def test_a_stage_by_hand_gives_what_its_rule_gave(tiny_run, tmp_path):
+    """``python -m pipeline <stage> --config ... <wildcards>`` derives the rule's very job."""
+    output = tiny_run / layout.evaluation("vit", "minilm", "csa", "best")
+    from_rule = output.read_bytes()
+    output.unlink()
+    result = run(
+        [
+            "-m",
+            "pipeline",
+            "evaluate_aligners",
+            "--config",
+            "config.yaml",
+            "--pair",
+            "vit/minilm",
+            "--method",
+            "csa",
+            "--choice",
+            "best",
+        ],
+        cwd=tiny_run,
+    )
+    assert result.returncode == 0, result.output[-3000:]
+    assert output.read_bytes() == from_rule
+    assert "Nothing to be done" in snakemake(tiny_run).output
+
+
+def test_a_configfile_replaces_the_default_config(tmp_path):
+    """--configfile in the repository root, beside the default config.yaml: its two methods
+    run, not the default's seven merged in (a dry run: nothing is written)."""
+    config = copy.deepcopy(TINY)
+    config["align"]["methods"] = {m: TINY["align"]["methods"][m] for m in ("linear", "csa")}
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(config))
+    command = ["-m", "snakemake", "--dry-run", "--cores", "1", "--configfile", str(other)]
+    result = run(command, cwd=ROOT)
+    assert result.returncode == 0, result.output[-3000:]
+    assert re.search(r"^fit_aligners\s+4$", result.output, re.MULTILINE), result.output[-2000:]

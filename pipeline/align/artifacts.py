@@ -1,8 +1,8 @@
-"""Aligner artifacts of one run (DESIGN.md section 4): never pickles.
+"""Aligner artifacts of one run (docs/formats.md): never pickles.
 
 A run directory holds
 - ``weights.safetensors``: ``aligner.state()``;
-- ``params.json``: method, hyperparameters (resolved params + fitted choices), chosen epoch,
+- ``params.json``: aligner kind, hyperparameters (resolved params + fitted choices), chosen epoch,
   the STRUCTURE divergence used (null without it), the fit's extra facts, the caller's meta
   (n_pairs, seed, layers...), library versions;
 - ``curve.parquet``: the training curve (no rows for closed-form methods);
@@ -38,13 +38,13 @@ def save_run(
     run_dir = Path(run_dir)
     (run_dir / DONE).unlink(missing_ok=True)
     state = {key: np.ascontiguousarray(value) for key, value in aligner.state().items()}
-    write_bytes(run_dir / WEIGHTS, save_safetensors(state, metadata={"method": aligner.method}))
+    write_bytes(run_dir / WEIGHTS, save_safetensors(state, metadata={"aligner": aligner.kind}))
     hyperparameters = aligner.hyperparameters()
     structure = hyperparameters.get("structure")
     write_json(
         run_dir / PARAMS,
         {
-            "method": aligner.method,
+            "aligner": aligner.kind,
             "hyperparameters": hyperparameters,
             "chosen_epoch": report.chosen_epoch,
             "divergence": structure["divergence"] if structure else None,
@@ -54,7 +54,7 @@ def save_run(
         },
     )
     write_parquet(report.curve, run_dir / CURVE)
-    write_json(run_dir / DONE, {"method": aligner.method, "fingerprint": fingerprint})
+    write_json(run_dir / DONE, {"aligner": aligner.kind, "fingerprint": fingerprint})
     return run_dir
 
 
@@ -77,7 +77,7 @@ def load_aligner(run_dir: Path) -> Aligner:
     params = read_params(run_dir)
     hyperparameters = dict(params["hyperparameters"])
     choices = hyperparameters.pop("fitted", {})
-    aligner = build_aligner(params["method"], hyperparameters)
+    aligner = build_aligner(params["aligner"], hyperparameters)
     aligner.load_state(load_safetensors((Path(run_dir) / WEIGHTS).read_bytes()))
     aligner.choices = choices
     return aligner

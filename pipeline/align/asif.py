@@ -10,20 +10,17 @@ of a pair is the inner product of its two representations.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from pipeline.align.base import (
-    Aligner,
+    ClosedFormAligner,
     FitReport,
     check_features,
     check_pairs,
-    l2_normalise,
     register,
-    require,
-    state_arrays,
 )
+from pipeline.align.params import ASIFParams
+from pipeline.linalg import l2_normalise
 
 QUERY_CHUNK = 1024  # query rows per block, bounding the dense (queries x anchors) block
 
@@ -39,29 +36,14 @@ def relative_representation(
     return l2_normalise(np.sign(sims) * np.abs(sims) ** p)
 
 
-@dataclass(frozen=True)
-class ASIFParams:
-    """``asif`` config: anchors kept per query (k) and the exponent (p)."""
-
-    k: int = 800
-    p: float = 8.0
-
-    def __post_init__(self) -> None:
-        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
-        require(self.p > 0, "p", f"must be > 0, got {self.p}")
-
-
 @register
-class ASIFAligner(Aligner):
+class ASIFAligner(ClosedFormAligner):
     """Relative representations against the training pairs as anchors."""
 
-    method = "asif"
+    kind = "asif"
     Params = ASIFParams
+    STATE_KEYS = ("image_anchors", "text_anchors")
     params: ASIFParams
-
-    def __init__(self, params: ASIFParams) -> None:
-        super().__init__(params)
-        self.anchors: dict[str, np.ndarray] = {}
 
     def fit(
         self,
@@ -73,7 +55,7 @@ class ASIFAligner(Aligner):
     ) -> FitReport:
         """Closed form on the training pairs; validation pairs and seed are not used."""
         x, y = check_pairs(x, y)
-        self.anchors = {
+        self.arrays = {
             "image_anchors": l2_normalise(x).astype(np.float32),
             "text_anchors": l2_normalise(y).astype(np.float32),
         }
@@ -81,8 +63,7 @@ class ASIFAligner(Aligner):
         return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
 
     def _embed(self, a: np.ndarray, key: str, name: str) -> np.ndarray:
-        self._require_fitted(bool(self.anchors))
-        anchors = self.anchors[key]
+        anchors = self.fitted()[key]
         a = check_features(name, a, anchors.shape[1])
         k = min(self.params.k, len(anchors))
         blocks = [
@@ -97,10 +78,3 @@ class ASIFAligner(Aligner):
 
     def embed_text(self, y: np.ndarray) -> np.ndarray:
         return self._embed(y, "text_anchors", "text features")
-
-    def state(self) -> dict[str, np.ndarray]:
-        self._require_fitted(bool(self.anchors))
-        return dict(self.anchors)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.anchors = state_arrays(self.method, state, ("image_anchors", "text_anchors"))

@@ -9,6 +9,7 @@ artifact (``pipeline.align.artifacts``) can rebuild it with ``load_state``.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from abc import ABC, abstractmethod
@@ -54,12 +55,6 @@ class FitReport:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def l2_normalise(a: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
-    norms = np.linalg.norm(a, axis=1, keepdims=True)
-    return a / np.where(norms > 0, norms, 1.0)
-
-
 def check_features(name: str, a: np.ndarray, width: int | None = None) -> np.ndarray:
     """``a`` as a finite 2-D float64 array, optionally of a given width; else a ValueError."""
     a = np.asarray(a)
@@ -85,7 +80,7 @@ def check_pairs(x: np.ndarray, y: np.ndarray, what: str = "training") -> tuple[n
 class Aligner(ABC):
     """A map of both modalities into a shared space; see the module docstring."""
 
-    method: ClassVar[str]
+    kind: ClassVar[str]  # the aligner kind (``align.methods.<name>.aligner`` in the config)
     Params: ClassVar[type]  # frozen dataclass of the method's config keys and their defaults
 
     def __init__(self, params: Any) -> None:
@@ -130,21 +125,40 @@ class Aligner(ABC):
 
     def _require_fitted(self, ready: bool) -> None:
         if not ready:
-            raise RuntimeError(f"{self.method} aligner is not fitted (call fit or load_state)")
+            raise RuntimeError(f"{self.kind} aligner is not fitted (call fit or load_state)")
 
 
-def state_arrays(method: str, state: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
-    """The named arrays of a saved state; a ValueError names a missing or unexpected key."""
-    missing, extra = set(keys) - set(state), set(state) - set(keys)
-    if missing or extra:
-        raise ValueError(
-            f"{method} state: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}"
-        )
-    return {key: np.asarray(state[key]) for key in keys}
+class ClosedFormAligner(Aligner):
+    """An aligner whose whole state is a few named arrays (``STATE_KEYS``) set by ``fit``."""
+
+    STATE_KEYS: ClassVar[tuple[str, ...]]
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params)
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def fitted(self) -> dict[str, np.ndarray]:
+        """The state arrays; a RuntimeError before ``fit`` or ``load_state``."""
+        self._require_fitted(bool(self.arrays))
+        return self.arrays
+
+    def state(self) -> dict[str, np.ndarray]:
+        return dict(self.fitted())
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """The named arrays of a saved state; a ValueError names a missing or unexpected key."""
+        keys = self.STATE_KEYS
+        missing, extra = set(keys) - set(state), set(state) - set(keys)
+        if missing or extra:
+            raise ValueError(
+                f"{self.kind} state: missing keys {sorted(missing)}, "
+                f"unexpected keys {sorted(extra)}"
+            )
+        self.arrays = {key: np.asarray(state[key]) for key in keys}
 
 
 ALIGNERS: dict[str, type[Aligner]] = {}
-"""Registry: method name -> aligner class."""
+"""Registry: aligner kind -> class; a kind's module registers it when first imported."""
 
 A = TypeVar("A", bound=type[Aligner])
 P = TypeVar("P")
@@ -152,9 +166,9 @@ P = TypeVar("P")
 
 def register(cls: A) -> A:
     """Class decorator adding an aligner to ``ALIGNERS`` under its ``method`` name."""
-    if cls.method in ALIGNERS:
-        raise ValueError(f"aligner method {cls.method!r} is registered twice")
-    ALIGNERS[cls.method] = cls
+    if cls.kind in ALIGNERS:
+        raise ValueError(f"aligner kind {cls.kind!r} is registered twice")
+    ALIGNERS[cls.kind] = cls
     return cls
 
 
@@ -219,15 +233,24 @@ def params_to_dict(params: Any) -> dict[str, Any]:
     return out
 
 
-def build_aligner(method: str, params: dict[str, Any] | None = None) -> Aligner:
-    """An unfitted aligner of ``method`` from its config section (missing keys take defaults).
+def aligner_params(kind: str, params: dict[str, Any] | None = None) -> Any:
+    """The resolved params dataclass of ``kind`` from its config section, without building
+    the aligner (torch-free). Unknown kinds, unknown keys and invalid values raise a
+    ValueError naming the kind and key."""
+    from pipeline.align.params import KIND_PARAMS
 
-    Unknown methods, unknown keys and invalid values raise a ValueError naming the method and key.
-    """
-    if method not in ALIGNERS:
-        raise ValueError(f"unknown aligner method {method!r} (known: {sorted(ALIGNERS)})")
-    cls = ALIGNERS[method]
+    if kind not in KIND_PARAMS:
+        raise ValueError(f"unknown aligner {kind!r} (known: {sorted(KIND_PARAMS)})")
     try:
-        return cls(make_params(cls.Params, dict(params or {})))
+        return make_params(KIND_PARAMS[kind], dict(params or {}))
     except ValueError as err:
-        raise ValueError(f"aligner {method!r}: {err}") from None
+        raise ValueError(f"aligner {kind!r}: {err}") from None
+
+
+def build_aligner(kind: str, params: dict[str, Any] | None = None) -> Aligner:
+    """An unfitted aligner of ``kind`` from its config section (missing keys take defaults)."""
+    from pipeline.align.params import ALIGNER_MODULES
+
+    resolved = aligner_params(kind, params)
+    importlib.import_module(ALIGNER_MODULES[kind])  # registers the kind
+    return ALIGNERS[kind](resolved)

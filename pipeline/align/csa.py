@@ -14,20 +14,17 @@ widths used are recorded in ``hyperparameters()["fitted"]["pca_dims"]`` (null: n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from pipeline.align.base import (
-    Aligner,
+    ClosedFormAligner,
     FitReport,
     check_features,
     check_pairs,
-    l2_normalise,
     register,
-    require,
-    state_arrays,
 )
+from pipeline.align.params import CSAParams
+from pipeline.linalg import l2_normalise
 
 
 def principal_axes(centred: np.ndarray, k: int) -> np.ndarray:
@@ -65,33 +62,14 @@ def cca(xc: np.ndarray, yc: np.ndarray, rank: int, eps: float) -> tuple[np.ndarr
 STATE_KEYS = ("image_mean", "text_mean", "image_directions", "text_directions", "correlations")
 
 
-@dataclass(frozen=True)
-class CSAParams:
-    """``csa`` config: canonical dimensions kept, covariance ridge, the small-n policy."""
-
-    sim_dim: int = 64
-    eps: float = 0.1
-    reduce: str = "pca"
-    pca_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        require(self.sim_dim >= 1, "sim_dim", f"must be >= 1, got {self.sim_dim}")
-        require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
-        require(self.reduce in ("pca", "error"), "reduce", f"must be pca or error: {self.reduce!r}")
-        require(self.pca_dim is None or self.pca_dim >= 1, "pca_dim", "must be null or >= 1")
-
-
 @register
-class CSAAligner(Aligner):
+class CSAAligner(ClosedFormAligner):
     """CCA directions per modality; scores weighted by the canonical correlations."""
 
-    method = "csa"
+    kind = "csa"
     Params = CSAParams
     params: CSAParams
-
-    def __init__(self, params: CSAParams) -> None:
-        super().__init__(params)
-        self.arrays: dict[str, np.ndarray] = {}
+    STATE_KEYS = STATE_KEYS
 
     def reduced_width(self, n: int, width: int, side: str) -> int | None:
         """Principal components to keep on a side, or None to keep its features as they are."""
@@ -137,9 +115,9 @@ class CSAAligner(Aligner):
         return FitReport(chosen_epoch=None, extra={"n_train": n})
 
     def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
-        self._require_fitted(bool(self.arrays))
-        a = check_features(name, a, len(self.arrays[f"{side}_mean"]))
-        coords = (a - self.arrays[f"{side}_mean"]) @ self.arrays[f"{side}_directions"]
+        arrays = self.fitted()
+        a = check_features(name, a, len(arrays[f"{side}_mean"]))
+        coords = (a - arrays[f"{side}_mean"]) @ arrays[f"{side}_directions"]
         return l2_normalise(coords).astype(np.float32)
 
     def embed_image(self, x: np.ndarray) -> np.ndarray:
@@ -150,13 +128,5 @@ class CSAAligner(Aligner):
 
     def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """sum_i rho_i u_i v_i: coordinates weighted by the canonical correlations."""
-        self._require_fitted(bool(self.arrays))
-        rho = self.arrays["correlations"].astype(np.float32)
+        rho = self.fitted()["correlations"].astype(np.float32)
         return (image_emb * rho) @ text_emb.T
-
-    def state(self) -> dict[str, np.ndarray]:
-        self._require_fitted(bool(self.arrays))
-        return dict(self.arrays)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.arrays = state_arrays(self.method, state, STATE_KEYS)

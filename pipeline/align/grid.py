@@ -1,20 +1,17 @@
-"""The data-size x seed grid of one method on one (encoder pair, layer choice).
+"""Fitting the runs of the data-size x seed grid that share one pair of feature arrays.
 
-For each seed and each n_pairs the run fits on the nested subset
-``pipeline.pairs.nested_subset(len(x), n_pairs, seed)`` and saves into
-``out_dir / f"n{n_pairs}_s{seed}"`` (n_pairs ``None`` means all pairs and is named by that
-count). A run is skipped when its ``done.json`` carries the same fingerprint: a hash of the
-method, its resolved params, the meta, n_pairs, seed and the feature arrays themselves, so a
-killed job resumes and a run is never reused for other data or settings.
+Each run (``pipeline.pairs.GridRun``) fits on its nested subset of the training pairs and
+saves into ``out_dir / run.name``. A run is skipped when its ``done.json`` carries the same
+fingerprint: a hash of the aligner kind, its resolved params, the meta, the run and the
+feature arrays themselves, so a killed job resumes and a run is never reused for other data
+or settings.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -22,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from pipeline.align.artifacts import read_done, save_run
-from pipeline.align.base import build_aligner
-from pipeline.pairs import grid_sizes, nested_subset
+from pipeline.align.base import aligner_params, build_aligner, params_to_dict
+from pipeline.fingerprint import arrays_digest, spec_hash
+from pipeline.pairs import GridRun
 
 
 def available_cores() -> int:
@@ -48,71 +45,49 @@ def compute_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def arrays_digest(*arrays: np.ndarray | None) -> str:
-    """SHA-256 over the shapes, dtypes and bytes of some arrays (None included as such)."""
-    digest = hashlib.sha256()
-    for a in arrays:
-        if a is None:
-            digest.update(b"none")
-            continue
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
-    return digest.hexdigest()
-
-
 def run_fingerprint(
-    method: str, resolved: dict[str, Any], meta: dict[str, Any], n_pairs: int, seed: int, data: str
+    kind: str, resolved: dict[str, Any], meta: dict[str, Any], run: GridRun, data: str
 ) -> str:
-    """Hash of everything that determines a run's artifacts."""
-    record = {
-        "method": method,
-        "params": resolved,
-        "meta": meta,
-        "n_pairs": n_pairs,
-        "seed": seed,
-        "data": data,
-    }
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+    """Hash of everything that determines a run's artifacts (``data``: the features' digest)."""
+    return spec_hash(
+        {"aligner": kind, "params": resolved, "meta": meta, "run": run.name, "data": data}
+    )
 
 
-def fit_grid(
-    method: str,
+def fit_runs(
+    kind: str,
     params: dict[str, Any],
-    x: np.ndarray,
-    y: np.ndarray,
-    x_val: np.ndarray | None,
-    y_val: np.ndarray | None,
-    sizes: list[int | None],
-    seeds: list[int],
+    features: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    runs: list[GridRun],
     out_dir: Path,
     meta: dict[str, Any],
     *,
     threads: int | None = None,
-    progress: bool = True,
+    progress: Callable[[], None] | None = None,
 ) -> list[Path]:
-    """Fit ``method`` on every (n_pairs, seed) and save each run; returns the run directories."""
+    """Fit and save each run on its nested subset of the training pairs in ``features``
+    (x, y, x_val, y_val); a run whose ``done.json`` has the same fingerprint is kept.
+    Returns the run directories, ``out_dir / run.name``."""
+    x, y, x_val, y_val = features
     if len(x) != len(y):
         raise ValueError(f"grid pairs: {len(x)} image rows but {len(y)} text rows")
-    resolved = build_aligner(method, params).hyperparameters()
-    resolved.pop("fitted")
-    data = arrays_digest(x, y, x_val, y_val)
-    runs = [(n, seed) for seed in seeds for n in grid_sizes(sizes, len(x))]
-    out_dir = Path(out_dir)
+    resolved = params_to_dict(aligner_params(kind, params))
+    data = arrays_digest(*features)  # once for all the runs on these features
     paths = []
-    with compute_threads(threads), tqdm(runs, desc=f"align {method}", disable=not progress) as bar:
-        for n_pairs, seed in bar:
-            bar.set_postfix(n_pairs=n_pairs, seed=seed)
-            run_dir = out_dir / f"n{n_pairs}_s{seed}"
-            fingerprint = run_fingerprint(method, resolved, meta, n_pairs, seed, data)
+    with compute_threads(threads):
+        for run in runs:
+            run_dir = Path(out_dir) / run.name
+            fingerprint = run_fingerprint(kind, resolved, meta, run, data)
             done = read_done(run_dir)
             if done is None or done.get("fingerprint") != fingerprint:
-                rows = nested_subset(len(x), n_pairs, seed)
-                aligner = build_aligner(method, params)
+                rows = run.rows(len(x))
+                aligner = build_aligner(kind, params)
                 start = time.perf_counter()
-                report = aligner.fit(x[rows], y[rows], x_val, y_val, seed)
+                report = aligner.fit(x[rows], y[rows], x_val, y_val, run.seed)
                 report.extra["fit_seconds"] = time.perf_counter() - start
-                run_meta = {**meta, "n_pairs": n_pairs, "seed": seed}
+                run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
                 save_run(run_dir, aligner, report, run_meta, fingerprint=fingerprint)
             paths.append(run_dir)
+            if progress is not None:
+                progress()
     return paths

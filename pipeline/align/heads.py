@@ -15,7 +15,6 @@ forked and seeded for initialisation and dropout, and shuffling has its own seed
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,9 +26,9 @@ from pipeline.align.base import (
     check_features,
     check_pairs,
     register,
-    require,
 )
-from pipeline.align.training import Towers, TrainConfig, train_towers
+from pipeline.align.params import LinearParams, MLPParams
+from pipeline.align.training import Towers, train_towers
 
 EMBED_CHUNK = 16384  # rows per forward pass when embedding
 
@@ -71,31 +70,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return out if self.skip is None else out + self.skip(x)
-
-
-@dataclass(frozen=True)
-class LinearParams(TrainConfig):
-    """``linear`` config: the shared-space width ``dim`` plus the training settings."""
-
-    dim: int = 512
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
-
-
-@dataclass(frozen=True)
-class MLPParams(LinearParams):
-    """``mlp`` config: ``linear``'s plus the hidden width, dropout and the residual path."""
-
-    hidden: int = 1024
-    dropout: float = 0.1
-    residual: bool = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
-        require(0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}")
 
 
 class HeadAligner(Aligner):
@@ -168,7 +142,7 @@ class HeadAligner(Aligner):
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         for key in ("image.0.mean", "text.0.mean"):
             if key not in state:
-                raise ValueError(f"{self.method} state lacks {key!r}")
+                raise ValueError(f"{self.kind} state lacks {key!r}")
         with torch.random.fork_rng(devices=[]):  # initial weights are overwritten below
             towers = self.build_towers(len(state["image.0.mean"]), len(state["text.0.mean"]))
         towers.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
@@ -179,7 +153,7 @@ class HeadAligner(Aligner):
 class LinearAligner(HeadAligner):
     """One linear layer (with bias) per modality, trained with InfoNCE (+ STRUCTURE)."""
 
-    method = "linear"
+    kind = "linear"
     Params = LinearParams
 
     def make_head(self, width: int) -> nn.Module:
@@ -190,7 +164,7 @@ class LinearAligner(HeadAligner):
 class MLPAligner(HeadAligner):
     """One MLP (see the module docstring) per modality, trained with InfoNCE (+ STRUCTURE)."""
 
-    method = "mlp"
+    kind = "mlp"
     Params = MLPParams
 
     def make_head(self, width: int) -> nn.Module:

@@ -14,21 +14,19 @@ it with the training mean; all fitting is in float64.
 from __future__ import annotations
 
 from abc import abstractmethod
-from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.align.base import (
-    Aligner,
+    ClosedFormAligner,
     FitReport,
     check_features,
     check_pairs,
-    l2_normalise,
     register,
-    require,
-    state_arrays,
 )
 from pipeline.align.csa import principal_axes
+from pipeline.align.params import ProcrustesParams, RidgeParams
+from pipeline.linalg import l2_normalise
 
 STATE_KEYS = ("image_mean", "text_mean", "image_map", "text_map")
 
@@ -45,12 +43,10 @@ def ridge_map(xc: np.ndarray, yc: np.ndarray, alpha: float) -> np.ndarray:
     return np.linalg.solve(gram, xc.T @ yc)
 
 
-class LinearMapAligner(Aligner):
+class LinearMapAligner(ClosedFormAligner):
     """Row-normalise, centre, then a linear map per modality (``image_map``, ``text_map``)."""
 
-    def __init__(self, params) -> None:
-        super().__init__(params)
-        self.arrays: dict[str, np.ndarray] = {}
+    STATE_KEYS = STATE_KEYS
 
     @abstractmethod
     def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,9 +69,9 @@ class LinearMapAligner(Aligner):
         return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
 
     def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
-        self._require_fitted(bool(self.arrays))
-        a = check_features(name, a, len(self.arrays[f"{side}_mean"]))
-        coords = (l2_normalise(a) - self.arrays[f"{side}_mean"]) @ self.arrays[f"{side}_map"]
+        arrays = self.fitted()
+        a = check_features(name, a, len(arrays[f"{side}_mean"]))
+        coords = (l2_normalise(a) - arrays[f"{side}_mean"]) @ arrays[f"{side}_map"]
         return l2_normalise(coords).astype(np.float32)
 
     def embed_image(self, x: np.ndarray) -> np.ndarray:
@@ -84,29 +80,12 @@ class LinearMapAligner(Aligner):
     def embed_text(self, y: np.ndarray) -> np.ndarray:
         return self._embed(y, "text", "text features")
 
-    def state(self) -> dict[str, np.ndarray]:
-        self._require_fitted(bool(self.arrays))
-        return dict(self.arrays)
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        self.arrays = state_arrays(self.method, state, STATE_KEYS)
-
-
-@dataclass(frozen=True)
-class ProcrustesParams:
-    """``procrustes`` config: the common PCA width (null: min(d1, d2, n - 1))."""
-
-    dim: int | None = None
-
-    def __post_init__(self) -> None:
-        require(self.dim is None or self.dim >= 1, "dim", f"must be null or >= 1, got {self.dim}")
-
 
 @register
 class ProcrustesAligner(LinearMapAligner):
     """Common-width PCA of each side, then the orthogonal map from image to text."""
 
-    method = "procrustes"
+    kind = "procrustes"
     Params = ProcrustesParams
     params: ProcrustesParams
 
@@ -118,21 +97,11 @@ class ProcrustesAligner(LinearMapAligner):
         return px @ orthogonal_map(xc @ px, yc @ py), py
 
 
-@dataclass(frozen=True)
-class RidgeParams:
-    """``ridge`` config: the L2 penalty alpha on the map (features are unit rows, centred)."""
-
-    alpha: float = 1.0
-
-    def __post_init__(self) -> None:
-        require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
-
-
 @register
 class RidgeAligner(LinearMapAligner):
     """The ridge regression map from image features into the text feature space."""
 
-    method = "ridge"
+    kind = "ridge"
     Params = RidgeParams
     params: RidgeParams
 

@@ -1,17 +1,14 @@
 """Training objectives of the trained heads: symmetric InfoNCE and the STRUCTURE regulariser.
 
-Pure torch functions (tensors in, scalar tensor out); definitions in DESIGN.md section 7.
+Pure torch functions (tensors in, scalar tensor out); definitions in docs/methods.md.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import torch
 import torch.nn.functional as F
 
-Divergence = Literal["js", "reference"]
-DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+from pipeline.align.params import DIVERGENCES, Divergence
 
 _TINY = torch.finfo(torch.float32).tiny  # floor before a log, so log(0) stays finite
 

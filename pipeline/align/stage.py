@@ -1,34 +1,33 @@
-"""The align stage: one job per (encoder pair, method, layer choice) fits the whole grid.
+"""The ``fit_aligners`` stage: one job per (encoder pair, method, layer choice) fits the grid.
 
-The job reads the chosen layers' training and validation pairs from the feature stores once
-and fits every (n_pairs, seed) run on nested subsets (``fit_grid``). Each run is saved in
-``<out_dir>/n<n>_s<seed>/`` with its own completion marker, so a killed job resumes with the
-runs it had not finished; ``runs.json`` (the job's declared output) is written last.
+Runs choosing the same layer pair share one read of the features and one data digest; each
+run is saved in its own folder (``pipeline.pairs.run_name``) with its own completion
+marker, so a killed job resumes with the runs it had not finished; ``runs.json`` (the job's
+declared output) is written last.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipeline import atomic
-from pipeline.align.grid import fit_grid
-from pipeline.config import method_params
+from pipeline import atomic, layout
+from pipeline.align.grid import fit_runs
 from pipeline.data import load_split
-from pipeline.pairs import Pairs, grid_sizes, pair_rows
-from pipeline.similarity.stage import chosen_layers
+from pipeline.jobs import Job
+from pipeline.pairs import GridRun, Pairs, grid_runs, pair_rows
+from pipeline.similarity.selection import chosen_layers, read_layer_choice
 from pipeline.store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
+STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
 
 
-def split_pairs(dataset_dir: Path, split: str) -> Pairs:
-    data = load_split(dataset_dir, split)
+def split_pairs(manifest: str, split: str) -> Pairs:
+    data = load_split(Path(layout.dataset_of_manifest(manifest)), split)
     return pair_rows(data.images, data.captions)
 
 
@@ -39,70 +38,55 @@ def paired_features(
     return vision.read(layers[0], pairs.image_rows), text.read(layers[1], pairs.caption_rows)
 
 
-def run_align(
-    *,
-    method_name: str,
-    method_spec: dict[str, Any],
-    layer_choice: str,
-    grid: dict[str, Any],
-    stores: dict[str, Path],
-    train: tuple[Path, str],
-    val: tuple[Path, str],
-    layers_json: Path,
-    out_dir: Path,
-) -> None:
-    """Fit ``method_name`` for every (n_pairs, seed); ``stores`` has vision/text train/val."""
-    opened = {role: open_store(path) for role, path in stores.items()}
-    train_pairs, val_pairs = split_pairs(*train), split_pairs(*val)
-    layers = json.loads(Path(layers_json).read_text())
-    sizes = grid_sizes(grid["n_pairs"], len(train_pairs))
+def run_align(job: Job) -> None:
+    spec = job.spec
+    stores = {role: open_store(layout.store_of_marker(job.input(role))) for role in STORE_ROLES}
+    train_pairs = split_pairs(job.input("train"), spec["splits"]["train"])
+    val_pairs = split_pairs(job.input("val"), spec["splits"]["val"])
+    layers = read_layer_choice(job.input("layers"))
+    choice = spec["layer_choice"]
+    runs = grid_runs(spec["grid"]["n_pairs"], spec["grid"]["seeds"], len(train_pairs))
 
-    by_layers: dict[tuple[int, int], list[tuple[int, int]]] = defaultdict(list)
+    by_layers: dict[tuple[int, int], list[GridRun]] = defaultdict(list)
     scores = {}
-    for n_pairs in sizes:
-        for seed in grid["seeds"]:
-            chosen = chosen_layers(layers, layer_choice, n_pairs, seed)
-            key = (int(chosen["vision_layer"]), int(chosen["text_layer"]))
-            by_layers[key].append((n_pairs, seed))
-            scores[key] = chosen["score"]
+    for run in runs:
+        chosen = chosen_layers(layers, choice, run)
+        key = (int(chosen["vision_layer"]), int(chosen["text_layer"]))
+        by_layers[key].append(run)
+        scores[key] = chosen["score"]
 
-    params = method_params(method_spec)
-    run_dirs: list[str] = []
-    progress = tqdm(total=len(sizes) * len(grid["seeds"]), desc=f"{method_name}/{layer_choice}")
-    for key, runs in by_layers.items():
-        x, y = paired_features(opened["vision_train"], opened["text_train"], train_pairs, key)
-        x_val, y_val = paired_features(opened["vision_val"], opened["text_val"], val_pairs, key)
-        meta = {
-            "vision_encoder": opened["vision_train"].attrs["encoder"]["name"],
-            "text_encoder": opened["text_train"].attrs["encoder"]["name"],
-            "method_name": method_name,
-            "layer_choice": layer_choice,
-            "vision_layer": key[0],
-            "text_layer": key[1],
-            "layer_score": scores[key],
-            "selection_metric": layers["metric"],
-            "feature_fingerprints": {r: s.fingerprint for r, s in opened.items()},
-        }
-        log.info("%s/%s: layers %s, %d runs", method_name, layer_choice, key, len(runs))
-        for n_pairs, seed in runs:
-            paths = fit_grid(
-                method_spec["method"],
-                params,
-                x,
-                y,
-                x_val,
-                y_val,
-                [n_pairs],
-                [seed],
+    out_dir = Path(job.output("runs")).parent
+    with tqdm(total=len(runs), desc=f"{spec['method']}/{choice}") as bar:
+        for key, layer_runs in by_layers.items():
+            train = paired_features(stores["vision_train"], stores["text_train"], train_pairs, key)
+            val = paired_features(stores["vision_val"], stores["text_val"], val_pairs, key)
+            meta = {
+                "vision_encoder": stores["vision_train"].attrs["encoder"]["name"],
+                "text_encoder": stores["text_train"].attrs["encoder"]["name"],
+                "method": spec["method"],
+                "layer_choice": choice,
+                "vision_layer": key[0],
+                "text_layer": key[1],
+                "layer_score": scores[key],
+                "selection_metric": layers["metric"],
+                "feature_fingerprints": {r: s.fingerprint for r, s in stores.items()},
+            }
+            log.info("%s/%s: layers %s, %d runs", spec["method"], choice, key, len(layer_runs))
+            fit_runs(
+                spec["aligner"],
+                spec["params"],
+                (*train, *val),
+                layer_runs,
                 out_dir,
                 meta,
-                threads=grid.get("threads"),
-                progress=False,
+                threads=spec["threads"],
+                progress=bar.update,
             )
-            run_dirs += [path.name for path in paths]
-            progress.update()
-    progress.close()
     atomic.write_json(
-        Path(out_dir) / "runs.json",
-        {"runs": sorted(run_dirs), "method": method_name, "layer_choice": layer_choice},
+        job.output("runs"),
+        {
+            "runs": sorted(run.name for run in runs),
+            "method": spec["method"],
+            "layer_choice": choice,
+        },
     )

@@ -1,6 +1,6 @@
 """Training of a pair of heads: symmetric InfoNCE (+ STRUCTURE), AdamW, cosine schedule, early stop.
 
-The configuration follows STRUCTURE's reference settings (DESIGN.md section 7): AdamW with betas
+The configuration follows STRUCTURE's reference settings (docs/methods.md): AdamW with betas
 (0.9, 0.95) and weight decay 1e-4, batch 4096 capped at n, an optional linear learning-rate
 warm-up followed by a cosine decay to zero over ``max_epochs``, gradient-norm clipping at 1.0,
 and early stopping on the validation InfoNCE with a patience in epochs, keeping the best epoch's
@@ -19,92 +19,15 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import polars as pl
 import torch
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, FitReport, make_params, require
-from pipeline.align.losses import DIVERGENCES, info_nce, structure_regulariser, structure_weight
-
-
-@dataclass(frozen=True)
-class StructureConfig:
-    """The STRUCTURE regulariser: config keys ``lambda``, ``levels``, ``warmup_steps`` and
-    ``divergence`` ("js": true Jensen-Shannon; "reference": the reference code's variant, with
-    which lambda = 10 was tuned)."""
-
-    weight: float = 10.0
-    levels: int = 1
-    warmup_steps: int = 1000
-    divergence: str = "js"
-
-    CONFIG_KEYS: ClassVar[dict[str, str]] = {
-        "lambda": "weight",
-        "levels": "levels",
-        "warmup_steps": "warmup_steps",
-        "divergence": "divergence",
-    }
-
-    def __post_init__(self) -> None:
-        require(self.weight >= 0, "lambda", f"must be >= 0, got {self.weight}")
-        require(self.levels >= 1, "levels", f"must be >= 1, got {self.levels}")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        require(
-            self.divergence in DIVERGENCES,
-            "divergence",
-            f"must be one of {DIVERGENCES}, got {self.divergence!r}",
-        )
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> StructureConfig:
-        """From the config section; a ValueError names a bad ``structure.<key>``."""
-        try:
-            return make_params(cls, values, cls.CONFIG_KEYS)
-        except ValueError as err:
-            raise ValueError(str(err).replace("parameter '", "parameter 'structure.", 1)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, name) for key, name in self.CONFIG_KEYS.items()}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by the trained heads (config keys = field names).
-
-    ``structure``: None (off) or a ``StructureConfig`` / its config dict.
-    """
-
-    lr: float = 5e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    batch_size: int = 4096
-    max_epochs: int = 100
-    patience: int = 10
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    tau: float = 0.05
-    structure: StructureConfig | None = None
-
-    def __post_init__(self) -> None:
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
-        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
-        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
-        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
-        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
-        if isinstance(self.structure, dict):
-            object.__setattr__(self, "structure", StructureConfig.from_dict(self.structure))
-        require(
-            self.structure is None or isinstance(self.structure, StructureConfig),
-            "structure",
-            "must be null or a mapping of lambda, levels, warmup_steps, divergence",
-        )
+from pipeline.align.base import CURVE_SCHEMA, FitReport
+from pipeline.align.losses import info_nce, structure_regulariser, structure_weight
+from pipeline.align.params import TrainConfig
 
 
 @contextmanager

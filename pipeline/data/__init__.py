@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from pipeline import layout
 from pipeline.data import image_folder, karpathy, synthetic
 from pipeline.data.manifest import (
     MANIFEST,
@@ -31,6 +32,7 @@ from pipeline.data.manifest import (
     write_dataset,
 )
 from pipeline.data.tasks import Task
+from pipeline.jobs import Job
 
 __all__ = [
     "SOURCES",
@@ -87,3 +89,9 @@ def prepare_dataset(name: str, spec: Mapping[str, Any], out_dir: Path) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)  # whatever follows is incomplete until rewritten
     prepared = SOURCES[normalized["source"]].build(name, normalized, out_dir)
     write_dataset(out_dir, name, normalized, prepared)
+
+
+def run_prepare(job: Job) -> None:
+    """The ``prepare_dataset`` stage (``pipeline.jobs.prepare_dataset``)."""
+    out_dir = Path(layout.dataset_of_manifest(job.output("manifest")))
+    prepare_dataset(job.spec["name"], job.spec["dataset"], out_dir)

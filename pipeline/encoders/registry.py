@@ -1,25 +1,35 @@
-"""The encoder registry: ``spec["source"]`` names a spec parser and an encoder class."""
+"""The encoder registry: ``spec["source"]`` names a modality, a spec parser and an encoder class.
+
+Parsers are torch-free (``specs.py``), so validating a config never imports a model library;
+the encoder class is imported only when an encoder is built.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from .base import Encoder, EncoderSpecError
-from .text import HFTextEncoder, parse_bundled_spec, parse_hf_spec
-from .vision import TimmVisionEncoder, parse_timm_spec
+from .specs import parse_bundled_spec, parse_hf_spec, parse_timm_spec
 
 
 class Source(NamedTuple):
+    modality: Literal["vision", "text"]
     parse: Callable[[str, Mapping[str, Any]], Any]
-    encoder: Callable[[str, Any], Encoder]
+    encoder: str  # "module:Class" of the encoder, imported on build
 
 
 SOURCES: dict[str, Source] = {
-    "timm": Source(parse_timm_spec, TimmVisionEncoder),
-    "huggingface": Source(parse_hf_spec, HFTextEncoder),
-    "bundled": Source(parse_bundled_spec, HFTextEncoder),
+    "timm": Source("vision", parse_timm_spec, "pipeline.encoders.vision:TimmVisionEncoder"),
+    "huggingface": Source("text", parse_hf_spec, "pipeline.encoders.text:HFTextEncoder"),
+    "bundled": Source("text", parse_bundled_spec, "pipeline.encoders.text:HFTextEncoder"),
 }
+
+
+def sources_of(modality: str) -> list[str]:
+    """The source names whose encoders are of ``modality`` ("vision" or "text")."""
+    return [name for name, source in SOURCES.items() if source.modality == modality]
 
 
 def _source(name: str, spec: Mapping[str, Any]) -> Source:
@@ -39,4 +49,5 @@ def validate_encoder_spec(name: str, spec: Mapping[str, Any]) -> None:
 def build_encoder(name: str, spec: Mapping[str, Any]) -> Encoder:
     """Validate ``spec`` and construct its encoder, weights loaded, in eval mode on the CPU."""
     source = _source(name, spec)
-    return source.encoder(name, source.parse(name, spec))
+    module, cls = source.encoder.split(":")
+    return getattr(importlib.import_module(module), cls)(name, source.parse(name, spec))

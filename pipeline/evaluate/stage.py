@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from pipeline import layout
 from pipeline.align import load_aligner
 from pipeline.align.artifacts import read_params
 from pipeline.data import load_prompts, load_split, load_tasks
@@ -25,71 +24,69 @@ from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
 from pipeline.evaluate.retrieval import retrieval_metrics, retrieval_scores
 from pipeline.evaluate.tables import RunKey, concat_metrics, metric_rows, write_metrics
 from pipeline.evaluate.zeroshot import zero_shot_classification
+from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
 from pipeline.store import open_store
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EvalSplit:
-    """One evaluation split: its prepared dataset and the three feature stores it needs."""
-
-    dataset: str
-    split: str
-    dataset_dir: Path
-    vision_store: Path
-    text_store: Path
-    prompt_store: Path
-    tasks: list[str] | None = None  # None: every task of the split
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> EvalSplit:
-        paths = ("dataset_dir", "vision_store", "text_store", "prompt_store")
-        return cls(**{k: Path(v) if k in paths else v for k, v in spec.items()})
-
-
-def run_evaluate(*, aligner_dir: Path, splits: list[EvalSplit], out: Path) -> None:
-    aligner_dir = Path(aligner_dir)
-    runs = json.loads((aligner_dir / "runs.json").read_text())["runs"]
+def run_evaluate(job: Job) -> None:
+    runs_json = job.input("runs")
+    aligner_dir = Path(runs_json).parent
+    runs = json.loads(Path(runs_json).read_text())["runs"]
     frames = []
-    for split in splits:
-        inputs = SplitInputs(split)
+    for i, split in enumerate(job.spec["splits"]):
+        inputs = SplitInputs(
+            dataset=split["dataset"],
+            split=split["split"],
+            tasks=split.get("tasks"),
+            dataset_dir=Path(layout.dataset_of_manifest(job.input(f"dataset_{i}"))),
+            stores={
+                which: layout.store_of_marker(job.input(f"{which}_{i}"))
+                for which in ("vision", "text", "prompts")
+            },
+        )
         for run in tqdm(runs, desc=f"evaluate {aligner_dir.parent.name}/{aligner_dir.name}"):
             frames += evaluate_run(aligner_dir / run, inputs)
-    write_metrics(concat_metrics(frames), out)
+    write_metrics(concat_metrics(frames), job.output("metrics"))
 
 
 class SplitInputs:
     """What an evaluation split provides, read once and shared by every run."""
 
-    def __init__(self, split: EvalSplit) -> None:
-        self.split = split
-        data = load_split(split.dataset_dir, split.split)
+    def __init__(
+        self,
+        *,
+        dataset: str,
+        split: str,
+        tasks: list[str] | None,
+        dataset_dir: Path,
+        stores: dict[str, str],
+    ) -> None:
+        self.dataset = dataset
+        data = load_split(dataset_dir, split)
         self.images = data.images
         self.caption_image = pair_rows(data.images, data.captions).image_rows
-        self.vision = open_store(split.vision_store)
-        self.text = open_store(split.text_store)
-        self.prompt_features = open_store(split.prompt_store)
-        self.prompts = load_prompts(split.dataset_dir)
-        tasks = [t for t in load_tasks(split.dataset_dir) if t.split == split.split]
-        if split.tasks is not None:
-            unknown = sorted(set(split.tasks) - {t.name for t in tasks})
+        self.stores = {which: open_store(path) for which, path in stores.items()}
+        self.prompts = load_prompts(dataset_dir)
+        available = [t for t in load_tasks(dataset_dir) if t.split == split]
+        if tasks is not None:
+            unknown = sorted(set(tasks) - {t.name for t in available})
             if unknown:
                 raise ValueError(
-                    f"{split.dataset}/{split.split} has no task {unknown} "
-                    f"(tasks: {sorted(t.name for t in tasks)})"
+                    f"{dataset}/{split} has no task {unknown} "
+                    f"(tasks: {sorted(t.name for t in available)})"
                 )
-            tasks = [t for t in tasks if t.name in split.tasks]
-        self.tasks = tasks
+            available = [t for t in available if t.name in tasks]
+        self.tasks = available
         self._layers: dict[tuple[str, int], np.ndarray] = {}
 
     def features(self, which: str, layer: int) -> np.ndarray:
-        """All rows of one layer of the vision, text or prompt store (cached per layer)."""
+        """All rows of one layer of the vision, text or prompts store (cached per layer)."""
         key = (which, layer)
         if key not in self._layers:
-            store = {"vision": self.vision, "text": self.text, "prompt": self.prompt_features}
-            self._layers[key] = store[which].read(layer)
+            self._layers[key] = self.stores[which].read(layer)
         return self._layers[key]
 
 
@@ -100,7 +97,7 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
     key = RunKey(
         vision_encoder=meta["vision_encoder"],
         text_encoder=meta["text_encoder"],
-        method=meta["method_name"],
+        method=meta["method"],
         layer_choice=meta["layer_choice"],
         vision_layer=meta["vision_layer"],
         text_layer=meta["text_layer"],
@@ -109,7 +106,7 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
     )
     aligner = load_aligner(run_dir)
     images = inputs.features("vision", key.vision_layer)
-    dataset = inputs.split.dataset
+    dataset = inputs.dataset
     rows = []
     for task in inputs.tasks:
         name = f"{dataset}.{task.name}"
@@ -123,7 +120,7 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
             labels = inputs.images[task.label_column].to_numpy()
             member = labels >= 0  # -1: the image is not part of this task
             prompts = inputs.prompts.with_row_index("row").filter(pl.col("task") == task.name)
-            prompt_features = inputs.features("prompt", key.text_layer)[prompts["row"].to_numpy()]
+            prompt_features = inputs.features("prompts", key.text_layer)[prompts["row"].to_numpy()]
             metrics = zero_shot_classification(
                 aligner,
                 images[member],
@@ -133,4 +130,6 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
                 len(task.classnames),
             )
             rows.append(metric_rows(key, name, CLASSIFICATION, metrics))
+        else:
+            raise ValueError(f"{name}: task kind {task.kind!r} has no evaluation")
     return rows

@@ -1,4 +1,4 @@
-"""The run's metrics table and its summary over seeds (DESIGN.md section 4).
+"""The run's metrics table and its summary over seeds (docs/formats.md).
 
 ``metrics.parquet`` holds one row per number, keyed by the run (encoder pair, method, layer
 choice and the layers it chose, n_pairs, seed) and the task and metric. ``summary.parquet``
@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.atomic import write_parquet
 
-TASK_KINDS = ("classification", "retrieval", "segmentation")
+TASK_KINDS = ("classification", "retrieval")
 BASELINE = ("linear", "last")
 
 METRICS_SCHEMA = pa.schema(

@@ -1,4 +1,4 @@
-"""Zero-shot classification through an aligner (DESIGN.md section 9).
+"""Zero-shot classification through an aligner (docs/protocols.md).
 
 Class embeddings follow open_clip: embed every prompt (one per class and template) with the
 text side of the aligner, L2-normalise, average over the templates of each class, and
@@ -18,20 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.evaluate.retrieval import Aligner, target_ranks
+from pipeline.evaluate.retrieval import SharedSpace, target_ranks
+from pipeline.linalg import l2_normalise
 
 LOGIT_SCALE = 100.0
 TOP5_MIN_CLASSES = 5
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean norm, in float64; a zero row is an error."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    zero = np.flatnonzero(norms[:, 0] == 0)
-    if len(zero):
-        raise ValueError(f"cannot L2-normalise zero rows {zero[:5].tolist()}")
-    return x / norms
 
 
 def average_by_class(embeddings: np.ndarray, class_index: np.ndarray, n_classes: int) -> np.ndarray:
@@ -51,15 +42,15 @@ def average_by_class(embeddings: np.ndarray, class_index: np.ndarray, n_classes:
 
 
 def class_embeddings(
-    aligner: Aligner, prompt_features: np.ndarray, class_index: np.ndarray, n_classes: int
+    aligner: SharedSpace, prompt_features: np.ndarray, class_index: np.ndarray, n_classes: int
 ) -> np.ndarray:
     """(n_classes, k) unit class embeddings; ``class_index[p]`` is the class of prompt ``p``."""
-    prompt_emb = l2_normalise(aligner.embed_text(prompt_features))
-    return l2_normalise(average_by_class(prompt_emb, class_index, n_classes))
+    prompt_emb = l2_normalise(np.asarray(aligner.embed_text(prompt_features), np.float64), "error")
+    return l2_normalise(average_by_class(prompt_emb, class_index, n_classes), "error")
 
 
 def zero_shot_logits(
-    aligner: Aligner, image_features: np.ndarray, class_emb: np.ndarray
+    aligner: SharedSpace, image_features: np.ndarray, class_emb: np.ndarray
 ) -> np.ndarray:
     """(n_images, n_classes) logits: 100 x similarity of the aligned images and the classes."""
     similarity = aligner.similarity(aligner.embed_image(image_features), class_emb)
@@ -101,7 +92,7 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, 
 
 
 def zero_shot_classification(
-    aligner: Aligner,
+    aligner: SharedSpace,
     image_features: np.ndarray,
     labels: np.ndarray,
     prompt_features: np.ndarray,

@@ -1,4 +1,4 @@
-"""Cross-modal similarity of one pair of representations (DESIGN.md section 6).
+"""Cross-modal similarity of one pair of representations (docs/similarity.md).
 
 Short pure functions, arrays in and arrays out, computed in float64. ``x`` (n x d1) and
 ``y`` (n x d2) hold features of the same n samples, row i of one paired with row i of the
@@ -21,6 +21,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from pipeline.linalg import l2_normalise
 
 RICE = "rice"
 # An HSIC_1 estimate no larger than this many n * eps times its largest term is rounding
@@ -145,20 +147,13 @@ def resolve_k(k: int | str, n: int) -> int:
     return int(k)
 
 
-def l2_normalised(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm in float64 (all-zero rows stay zero)."""
-    x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(np.float64).tiny)
-
-
 def knn_indices(x: np.ndarray, k: int, block_rows: int = 1024) -> np.ndarray:
     """The k nearest neighbours of each row by cosine similarity, itself excluded.
 
     Returns an (n, k) int array of neighbour sets (order within a row is unspecified).
     Similarities are computed ``block_rows`` rows at a time, so memory is O(block_rows n).
     """
-    z = l2_normalised(x)
+    z = l2_normalise(np.asarray(x, dtype=np.float64))
     n = len(z)
     k = resolve_k(k, n)
     neighbours = np.empty((n, k), dtype=np.int64)

@@ -7,7 +7,6 @@ state) and written atomically.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,13 +71,3 @@ def write_heatmap(
         axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.25, 1.0))
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-
-
-def write_heatmaps(
-    table: pl.DataFrame, directory: str | os.PathLike[str], choice: dict[str, Any] | None = None
-) -> list[Path]:
-    """One ``<metric>.png`` per metric of the table in ``directory``; returns the paths."""
-    paths = [Path(directory) / f"{metric}.png" for metric in table["metric"].unique().sort()]
-    for path in paths:
-        write_heatmap(table, path.stem, path, choice)
-    return paths

@@ -5,7 +5,7 @@ Scoring sample (``scoring_pairs``), one caption per image either way:
   STRUCTURE code does with 5000 training pairs), the same for every run;
 - ``"run"``: only the pairs the (``n_pairs``, ``seed``) run may train on, i.e. the nested
   subset of ``pipeline.pairs``, so a run never picks layers with more pairs than it has
-  (DESIGN.md section 8). It is also capped at ``pool_size``.
+  (docs/protocols.md). It is also capped at ``pool_size``.
 
 Layer choice (``select_layers``): ``last`` (the last layer of each encoder), ``best`` (the
 pair with the highest score; ties go to the lowest vision layer, then the lowest text
@@ -15,16 +15,18 @@ ordered by score, in the same order whose top is ``best`` (so ``q1`` is ``best``
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
 
 from pipeline.atomic import write_json
-from pipeline.pairs import Pairs, nested_subset, subset_order
+from pipeline.pairs import GridRun, Pairs, nested_subset, subset_order
 
 SCORING_MODES = ("pool", "run")
 
@@ -100,5 +102,21 @@ def select_layers(
 
 
 def write_layer_choice(path: str | os.PathLike[str], choice: dict[str, Any]) -> None:
-    """Write a ``select_layers`` result as JSON, atomically."""
+    """Write ``layers.json``: a ``select_layers`` result plus ``scope`` and, for ``scope: run``,
+    ``runs``: the choice of each grid run by its name (``pipeline.pairs.run_name``)."""
     write_json(path, choice)
+
+
+def read_layer_choice(path: str | os.PathLike[str]) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def chosen_layers(layers: dict[str, Any], choice: str, run: GridRun) -> dict[str, Any]:
+    """The (vision_layer, text_layer, score) that ``run`` aligns under ``choice``."""
+    source = layers["runs"][run.name] if layers.get("scope") == "run" else layers
+    if choice not in source["choices"]:
+        raise ValueError(
+            f"layer choice {choice!r} is not in layers.json (has {sorted(source['choices'])}); "
+            "quantile choices need similarity.quantile_bins"
+        )
+    return source["choices"][choice]

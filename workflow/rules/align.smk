@@ -2,34 +2,29 @@ rule fit_aligners:
     """One method at one layer choice over the whole (n_pairs x seeds) grid: one job fits
     every run (cheap on CPU), each run saved with its own completion marker."""
     input:
-        unpack(align_inputs),
+        unpack(inputs_of(jobs.fit_aligners)),
     output:
-        "results/aligners/{vision}/{text}/{method}/{choice}/runs.json",
+        runs=layout.aligner_runs("{vision}", "{text}", "{method}", "{choice}"),
     params:
-        spec=align_spec,
-        stores=lambda wildcards, input: json.dumps(
-            {role: store_of(input[role]) for role in STORE_ROLES}
-        ),
-        train=f"{dataset_dir(TRAIN['dataset'])} {TRAIN['split']}",
-        val=f"{dataset_dir(VAL['dataset'])} {VAL['split']}",
-        out=lambda wildcards, output: os.path.dirname(output[0]),
+        spec=spec_of(jobs.fit_aligners),
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/align/{vision}/{text}/{method}/{choice}.log",
+        layout.log("fit_aligners", "{vision}", "{text}", "{method}", "{choice}"),
     benchmark:
-        "results/benchmarks/align/{vision}/{text}/{method}/{choice}.tsv"
+        layout.benchmark("fit_aligners", "{vision}", "{text}", "{method}", "{choice}")
     threads: config["align"]["threads"]
     resources:
         mem_mb=4000,
         runtime=120,
     shell:
-        "python -m pipeline align --spec {params.spec:q} --method {wildcards.method}"
-        " --layer-choice {wildcards.choice} --layers {input.layers} --stores {params.stores:q}"
-        " --train {params.train} --val {params.val} --out {params.out} > {log} 2>&1"
+        "{STAGE} fit_aligners --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} > {log} 2>&1"
 
 
 rule align:
     """Target: every method x layer choice x n_pairs x seed of every encoder pair."""
     input:
-        aligner_targets(),
+        [layout.aligner_runs(*cell) for cell in jobs.grid_cells(config)],

@@ -2,19 +2,18 @@ rule prepare_dataset:
     """Materialise a dataset: manifests, captions, zero-shot tasks and prompts (and, for the
     synthetic world, its images and masks). manifest.json is written last."""
     output:
-        "results/datasets/{dataset}/manifest.json",
+        manifest=layout.dataset_manifest("{dataset}"),
     params:
-        spec=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset], sort_keys=True),
-        out=lambda wildcards: dataset_dir(wildcards.dataset),
+        spec=spec_of(jobs.prepare_dataset),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/prepare_dataset/{dataset}.log",
+        layout.log("prepare_dataset", "{dataset}"),
     benchmark:
-        "results/benchmarks/prepare_dataset/{dataset}.tsv"
+        layout.benchmark("prepare_dataset", "{dataset}")
     resources:
         mem_mb=2000,
         runtime=60,
     shell:
-        "python -m pipeline prepare-data --name {wildcards.dataset} --spec {params.spec:q}"
-        " --out {params.out} > {log} 2>&1"
+        "{STAGE} prepare_dataset --spec {params.spec:q} --out {params.outputs} > {log} 2>&1"

@@ -1,69 +1,60 @@
 rule evaluate_aligners:
     """Zero-shot classification and retrieval of every run of one align job."""
     input:
-        unpack(evaluate_inputs),
+        unpack(inputs_of(jobs.evaluate_aligners)),
     output:
-        "results/evaluation/{vision}/{text}/{method}/{choice}.parquet",
+        metrics=layout.evaluation("{vision}", "{text}", "{method}", "{choice}"),
     params:
-        spec=evaluate_spec,
-        aligners=lambda wildcards, input: os.path.dirname(input.runs),
+        spec=spec_of(jobs.evaluate_aligners),
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/evaluate/{vision}/{text}/{method}/{choice}.log",
+        layout.log("evaluate_aligners", "{vision}", "{text}", "{method}", "{choice}"),
     benchmark:
-        "results/benchmarks/evaluate/{vision}/{text}/{method}/{choice}.tsv"
+        layout.benchmark("evaluate_aligners", "{vision}", "{text}", "{method}", "{choice}")
     resources:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m pipeline evaluate --spec {params.spec:q} --aligners {params.aligners}"
-        " --out {output} > {log} 2>&1"
+        "{STAGE} evaluate_aligners --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} > {log} 2>&1"
 
 
 rule aggregate:
     """One metrics table, its summary over seeds, and the plots drawn from them."""
     input:
-        evaluations=evaluation_targets(),
-        similarities=[
-            f"results/similarity/{p['vision']}/{p['text']}/similarity.parquet" for p in PAIRS
-        ],
+        **jobs.aggregate(config).inputs,
     output:
-        metrics=report(
-            "results/tables/metrics.parquet",
-            category="Tables",
-            caption="../report/metrics.rst",
-        ),
-        summary=report(
-            "results/tables/summary.parquet",
-            category="Tables",
-            caption="../report/summary.rst",
-        ),
+        metrics=report(layout.METRICS_TABLE, category="Tables", caption="../report/metrics.rst"),
+        summary=report(layout.SUMMARY_TABLE, category="Tables", caption="../report/summary.rst"),
         plots=report(
-            directory("results/plots"),
+            directory(layout.PLOTS_DIR),
             patterns=["{name}.png"],
             category="Results",
             caption="../report/plots.rst",
         ),
+    params:
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/aggregate.log",
+        layout.log("aggregate", "tables"),
     benchmark:
-        "results/benchmarks/aggregate.tsv"
+        layout.benchmark("aggregate", "tables")
     resources:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m pipeline aggregate --evaluations {input.evaluations}"
-        " --similarities {input.similarities} --tables results/tables"
-        " --plots {output.plots} > {log} 2>&1"
+        "{STAGE} aggregate --spec '{{}}' --in {params.inputs} --out {params.outputs} > {log} 2>&1"
 
 
 rule evaluate:
     """Target: every run evaluated on every task."""
     input:
-        evaluation_targets(),
+        [layout.evaluation(*cell) for cell in jobs.grid_cells(config)],
 
 
 rule report:

@@ -2,33 +2,32 @@ rule extract_features:
     """Pool every layer of one encoder over one dataset split into a Zarr store. The declared
     output is the completion marker, so a killed job's finished blocks survive and resume."""
     input:
-        "results/datasets/{dataset}/manifest.json",
+        unpack(inputs_of(jobs.extract_features)),
     output:
-        "results/features/{dataset}/{split}/{encoder}.zarr.done",
+        marker=layout.feature_marker("{dataset}", "{split}", "{encoder}"),
     params:
-        spec=extract_spec,
-        store=lambda wildcards: feature_store(
-            wildcards.dataset, wildcards.split, wildcards.encoder
-        ),
-        dataset_dir=lambda wildcards: dataset_dir(wildcards.dataset),
+        spec=spec_of(jobs.extract_features),
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/extract/{dataset}/{split}/{encoder}.log",
+        layout.log("extract_features", "{dataset}", "{split}", "{encoder}"),
     benchmark:
-        "results/benchmarks/extract/{dataset}/{split}/{encoder}.tsv"
+        layout.benchmark("extract_features", "{dataset}", "{split}", "{encoder}")
     threads: 2
     resources:
         gpu=wants_gpu(config["runtime"]["device"]),
         mem_mb=8000,
         runtime=240,
     shell:
-        "python -m pipeline extract --encoder {wildcards.encoder} --spec {params.spec:q}"
-        " --dataset-dir {params.dataset_dir} --split {wildcards.split}"
-        " --out {params.store} > {log} 2>&1"
+        # --options never change the stored values, so they are no params: editing them
+        # (workers, stale-store policy) reruns nothing.
+        "{STAGE} extract_features --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --options {EXTRACT_OPTIONS:q} > {log} 2>&1"
 
 
 rule extract:
     """Target: every feature store of the experiment."""
     input:
-        feature_targets(),
+        jobs.feature_markers(config),

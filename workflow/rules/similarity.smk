@@ -2,46 +2,36 @@ rule compare_layers:
     """Similarity of every (vision layer, text layer) pair on training pairs, heatmaps, and
     the layer choice (last, best, quantiles) each aligner run uses."""
     input:
-        vision=train_marker("{vision}"),
-        text=train_marker("{text}"),
-        dataset=f"results/datasets/{TRAIN['dataset']}/manifest.json",
+        unpack(inputs_of(jobs.compare_layers)),
     output:
-        table="results/similarity/{vision}/{text}/similarity.parquet",
-        layers="results/similarity/{vision}/{text}/layers.json",
+        table=layout.similarity_table("{vision}", "{text}"),
+        layers=layout.layers_json("{vision}", "{text}"),
         heatmaps=report(
-            expand(
-                "results/similarity/{{vision}}/{{text}}/heatmaps/{metric}.png",
-                metric=config["similarity"]["metrics"],
-            ),
+            [layout.heatmap("{vision}", "{text}", m) for m in config["similarity"]["metrics"]],
             category="Layer similarity",
             subcategory="{vision} x {text}",
             caption="../report/similarity.rst",
         ),
     params:
-        spec=similarity_spec,
-        vision_store=lambda wildcards, input: store_of(input.vision),
-        text_store=lambda wildcards, input: store_of(input.text),
-        train_dir=lambda wildcards, input: os.path.dirname(input.dataset),
-        train_split=TRAIN["split"],
-        out=lambda wildcards, output: os.path.dirname(output.table),
+        spec=spec_of(jobs.compare_layers),
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
     log:
-        "results/logs/similarity/{vision}/{text}.log",
+        layout.log("compare_layers", "{vision}", "{text}"),
     benchmark:
-        "results/benchmarks/similarity/{vision}/{text}.tsv"
+        layout.benchmark("compare_layers", "{vision}", "{text}")
     threads: 2
     resources:
         mem_mb=8000,
         runtime=120,
     shell:
-        "python -m pipeline similarity --spec {params.spec:q}"
-        " --vision-store {params.vision_store} --text-store {params.text_store}"
-        " --train-dir {params.train_dir} --train-split {params.train_split}"
-        " --out {params.out} > {log} 2>&1"
+        "{STAGE} compare_layers --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} > {log} 2>&1"
 
 
 rule similarity:
     """Target: every encoder pair's similarity table, heatmaps and layer choice."""
     input:
-        [f"results/similarity/{p['vision']}/{p['text']}/layers.json" for p in PAIRS],
+        [layout.layers_json(vision, text) for vision, text in jobs.encoder_pairs(config)],

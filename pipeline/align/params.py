@@ -1,0 +1,185 @@
+"""Every aligner kind's hyper-parameters: frozen dataclasses built from config sections.
+
+Torch-free on purpose: the config is validated when the workflow is read (``snakemake -n``
+included) by building these, without importing any model code. ``KIND_PARAMS`` maps an aligner
+kind to its params class, ``ALIGNER_MODULES`` to the module that defines and registers the
+aligner itself (imported only when one is built). Definitions: docs/methods.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, get_args
+
+from pipeline.align.base import make_params, require
+
+Divergence = Literal["js", "reference"]
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    """The STRUCTURE regulariser: config keys ``lambda``, ``levels``, ``warmup_steps`` and
+    ``divergence`` ("js": true Jensen-Shannon; "reference": the reference code's variant, with
+    which lambda = 10 was tuned)."""
+
+    weight: float = 10.0
+    levels: int = 1
+    warmup_steps: int = 1000
+    divergence: str = "js"
+
+    CONFIG_KEYS: ClassVar[dict[str, str]] = {
+        "lambda": "weight",
+        "levels": "levels",
+        "warmup_steps": "warmup_steps",
+        "divergence": "divergence",
+    }
+
+    def __post_init__(self) -> None:
+        require(self.weight >= 0, "lambda", f"must be >= 0, got {self.weight}")
+        require(self.levels >= 1, "levels", f"must be >= 1, got {self.levels}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(
+            self.divergence in DIVERGENCES,
+            "divergence",
+            f"must be one of {DIVERGENCES}, got {self.divergence!r}",
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> StructureConfig:
+        """From the config section; a ValueError names a bad ``structure.<key>``."""
+        try:
+            return make_params(cls, values, cls.CONFIG_KEYS)
+        except ValueError as err:
+            raise ValueError(str(err).replace("parameter '", "parameter 'structure.", 1)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, name) for key, name in self.CONFIG_KEYS.items()}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings shared by the trained heads (config keys = field names).
+
+    ``structure``: None (off) or a ``StructureConfig`` / its config dict.
+    """
+
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = 4096
+    max_epochs: int = 100
+    patience: int = 10
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    tau: float = 0.05
+    structure: StructureConfig | None = None
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        if isinstance(self.structure, dict):
+            object.__setattr__(self, "structure", StructureConfig.from_dict(self.structure))
+        require(
+            self.structure is None or isinstance(self.structure, StructureConfig),
+            "structure",
+            "must be null or a mapping of lambda, levels, warmup_steps, divergence",
+        )
+
+
+@dataclass(frozen=True)
+class LinearParams(TrainConfig):
+    """``linear`` config: the shared-space width ``dim`` plus the training settings."""
+
+    dim: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.dim >= 1, "dim", f"must be >= 1, got {self.dim}")
+
+
+@dataclass(frozen=True)
+class MLPParams(LinearParams):
+    """``mlp`` config: ``linear``'s plus the hidden width, dropout and the residual path."""
+
+    hidden: int = 1024
+    dropout: float = 0.1
+    residual: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
+        require(0 <= self.dropout < 1, "dropout", f"must lie in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class CSAParams:
+    """``csa`` config: canonical dimensions kept, covariance ridge, the small-n policy."""
+
+    sim_dim: int = 64
+    eps: float = 0.1
+    reduce: str = "pca"
+    pca_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.sim_dim >= 1, "sim_dim", f"must be >= 1, got {self.sim_dim}")
+        require(self.eps >= 0, "eps", f"must be >= 0, got {self.eps}")
+        require(self.reduce in ("pca", "error"), "reduce", f"must be pca or error: {self.reduce!r}")
+        require(self.pca_dim is None or self.pca_dim >= 1, "pca_dim", "must be null or >= 1")
+
+
+@dataclass(frozen=True)
+class ASIFParams:
+    """``asif`` config: anchors kept per query (k) and the exponent (p)."""
+
+    k: int = 800
+    p: float = 8.0
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", f"must be >= 1, got {self.k}")
+        require(self.p > 0, "p", f"must be > 0, got {self.p}")
+
+
+@dataclass(frozen=True)
+class ProcrustesParams:
+    """``procrustes`` config: the common PCA width (null: min(d1, d2, n - 1))."""
+
+    dim: int | None = None
+
+    def __post_init__(self) -> None:
+        require(self.dim is None or self.dim >= 1, "dim", f"must be null or >= 1, got {self.dim}")
+
+
+@dataclass(frozen=True)
+class RidgeParams:
+    """``ridge`` config: the L2 penalty alpha on the map (features are unit rows, centred)."""
+
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
+
+
+KIND_PARAMS: dict[str, type] = {
+    "linear": LinearParams,
+    "mlp": MLPParams,
+    "csa": CSAParams,
+    "asif": ASIFParams,
+    "procrustes": ProcrustesParams,
+    "ridge": RidgeParams,
+}
+ALIGNER_MODULES: dict[str, str] = {
+    "linear": "pipeline.align.heads",
+    "mlp": "pipeline.align.heads",
+    "csa": "pipeline.align.csa",
+    "asif": "pipeline.align.asif",
+    "procrustes": "pipeline.align.linear_maps",
+    "ridge": "pipeline.align.linear_maps",
+}

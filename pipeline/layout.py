@@ -1,0 +1,84 @@
+"""Where every output lives: the one place that knows the ``results/`` layout (docs/formats.md).
+
+Snakemake rules build their input and output patterns from these functions (called with
+``"{wildcard}"`` placeholders, they give the rule's patterns) and the Python stages receive
+the paths they read and write from the rules, so no file name is spelled twice.
+"""
+
+from __future__ import annotations
+
+RESULTS = "results"
+MARKER_SUFFIX = ".done"  # a feature store's completion marker sits beside it (pipeline/store.py)
+
+METRICS_TABLE = f"{RESULTS}/tables/metrics.parquet"
+SUMMARY_TABLE = f"{RESULTS}/tables/summary.parquet"
+PLOTS_DIR = f"{RESULTS}/plots"
+REPORT = f"{RESULTS}/report.html"
+
+
+def dataset_dir(dataset: str) -> str:
+    return f"{RESULTS}/datasets/{dataset}"
+
+
+def dataset_manifest(dataset: str) -> str:
+    """The prepared dataset's ``manifest.json``, written last (pipeline/data/manifest.py)."""
+    return f"{dataset_dir(dataset)}/manifest.json"
+
+
+def dataset_of_manifest(manifest: str) -> str:
+    """The prepared dataset folder of a ``manifest.json`` path."""
+    return manifest.rsplit("/", 1)[0]
+
+
+def feature_store(dataset: str, split: str, encoder: str) -> str:
+    return f"{RESULTS}/features/{dataset}/{split}/{encoder}.zarr"
+
+
+def feature_marker(dataset: str, split: str, encoder: str) -> str:
+    """The store's completion marker: what Snakemake tracks (pipeline/store.py says why)."""
+    return feature_store(dataset, split, encoder) + MARKER_SUFFIX
+
+
+def store_of_marker(marker: str) -> str:
+    """The feature store beside a completion marker."""
+    if not marker.endswith(MARKER_SUFFIX):
+        raise ValueError(f"{marker} is not a feature store's completion marker (*.zarr.done)")
+    return marker.removesuffix(MARKER_SUFFIX)
+
+
+def similarity_dir(vision: str, text: str) -> str:
+    return f"{RESULTS}/similarity/{vision}/{text}"
+
+
+def similarity_table(vision: str, text: str) -> str:
+    return f"{similarity_dir(vision, text)}/similarity.parquet"
+
+
+def layers_json(vision: str, text: str) -> str:
+    return f"{similarity_dir(vision, text)}/layers.json"
+
+
+def heatmap(vision: str, text: str, metric: str) -> str:
+    return f"{similarity_dir(vision, text)}/heatmaps/{metric}.png"
+
+
+def aligner_dir(vision: str, text: str, method: str, choice: str) -> str:
+    """One align job's folder: ``runs.json`` and a folder per run (``pipeline.pairs.run_name``)."""
+    return f"{RESULTS}/aligners/{vision}/{text}/{method}/{choice}"
+
+
+def aligner_runs(vision: str, text: str, method: str, choice: str) -> str:
+    """The align job's declared output, written after all its runs."""
+    return f"{aligner_dir(vision, text, method, choice)}/runs.json"
+
+
+def evaluation(vision: str, text: str, method: str, choice: str) -> str:
+    return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.parquet"
+
+
+def log(rule: str, *parts: str) -> str:
+    return "/".join((f"{RESULTS}/logs/{rule}", *parts)) + ".log"
+
+
+def benchmark(rule: str, *parts: str) -> str:
+    return "/".join((f"{RESULTS}/benchmarks/{rule}", *parts)) + ".tsv"

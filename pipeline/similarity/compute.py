@@ -1,0 +1,159 @@
+"""Similarity of every (vision layer, text layer) pair, read from two feature stores.
+
+``compute_similarity`` returns the tidy similarity table (docs/formats.md):
+``vision_encoder, text_encoder, vision_layer, text_layer, metric, value, n_samples,
+sample_seed`` plus ``vision_layer_name, text_layer_name, metric_params``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import zarr
+
+from pipeline.pairs import Pairs
+from pipeline.similarity.matrix import (
+    DEFAULT_ACCUMULATOR_BYTES,
+    DEFAULT_CHUNK_ROWS,
+    centred_moments,
+    linear_cka_matrix,
+    minibatch_cka_matrix,
+    mutual_knn_matrix,
+    unbiased_cka_matrix,
+)
+from pipeline.similarity.metrics import resolve_k
+from pipeline.store import open_store
+
+METRICS = ("linear_cka", "unbiased_cka", "minibatch_cka", "mutual_knn")
+DEFAULT_MINIBATCH_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class StoreRows:
+    """Chosen rows of one store layer, as a row source: ``self[i]`` is ``array[rows[i]]``."""
+
+    array: zarr.Array
+    rows: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.array.shape[1])
+
+    def __getitem__(self, index: slice | np.ndarray) -> np.ndarray:
+        return self.array.oindex[self.rows[index], :]
+
+
+def open_layers(path: Path, rows: np.ndarray) -> tuple[list[StoreRows], list[str]]:
+    """Every layer of a complete feature store, restricted to ``rows``, and the layer names."""
+    store = open_store(path)
+    if len(rows) and (rows.min() < 0 or rows.max() >= store.n_samples):
+        raise ValueError(f"{path}: pair rows reach {rows.max()}, the store has {store.n_samples}")
+    layers = [StoreRows(store.layer(i), rows) for i in range(store.num_layers)]
+    return layers, store.layer_names
+
+
+def similarity_table(
+    scores: Mapping[str, np.ndarray],
+    *,
+    vision_encoder: str,
+    text_encoder: str,
+    vision_layer_names: Sequence[str],
+    text_layer_names: Sequence[str],
+    n_samples: int | Mapping[str, int],
+    sample_seed: int,
+    metric_params: Mapping[str, str] | None = None,
+) -> pl.DataFrame:
+    """Tidy table, one row per (metric, vision layer, text layer), from (La, Lb) score arrays."""
+    frames = []
+    for metric, values in scores.items():
+        expected = (len(vision_layer_names), len(text_layer_names))
+        if values.shape != expected:
+            raise ValueError(f"{metric}: scores have shape {values.shape}, expected {expected}")
+        vision_layer, text_layer = np.indices(expected).reshape(2, -1)
+        count = n_samples if isinstance(n_samples, int) else n_samples[metric]
+        frame = pl.DataFrame(
+            {
+                "vision_encoder": vision_encoder,
+                "text_encoder": text_encoder,
+                "vision_layer": vision_layer,
+                "text_layer": text_layer,
+                "metric": metric,
+                "value": values.ravel().astype(np.float64),
+                "n_samples": count,
+                "sample_seed": sample_seed,
+                "vision_layer_name": np.asarray(vision_layer_names, dtype=str)[vision_layer],
+                "text_layer_name": np.asarray(text_layer_names, dtype=str)[text_layer],
+                "metric_params": (metric_params or {}).get(metric, ""),
+            }
+        )
+        frames.append(frame)
+    table = pl.concat(frames)
+    integer_columns = ["vision_layer", "text_layer", "n_samples", "sample_seed"]
+    return table.with_columns(pl.col(integer_columns).cast(pl.Int64))
+
+
+def compute_similarity(
+    vision_store: Path,
+    text_store: Path,
+    pairs: Pairs,
+    metrics: Sequence[str],
+    knn_k: int | str,
+    vision_encoder: str,
+    text_encoder: str,
+    sample_seed: int,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    minibatch_size: int = DEFAULT_MINIBATCH_SIZE,
+    max_accumulator_bytes: int = DEFAULT_ACCUMULATOR_BYTES,
+    progress: bool = True,
+) -> pl.DataFrame:
+    """Every requested metric for every (vision layer, text layer) pair on the given pairs.
+
+    ``pairs`` are the scoring pairs (see ``selection.scoring_pairs``). Linear and unbiased
+    CKA stream over ``chunk_rows`` pairs at a time; mutual kNN holds one layer's rows at a
+    time; minibatch CKA reads one batch of ``minibatch_size`` (capped at the number of
+    pairs) with ``sample_seed`` choosing the batches. ``n_samples`` records how many pairs
+    each metric used (minibatch CKA drops the remainder of n / batch size).
+    """
+    unknown = sorted(set(metrics) - set(METRICS))
+    if unknown or not metrics:
+        raise ValueError(f"unknown similarity metrics {unknown or metrics}; choose from {METRICS}")
+    if len(pairs) < 4:
+        raise ValueError(f"need at least 4 scoring pairs, got {len(pairs)}")
+    pairs = pairs.take(np.argsort(pairs.image_rows, kind="stable"))  # sequential store reads
+    vision, vision_names = open_layers(Path(vision_store), pairs.image_rows)
+    text, text_names = open_layers(Path(text_store), pairs.caption_rows)
+    n = len(pairs)
+    scores: dict[str, np.ndarray] = {}
+    n_samples = dict.fromkeys(metrics, n)
+    params: dict[str, str] = {}
+    if {"linear_cka", "unbiased_cka"} & set(metrics):
+        moments = centred_moments(vision, text, chunk_rows, max_accumulator_bytes, progress)
+        if "linear_cka" in metrics:
+            scores["linear_cka"] = linear_cka_matrix(moments)
+        if "unbiased_cka" in metrics:
+            scores["unbiased_cka"] = unbiased_cka_matrix(moments)
+    if "minibatch_cka" in metrics:
+        batch_size = min(minibatch_size, n)
+        scores["minibatch_cka"] = minibatch_cka_matrix(
+            vision, text, batch_size, sample_seed, max_accumulator_bytes, progress
+        )
+        n_samples["minibatch_cka"] = n // batch_size * batch_size
+        params["minibatch_cka"] = f"batch_size={batch_size},batches={n // batch_size}"
+    if "mutual_knn" in metrics:
+        k = resolve_k(knn_k, n)
+        scores["mutual_knn"] = mutual_knn_matrix(vision, text, k, progress)
+        params["mutual_knn"] = f"k={k}"
+    return similarity_table(
+        {metric: scores[metric] for metric in metrics},
+        vision_encoder=vision_encoder,
+        text_encoder=text_encoder,
+        vision_layer_names=vision_names,
+        text_layer_names=text_names,
+        n_samples=n_samples,
+        sample_seed=sample_seed,
+        metric_params=params,
+    )
