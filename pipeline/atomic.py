@@ -1,7 +1,9 @@
 """Atomic file writes: a reader never sees a half-written file.
 
 Everything is written to a temporary sibling and moved into place with ``os.replace``,
-which is atomic on POSIX file systems.
+which is atomic on POSIX file systems. The file ends with the mode a plain ``open`` would
+give it, ``0o666 & ~umask`` (``tempfile.mkstemp`` alone would leave every result 0600,
+unreadable to the group a cluster shares results with).
 """
 
 from __future__ import annotations
@@ -9,15 +11,41 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows.
+
+    Linux (4.7 and later) reports it in ``/proc/self/status``; elsewhere it is read by
+    setting and restoring it under a lock, which is only racy against other threads that
+    create files in that instant without going through this function.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return umask
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; move it onto ``path`` if the block succeeds.
+
+    The file moved into place has mode ``0o666 & ~umask``, whatever mode the block left.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -25,6 +53,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -75,9 +75,15 @@ def grid_spec(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def prepare_dataset(config: dict[str, Any], dataset: str) -> Job:
+    """Inputs: the source files (JSON, class and template files, an image folder's images),
+    so that editing, adding or removing one reruns exactly what depends on the dataset."""
+    from pipeline.data import source_files
+
+    spec = config["datasets"][dataset]
     return Job(
         "prepare_dataset",
-        {"name": dataset, "dataset": config["datasets"][dataset]},
+        {"name": dataset, "dataset": spec},
+        inputs={"sources": [str(path) for path in source_files(dataset, spec)]},
         outputs={"manifest": layout.dataset_manifest(dataset)},
     )
 

@@ -17,6 +17,7 @@ from pipeline.data import (
     load_tasks,
     prepare_dataset,
     read_manifest,
+    source_files,
     validate_spec,
 )
 from pipeline.data.manifest import content_hash
@@ -51,9 +52,8 @@ def coco(tmp_path) -> dict:
         coco_entry(9, "train2014", "train", 1, 2),
         coco_entry(25, "train2014", "restval", 3),
         coco_entry(42, "val2014", "val", 4, 5),
-        coco_entry(73, "val2014", "test", 6, 7),
+        coco_entry(73, "val2014", "test", 6, 7, 9),
         coco_entry(74, "val2014", "test", 8),
-        coco_entry(73, "val2014", "test", 7, 9),  # the same image listed again
     ]
     root = tmp_path / "coco"
     for entry in entries:
@@ -98,7 +98,7 @@ def folder(tmp_path) -> dict:
 # --- COCO -----------------------------------------------------------------------------------
 
 
-def test_coco_karpathy_splits_ids_captions_and_dedup(coco, tmp_path):
+def test_coco_karpathy_splits_ids_and_captions(coco, tmp_path):
     out = tmp_path / "out"
     prepare_dataset("coco", coco, out)
     ids = {s: load_split(out, s).images["image_id"].to_list() for s in ("train", "val", "test")}
@@ -175,7 +175,7 @@ def test_coco_errors_name_the_problem(coco, tmp_path):
         prepare_dataset("coco", coco, out)
 
     write_entries(coco, [*entries[:4], {**entries[3], "split": "val"}])
-    with pytest.raises(ValueError, match="image 'coco-73' is listed in two splits"):
+    with pytest.raises(ValueError, match=r"entries 3 \(.*split 'test'\) and 4 \(.*split 'val'\)"):
         prepare_dataset("coco", coco, out)
     write_entries(coco, [{**entries[0], "split": "dev"}])
     with pytest.raises(ValueError, match="image entry 0 has unknown split 'dev'"):
@@ -190,6 +190,66 @@ def test_coco_errors_name_the_problem(coco, tmp_path):
     with pytest.raises(ValueError, match=r"dataset_coco\.json is not a Karpathy split file"):
         prepare_dataset("coco", coco, out)
     assert not (out / "manifest.json").exists()
+
+
+def test_karpathy_repeats_are_errors_naming_both_entries(coco, tmp_path):
+    entries = json.loads(Path(coco["karpathy_json"]).read_text())["images"]
+    out = tmp_path / "out"
+    other_file = {**entries[3], "filepath": "train2014", "filename": "COCO_other.jpg"}
+    save_image(Path(coco["image_root"]) / "train2014" / "COCO_other.jpg")
+    write_entries(coco, [*entries, other_file])  # one cocoid, two files
+    with pytest.raises(
+        ValueError,
+        match=r"dataset 'coco': .*dataset_coco\.json: image entries 3 "
+        r"\(val2014/COCO_val2014_000000000073\.jpg, split 'test'\) and 5 "
+        r"\(train2014/COCO_other\.jpg, split 'test'\) both have id 'coco-73', with different files",
+    ):
+        prepare_dataset("coco", coco, out)
+
+    write_entries(coco, [*entries, entries[3]])  # the very same entry twice
+    with pytest.raises(
+        ValueError, match=r"image entries 3 .* and 5 .* 'coco-73', with the same file"
+    ):
+        prepare_dataset("coco", coco, out)
+
+    write_entries(coco, [*entries, {**entries[3], "cocoid": 99, "sentences": sentences(99)}])
+    with pytest.raises(
+        ValueError,
+        match=r"image entries 3 \(id 'coco-73'\) and 5 \(id 'coco-99'\) both name the file "
+        r"val2014/COCO_val2014_000000000073\.jpg",
+    ):
+        prepare_dataset("coco", coco, out)
+
+    repeated = {**entries[3], "sentences": sentences(6, 7, 6)}
+    write_entries(coco, [*entries[:3], repeated, entries[4]])
+    with pytest.raises(
+        ValueError,
+        match=r"image entry 3 \('coco-73'\): sentences 0 and 2 both have sentid 6",
+    ):
+        prepare_dataset("coco", coco, out)
+    assert not (out / "manifest.json").exists()
+
+    shared = {**entries[4], "sentences": sentences(6)}  # another image's sentid: its own caption
+    write_entries(coco, [*entries[:4], shared])
+    prepare_dataset("coco", coco, out)
+    assert load_split(out, "test").captions["caption_id"].to_list() == [
+        "coco-73-6",
+        "coco-73-7",
+        "coco-73-9",
+        "coco-74-6",
+    ]
+
+
+def test_flickr_one_id_for_two_files_is_an_error(flickr, tmp_path):
+    entries = json.loads(Path(flickr["karpathy_json"]).read_text())["images"]
+    save_image(Path(flickr["image_root"]) / "10002456.png")
+    write_entries(flickr, [*entries, {**entries[1], "filename": "10002456.png", "split": "test"}])
+    with pytest.raises(
+        ValueError,
+        match=r"image entries 1 \(10002456\.jpg, split 'val'\) and 3 \(10002456\.png, split "
+        r"'test'\) both have id 'flickr30k-10002456'",
+    ):
+        prepare_dataset("flickr30k", flickr, tmp_path)
 
 
 # --- Flickr30k ------------------------------------------------------------------------------
@@ -291,6 +351,147 @@ def test_image_folder_errors_name_the_problem(folder, tmp_path):
         prepare_dataset("pets", {**folder, "templates": str(templates)}, tmp_path / "out")
 
     (root / "test" / "golden_retriever" / "d.jpg").symlink_to(root / "test/tabby_cat/c.JPEG")
-    with pytest.raises(ValueError, match="are one image in two classes"):
+    with pytest.raises(
+        ValueError,
+        match=r"golden_retriever/d\.jpg and .*tabby_cat/c\.JPEG are one image in two classes of "
+        r"split 'test', 'golden_retriever' and 'tabby_cat'",
+    ):
         prepare_dataset("pets", folder, tmp_path / "out")
     assert not (tmp_path / "out" / "manifest.json").exists()
+    (root / "test" / "golden_retriever" / "d.jpg").unlink()
+
+    (root / "test" / "tabby_cat" / "e.jpg").symlink_to(root / "train/tabby_cat/c.JPEG")
+    with pytest.raises(
+        ValueError,
+        match=r"train/tabby_cat/c\.JPEG and .*test/tabby_cat/e\.jpg are one image "
+        r"in two splits, 'train' and 'test'",
+    ):
+        prepare_dataset("pets", {**folder, "splits": ["train", "test"]}, tmp_path / "out")
+    prepare_dataset("pets", folder, tmp_path / "out")  # one split: a link beside its target
+    (root / "test" / "tabby_cat" / "e.jpg").unlink()
+
+    (root / "train" / "zebra").mkdir()
+    (root / "train" / "zebra" / "notes.txt").write_text("no images yet")
+    with pytest.raises(
+        ValueError, match=r"dataset 'pets': class folder 'zebra' under .* has no image"
+    ):
+        prepare_dataset("pets", {**folder, "splits": ["train", "test"]}, tmp_path / "out")
+
+
+# --- source files and re-preparation --------------------------------------------------------
+
+
+def test_source_files_of_each_source(coco, flickr, folder, tmp_path):
+    assert source_files("coco", coco) == [Path(coco["karpathy_json"])]
+    assert source_files("flickr30k", flickr) == [Path(flickr["karpathy_json"])]
+    assert source_files("shapes", {"source": "synthetic", "seed": 0, "splits": {"test": 2}}) == []
+
+    root = Path(folder["root"])
+    assert source_files("pets", folder) == [
+        root / "test/golden_retriever/a.png",
+        root / "test/golden_retriever/b.jpg",
+        root / "test/tabby_cat/c.JPEG",
+        root / "test/tabby_cat/d-link.jpg",  # links as listed; hidden and non-image skipped
+    ]
+    names, templates = tmp_path / "names.txt", tmp_path / "templates.txt"
+    names.write_text("dog\ncat\n")
+    templates.write_text("a photo of a {}.\n")
+    spec = {**folder, "classnames": str(names), "templates": str(templates), "splits": ["train"]}
+    assert source_files("pets", spec) == [
+        names,
+        templates,
+        root / "train/golden_retriever/a.png",
+        root / "train/golden_retriever/b.jpg",
+        root / "train/tabby_cat/c.JPEG",
+    ]
+    with pytest.raises(ValueError, match="key 'root' names no existing folder"):
+        source_files("pets", {**folder, "root": str(tmp_path / "nowhere")})
+
+
+def bump_mtime(path: Path) -> None:
+    """Make a rewrite visible even on file systems with coarse timestamps."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
+def test_editing_a_karpathy_json_prepares_again(coco, tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset("coco", coco, out)
+    before, stamp = read_manifest(out), (out / "manifest.json").stat().st_mtime_ns
+    prepare_dataset("coco", coco, out)  # nothing changed: returns early
+    assert (out / "manifest.json").stat().st_mtime_ns == stamp
+
+    entries = json.loads(Path(coco["karpathy_json"]).read_text())["images"]
+    entries[3]["sentences"][0]["raw"] = "An edited caption."
+    write_entries(coco, entries)
+    bump_mtime(Path(coco["karpathy_json"]))
+    prepare_dataset("coco", coco, out)
+    assert load_split(out, "test").captions["text"].to_list()[0] == "An edited caption."
+    assert read_manifest(out)["content_hash"] != before["content_hash"]
+
+    write_entries(coco, [e for e in entries if e["cocoid"] != 74])  # an image entry dropped
+    bump_mtime(Path(coco["karpathy_json"]))
+    prepare_dataset("coco", coco, out)
+    assert load_split(out, "test").images["image_id"].to_list() == ["coco-73"]
+    assert read_manifest(out)["splits"]["test"] == {"images": 1, "captions": 3}
+
+
+def test_changing_an_image_folder_prepares_again(folder, tmp_path):
+    root, out = Path(folder["root"]), tmp_path / "out"
+    prepare_dataset("pets", folder, out)
+    assert len(load_split(out, "test").images) == 3
+
+    save_image(root / "test" / "tabby_cat" / "e.png")
+    assert root / "test/tabby_cat/e.png" in source_files("pets", folder)
+    prepare_dataset("pets", folder, out)
+    assert load_split(out, "test").images["image_id"].to_list()[-1] == "pets/test/tabby_cat/e.png"
+
+    (root / "test" / "golden_retriever" / "b.jpg").unlink()
+    assert root / "test/golden_retriever/b.jpg" not in source_files("pets", folder)
+    prepare_dataset("pets", folder, out)
+    assert "pets/test/golden_retriever/b.jpg" not in load_split(out, "test").images["image_id"]
+
+    classnames = tmp_path / "names.txt"
+    classnames.write_text("dog\ncat\n")
+    spec = {**folder, "classnames": str(classnames)}
+    prepare_dataset("pets", spec, out)
+    classnames.write_text("Dog\nCat\n")
+    bump_mtime(classnames)
+    prepare_dataset("pets", spec, out)
+    assert load_tasks(out)[0].classnames == ("Dog", "Cat")
+
+    image = root / "test" / "golden_retriever" / "a.png"  # rewritten in place
+    save_image(image, mode="L", value=200)
+    bump_mtime(image)
+    prepare_dataset("pets", spec, out)
+    assert load_split(out, "test").open_image(0).getpixel((0, 0)) == (200, 200, 200)
+    assert read_manifest(out)["content_hash"] == content_hash(out, ["test"])
+
+
+def test_a_changed_user_image_or_table_prepares_again(coco, tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset("coco", {**coco, "splits": ["test"]}, out)
+    stamp = (out / "manifest.json").stat().st_mtime_ns
+    bump_mtime(load_split(out, "test").image_path(0))  # not a source file, but in the tables
+    prepare_dataset("coco", {**coco, "splits": ["test"]}, out)
+    assert (out / "manifest.json").stat().st_mtime_ns != stamp
+    assert read_manifest(out)["content_hash"] == content_hash(out, ["test"])
+
+    (out / "test" / "captions.parquet").write_bytes(b"garbage")
+    prepare_dataset("coco", {**coco, "splits": ["test"]}, out)
+    assert len(load_split(out, "test").captions) == 4
+
+
+def test_tables_of_splits_no_longer_prepared_are_removed(coco, tmp_path):
+    out = tmp_path / "out"
+    prepare_dataset("coco", coco, out)
+    assert (out / "train" / "images.parquet").is_file()
+    (out / "notes").mkdir()  # not a split folder: left alone
+    prepare_dataset("coco", {**coco, "splits": ["test"]}, out)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "notes",
+        "prompts.parquet",
+        "tasks.json",
+        "test",
+    ]

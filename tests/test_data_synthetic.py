@@ -293,6 +293,36 @@ def test_prepare_is_idempotent_and_reruns_when_incomplete_or_changed(tmp_path):
     assert read_manifest(tmp_path)["splits"]["test"] == {"images": 6, "captions": 12}
 
 
+def test_preparing_fewer_images_removes_the_old_ones(tmp_path):
+    prepare_dataset("tiny", {**SPEC, "splits": {"train": 3, "test": 5}}, tmp_path)
+    prepare_dataset("tiny", {**SPEC, "splits": {"test": 2}}, tmp_path)
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*"))
+    assert files == [
+        "manifest.json",
+        "prompts.parquet",
+        "tasks.json",
+        "test",
+        "test/captions.parquet",
+        "test/images",
+        "test/images.parquet",
+        "test/images/tiny-test-000000.png",
+        "test/images/tiny-test-000001.png",
+        "test/masks",
+        "test/masks/tiny-test-000000.png",
+        "test/masks/tiny-test-000001.png",
+    ]
+    assert len(load_split(tmp_path, "test").images) == 2
+
+
+def test_a_changed_generated_image_is_generated_again(tmp_path):
+    prepare_dataset("tiny", {**SPEC, "splits": {"test": 3}}, tmp_path)
+    image = tmp_path / "test/images/tiny-test-000001.png"
+    original = image.read_bytes()
+    image.write_bytes(original + b"\0")
+    prepare_dataset("tiny", {**SPEC, "splits": {"test": 3}}, tmp_path)
+    assert image.read_bytes() == original
+
+
 def test_content_hash_sees_a_changed_image(tmp_path):
     prepare_dataset("tiny", {**SPEC, "splits": {"test": 3}}, tmp_path)
     before = read_manifest(tmp_path)["content_hash"]

@@ -2,7 +2,9 @@
 
 ``prepare_dataset(name, spec, out_dir)`` writes ``results/datasets/<name>/`` (layout in
 ``manifest.py``); the readers (``load_split``, ``load_tasks``, ``load_prompts``,
-``read_manifest``) are what the other stages use. Sources, chosen by ``spec["source"]``:
+``read_manifest``) are what the other stages use, and every image is read through
+``images.load_rgb``. ``source_files(name, spec)`` lists the files a prepared dataset is
+made from, for a workflow to track. Sources, chosen by ``spec["source"]``:
 
 - ``synthetic``: the offline world of coloured shapes (``synthetic.py``);
 - ``coco_karpathy`` / ``flickr30k_karpathy``: Karpathy splits on disk (``karpathy.py``);
@@ -20,6 +22,7 @@ from typing import Any, NamedTuple
 
 from pipeline import layout
 from pipeline.data import image_folder, karpathy, synthetic
+from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import (
     MANIFEST,
     PreparedDataset,
@@ -29,6 +32,7 @@ from pipeline.data.manifest import (
     load_split,
     load_tasks,
     read_manifest,
+    sources_hash,
     write_dataset,
 )
 from pipeline.data.tasks import Task
@@ -38,27 +42,41 @@ __all__ = [
     "SOURCES",
     "Split",
     "Task",
+    "load_mask",
     "load_prompts",
+    "load_rgb",
     "load_split",
     "load_tasks",
     "prepare_dataset",
     "read_manifest",
+    "source_files",
     "validate_spec",
 ]
 
 
 class Source(NamedTuple):
-    """How one kind of dataset is checked (defaults filled in) and built."""
+    """How one kind of dataset is checked (defaults filled in), built, and what it reads.
+
+    ``sources`` takes a normalized spec and lists the files whose content determines the
+    prepared dataset (see ``source_files``).
+    """
 
     normalize: Callable[[str, Mapping[str, Any]], dict[str, Any]]
     build: Callable[[str, Mapping[str, Any], Path], PreparedDataset]
+    sources: Callable[[str, Mapping[str, Any]], list[Path]]
 
 
 SOURCES: dict[str, Source] = {
-    "synthetic": Source(synthetic.normalize_spec, synthetic.build),
-    "coco_karpathy": Source(karpathy.normalize_coco_spec, karpathy.build_coco),
-    "flickr30k_karpathy": Source(karpathy.normalize_flickr_spec, karpathy.build_flickr),
-    "image_folder": Source(image_folder.normalize_spec, image_folder.build),
+    "synthetic": Source(synthetic.normalize_spec, synthetic.build, synthetic.source_files),
+    "coco_karpathy": Source(
+        karpathy.normalize_coco_spec, karpathy.build_coco, karpathy.source_files
+    ),
+    "flickr30k_karpathy": Source(
+        karpathy.normalize_flickr_spec, karpathy.build_flickr, karpathy.source_files
+    ),
+    "image_folder": Source(
+        image_folder.normalize_spec, image_folder.build, image_folder.source_files
+    ),
 }
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
@@ -80,15 +98,32 @@ def validate_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return SOURCES[source].normalize(name, spec)
 
 
+def source_files(name: str, spec: Mapping[str, Any]) -> list[Path]:
+    """The files whose content determines the prepared dataset, for a workflow to track.
+
+    Pure (it reads only directory listings): the spec is validated, then its source lists
+    them, paths as the spec names them (relative ones relative to the working directory).
+    Synthetic: none. Karpathy COCO / Flickr30k: the JSON (not its 123k / 31k images; see
+    ``karpathy``). Image folders: class-name and template files, then every image, sorted.
+    """
+    normalized = validate_spec(name, spec)
+    return SOURCES[normalized["source"]].sources(name, normalized)
+
+
 def prepare_dataset(name: str, spec: Mapping[str, Any], out_dir: Path) -> None:
-    """Prepare ``spec`` into ``out_dir``; returns at once if it is already prepared."""
+    """Prepare ``spec`` into ``out_dir``; returns at once if it is already prepared.
+
+    Prepared means: same spec, source files with the size and modification time they had
+    (``source_files``), and prepared files unaltered (``manifest.is_prepared``).
+    """
     normalized = validate_spec(name, spec)
     out_dir = Path(out_dir)
-    if is_prepared(out_dir, name, normalized):
+    sources = sources_hash(SOURCES[normalized["source"]].sources(name, normalized))
+    if is_prepared(out_dir, name, normalized, sources):
         return
     (out_dir / MANIFEST).unlink(missing_ok=True)  # whatever follows is incomplete until rewritten
     prepared = SOURCES[normalized["source"]].build(name, normalized, out_dir)
-    write_dataset(out_dir, name, normalized, prepared)
+    write_dataset(out_dir, name, normalized, prepared, sources)
 
 
 def run_prepare(job: Job) -> None:

@@ -6,17 +6,25 @@ class-folder order; default: folder names with underscores as spaces); ``templat
 (optional text file, one template with one ``{}`` per line; default ``CLIP_TEMPLATES``).
 
 Classes are the class folders found in any listed split, sorted by name; class index i is
-the i-th of them. ``images.parquet`` holds ``image_id`` (``<dataset>/<split>/<class_dir>/
-<file name>``), ``path`` (absolute), ``label`` (the class index: the task's label column)
-and ``class_name``. Images are recognised by suffix; hidden entries are skipped. Entries
-that resolve to one file (links) are one image, an error if they sit in different classes.
+the i-th of them. A class folder with no image in any listed split is an error (it would
+be a class nothing can be scored on; torchvision's ``ImageFolder`` refuses it too).
+``images.parquet`` holds ``image_id`` (``<dataset>/<split>/<class_dir>/<file name>``, so
+one id per file by construction), ``path`` (absolute), ``label`` (the class index: the
+task's label column) and ``class_name``. Images are recognised by suffix; hidden entries
+are skipped. Entries that resolve to one file (links) are one image (the first in sorted
+order) when they sit in one class of one split; in two classes, or in two splits (a leak
+between, say, train and test), they are an error naming both. Copies are not compared.
 One classification task named after the dataset, on ``test`` when it is listed, otherwise
 on the first listed split. There are no captions.
+
+Source files (``source_files``): the class-name and template files when given, then every
+image file of the listed splits, sorted, exactly those ``build`` reads (links as listed).
+Adding, removing, renaming or rewriting an image changes the list or its fingerprint.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +66,51 @@ def normalize_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     return normalized
 
 
+def source_files(name: str, spec: Mapping[str, Any]) -> list[Path]:
+    """Class-name and template files (when given), then every image file, sorted."""
+    texts = [Path(spec[key]) for key in ("classnames", "templates") if spec.get(key) is not None]
+    listing = list_images(Path(spec["root"]), spec["splits"])
+    return texts + sorted(file for files in listing.values() for file in files)
+
+
+def list_images(root: Path, splits: Iterable[str]) -> dict[tuple[str, str], list[Path]]:
+    """Image files by (split, class folder), in sorted order; empty class folders included."""
+    listing: dict[tuple[str, str], list[Path]] = {}
+    for split in splits:
+        for class_dir in sorted((root / split).iterdir()):
+            if class_dir.name.startswith(".") or not class_dir.is_dir():
+                continue
+            listing[split, class_dir.name] = [
+                file
+                for file in sorted(class_dir.iterdir())
+                if not file.name.startswith(".")
+                and file.suffix.lower() in IMAGE_SUFFIXES
+                and not file.is_dir()
+            ]
+    return listing
+
+
 def build(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
     root = Path(spec["root"]).absolute()
-    class_dirs = sorted(
-        {
-            entry.name
-            for split in spec["splits"]
-            for entry in (root / split).iterdir()
-            if entry.is_dir() and not entry.name.startswith(".")
-        }
-    )
+    listing = list_images(root, spec["splits"])
+    class_dirs = sorted({class_dir for _, class_dir in listing})
     if len(class_dirs) < 2:
         raise spec_error(
             name, "root", f"needs at least 2 class folders in its splits, found {class_dirs}"
         )
+    empty = [c for c in class_dirs if not any(listing.get((s, c)) for s in spec["splits"])]
+    if empty:
+        raise ValueError(
+            f"dataset {name!r}: class folder {empty[0]!r} under {root} has no image in the "
+            f"splits {spec['splits']}; remove it or add images"
+        )
     classnames = _classnames(name, spec.get("classnames"), class_dirs)
     templates = _templates(spec.get("templates"))
     no_captions = pl.DataFrame(schema=CAPTION_SCHEMA)
+    seen: dict[Path, dict[str, Any]] = {}  # resolved file -> its row, across splits
     splits = {
         split: Split(
-            images=_scan_split(name, root / split, class_dirs, classnames, f"{name}/{split}"),
+            images=_split_rows(name, root, split, listing, class_dirs, classnames, seen),
             captions=no_captions,
             root=Path(out_dir),
         )
@@ -126,34 +159,41 @@ def _templates(path: str | None) -> tuple[str, ...]:
     return tuple(templates)
 
 
-def _scan_split(
-    name: str, folder: Path, class_dirs: list[str], classnames: list[str], id_prefix: str
+def _split_rows(
+    name: str,
+    root: Path,
+    split: str,
+    listing: Mapping[tuple[str, str], list[Path]],
+    class_dirs: list[str],
+    classnames: list[str],
+    seen: dict[Path, dict[str, Any]],
 ) -> pl.DataFrame:
-    """One row per distinct image file under ``folder/<class_dir>/``."""
+    """One row per distinct image file of ``split``; ``seen`` carries rows across splits."""
     rows: list[dict[str, Any]] = []
-    seen: dict[Path, dict[str, Any]] = {}  # resolved file -> its row
     for label, class_dir in enumerate(class_dirs):
-        if not (folder / class_dir).is_dir():
-            continue
-        for file in sorted((folder / class_dir).iterdir()):
-            if file.name.startswith(".") or file.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
+        for file in listing.get((split, class_dir), []):
             real = file.resolve()
             if real in seen:
-                if seen[real]["label"] != label:
-                    raise ValueError(
-                        f"dataset {name!r}: {file} and {seen[real]['path']} are one image in "
-                        f"two classes, {class_dirs[seen[real]['label']]!r} and {class_dir!r}"
-                    )
-                continue
+                other = seen[real]
+                if other["split"] == split and other["label"] == label:
+                    continue  # a link beside its target: one image
+                where = (
+                    f"two classes of split {split!r}, {class_dirs[other['label']]!r} and "
+                    f"{class_dir!r}"
+                    if other["split"] == split
+                    else f"two splits, {other['split']!r} and {split!r}"
+                )
+                raise ValueError(
+                    f"dataset {name!r}: {other['path']} and {file} are one image in {where}"
+                )
             row = {
-                "image_id": f"{id_prefix}/{class_dir}/{file.name}",
+                "image_id": f"{name}/{split}/{class_dir}/{file.name}",
                 "path": str(file),
                 "label": label,
                 "class_name": classnames[label],
             }
-            seen[real] = row
+            seen[real] = {**row, "split": split}
             rows.append(row)
     if not rows:
-        raise ValueError(f"dataset {name!r}: no image files under {folder}/<class folder>/")
+        raise ValueError(f"dataset {name!r}: no image files under {root / split}/<class folder>/")
     return pl.DataFrame(rows, schema=IMAGE_SCHEMA)

@@ -13,14 +13,27 @@ otherwise), ``val`` and ``test`` (the 5k COCO / 1k Flickr30k Karpathy test). The
 key ``splits`` prepares a subset of them. Ids: ``coco-<cocoid>`` or
 ``flickr30k-<file name stem>``; captions ``<image_id>-<sentid>``. ``images.parquet`` holds
 ``image_id``, ``path`` (absolute) and ``karpathy_split`` (the split named in the JSON).
-Entries naming the same image are merged into one row (sentences united by ``sentid``);
-they must agree on the split. Rows keep the JSON's order; captions follow their images.
-Task: retrieval on ``test`` when it is prepared.
+Rows keep the JSON's order; captions follow their images. Task: retrieval on ``test`` when
+it is prepared.
+
+Repeats are errors that name both entries: two entries with one image id (whether they
+name one file or two), two entries naming one file (under two ids), and one ``sentid``
+twice in an entry. Karpathy's files have none; a repeat means an edited or concatenated
+file, and merging it would either pair one file's captions with another file's pixels or
+silently change how many captions (pairs) an image has. Images may share ``sentid`` values
+(their caption ids differ), as hand-made files numbering sentences per image do.
+
+Source files (``source_files``): the JSON only. The images it references are not listed:
+COCO has 123k of them, listing them means parsing the JSON (over 100 MB) and stat-ing every
+image each time a workflow is planned, and they are published, unchanging files. Each
+image's size and modification time are still recorded in the manifest's
+``content_hash``, which ``prepare_dataset`` checks again before returning early.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +92,11 @@ def _normalize(
     return normalized
 
 
+def source_files(name: str, spec: Mapping[str, Any]) -> list[Path]:
+    """The files a prepared Karpathy dataset is made from: its JSON (see the module docstring)."""
+    return [Path(spec["karpathy_json"])]
+
+
 def build_coco(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
     return _build(name, spec, out_dir, locate_coco)
 
@@ -100,16 +118,17 @@ def read_karpathy_json(path: Path) -> list[dict[str, Any]]:
 
 @dataclass
 class _Image:
-    """One distinct image of the JSON: its split after the restval rule, row and captions."""
+    """One image entry of the JSON: its split after the restval rule, row and captions."""
 
     split: str | None
     row: dict[str, str]
-    captions: dict[str, dict[str, str]] = field(default_factory=dict)  # by caption_id
+    captions: list[dict[str, str]] = field(default_factory=list)
 
 
 def _build(name: str, spec: Mapping[str, Any], out_dir: Path, locate: Locate) -> PreparedDataset:
     json_path = Path(spec["karpathy_json"])
-    merged = _merge_entries(
+    images = _read_images(
+        name,
         json_path,
         locate,
         image_root=Path(spec["image_root"]).absolute(),
@@ -117,13 +136,13 @@ def _build(name: str, spec: Mapping[str, Any], out_dir: Path, locate: Locate) ->
     )
     splits = {}
     for split in spec["splits"]:
-        chosen = [image for image in merged.values() if image.split == split]
+        chosen = [image for image in images if image.split == split]
         if not chosen:
             raise ValueError(f"dataset {name!r}: {json_path} has no images in split {split!r}")
         splits[split] = Split(
             images=pl.DataFrame([image.row for image in chosen], schema=IMAGE_SCHEMA),
             captions=pl.DataFrame(
-                [caption for image in chosen for caption in image.captions.values()],
+                [caption for image in chosen for caption in image.captions],
                 schema=CAPTION_SCHEMA,
             ),
             root=Path(out_dir),
@@ -133,42 +152,72 @@ def _build(name: str, spec: Mapping[str, Any], out_dir: Path, locate: Locate) ->
     return PreparedDataset(splits, tasks)
 
 
-def _merge_entries(
-    json_path: Path, locate: Locate, image_root: Path, restval_in_train: bool
-) -> dict[str, _Image]:
-    """The JSON's images by id, in first-seen order; repeated entries of an image merged."""
-    merged: dict[str, _Image] = {}
+def _read_images(
+    name: str, json_path: Path, locate: Locate, image_root: Path, restval_in_train: bool
+) -> list[_Image]:
+    """The JSON's image entries in order; each id, file and caption id exactly once."""
+    images: list[_Image] = []
+    by_id: dict[str, int] = {}  # image id -> entry index
+    by_file: dict[str, int] = {}  # path relative to image_root -> entry index
+    files: list[str] = []
     for i, entry in enumerate(read_karpathy_json(json_path)):
-        where = f"{json_path}: image entry {i}"
+        where = f"dataset {name!r}: {json_path}: image entry {i}"
         try:
             image_id, relative = locate(entry)
+            relative = posixpath.normpath(relative)
             karpathy_split, sentences = entry["split"], entry["sentences"]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where} is malformed: {err!r}") from None
         if karpathy_split not in TARGET_SPLIT:
             raise ValueError(f"{where} has unknown split {karpathy_split!r}")
+        files.append(relative)
+        if image_id in by_id:
+            j = by_id[image_id]
+            same = "the same file" if files[j] == relative else "different files"
+            raise ValueError(
+                f"dataset {name!r}: {json_path}: image entries {j} ({files[j]}, split "
+                f"{images[j].row['karpathy_split']!r}) and {i} ({relative}, split "
+                f"{karpathy_split!r}) both have id {image_id!r}, with {same}; each image must "
+                "be listed once"
+            )
+        if relative in by_file:
+            j = by_file[relative]
+            raise ValueError(
+                f"dataset {name!r}: {json_path}: image entries {j} (id "
+                f"{images[j].row['image_id']!r}) and {i} (id {image_id!r}) both name the "
+                f"file {relative}; each image must be listed once"
+            )
+        by_id[image_id], by_file[relative] = i, i
         dropped = karpathy_split == "restval" and not restval_in_train
-        split = None if dropped else TARGET_SPLIT[karpathy_split]
-        row = {"image_id": image_id, "path": str(image_root / relative)}
-        image = merged.setdefault(
-            image_id, _Image(split, {**row, "karpathy_split": karpathy_split})
-        )
-        if image.split != split:
-            raise ValueError(f"{where}: image {image_id!r} is listed in two splits")
-        for caption in _captions(image_id, sentences, where):
-            image.captions.setdefault(caption["caption_id"], caption)
-    return merged
+        row = {
+            "image_id": image_id,
+            "path": str(image_root / relative),
+            "karpathy_split": karpathy_split,
+        }
+        captions = _captions(image_id, sentences, f"{where} ({image_id!r})")
+        images.append(_Image(None if dropped else TARGET_SPLIT[karpathy_split], row, captions))
+    return images
 
 
 def _captions(image_id: str, sentences: Any, where: str) -> list[dict[str, str]]:
-    captions = []
-    for sentence in sentences:
+    """The entry's captions; a sentid given twice is an error naming both sentences."""
+    captions: list[dict[str, str]] = []
+    positions: dict[str, int] = {}  # caption id -> index in sentences
+    if not isinstance(sentences, list):
+        raise ValueError(f"{where}: 'sentences' must be a list, not {type(sentences).__name__}")
+    for k, sentence in enumerate(sentences):
         try:
-            caption_id, text = f"{image_id}-{int(sentence['sentid'])}", sentence["raw"].strip()
+            sentid = int(sentence["sentid"])
+            caption_id, text = f"{image_id}-{sentid}", sentence["raw"].strip()
         except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ValueError(f"{where} has a malformed sentence: {err!r}") from None
+            raise ValueError(f"{where} has a malformed sentence {k}: {err!r}") from None
         if not text:
-            raise ValueError(f"{where}: sentence {caption_id!r} is empty")
+            raise ValueError(f"{where}: sentence {k} (sentid {sentid}) is empty")
+        if caption_id in positions:
+            raise ValueError(
+                f"{where}: sentences {positions[caption_id]} and {k} both have sentid {sentid}"
+            )
+        positions[caption_id] = k
         captions.append({"caption_id": caption_id, "image_id": image_id, "text": text})
     return captions
 

@@ -11,7 +11,14 @@ Layout under ``results/datasets/<name>/``::
 ``path`` (and ``mask_path`` where present) is relative to the dataset folder for files
 the pipeline generated and absolute for a user's files on disk. ``content_hash`` covers
 the Parquet and JSON files byte for byte, the bytes of generated files, and the path,
-size and modification time of user files.
+size and modification time of user files: it changes exactly when what the later stages
+read changes, so extraction keys its caches on it.
+
+``sources_hash`` covers the path, size and modification time of the dataset's source files
+(``pipeline.data.source_files``: a Karpathy JSON, class-name and template files, an image
+folder's image files). A dataset counts as prepared (``is_prepared``) only when the spec,
+the sources and the prepared files (``content_hash`` recomputed) are all as recorded, so
+editing a source, or a user image the tables point to, prepares it again.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import polars as pl
 from PIL import Image
 
 from pipeline.atomic import write_json, write_parquet
+from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.tasks import CLASSIFICATION, NOT_IN_TASK, PROMPT_SCHEMA, RETRIEVAL, Task
 from pipeline.data.tasks import prompts_frame as build_prompts_frame
 from pipeline.versions import library_versions
@@ -58,15 +66,17 @@ class Split:
         return self.root / self.images["path"][i]  # an absolute path stays as it is
 
     def open_image(self, i: int) -> Image.Image:
-        """Image row ``i`` as an RGB PIL image."""
-        return _open_file(self.image_path(i), self.images["image_id"][i], "RGB")
+        """Image row ``i`` as an 8-bit RGB PIL image (``pipeline.data.images.load_rgb``)."""
+        return load_rgb(self.image_path(i), self._entry(i))
 
     def open_mask(self, i: int) -> np.ndarray:
         """Segmentation mask of image row ``i`` (uint8; 0 background, class index + 1)."""
         if "mask_path" not in self.images.columns:
             raise ValueError(f"split under {self.root} has no masks (no 'mask_path' column)")
-        path = self.root / self.images["mask_path"][i]
-        return np.asarray(_open_file(path, self.images["image_id"][i], "L"), dtype=np.uint8)
+        return load_mask(self.root / self.images["mask_path"][i], f"mask of {self._entry(i)}")
+
+    def _entry(self, i: int) -> str:
+        return f"dataset at {self.root}, image {self.images['image_id'][i]!r}"
 
 
 @dataclass(frozen=True)
@@ -75,17 +85,6 @@ class PreparedDataset:
 
     splits: dict[str, Split]
     tasks: list[Task] = field(default_factory=list)
-
-
-def _open_file(path: Path, image_id: str, mode: str) -> Image.Image:
-    """The image file at ``path`` converted to ``mode``; errors name the image and file."""
-    try:
-        with Image.open(path) as image:
-            return image.convert(mode)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {image_id!r}: no file {path}") from None
-    except OSError as err:
-        raise OSError(f"image {image_id!r}: cannot read {path}: {err}") from None
 
 
 # --- spec checks shared by the adapters -----------------------------------------------------
@@ -161,11 +160,33 @@ def spec_hash(name: str, spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def is_prepared(out_dir: Path, name: str, spec: Mapping[str, Any]) -> bool:
-    """Whether ``out_dir`` holds a complete preparation of this very spec."""
+def sources_hash(paths: Iterable[Path]) -> str:
+    """sha256 over each source file's path, size and modification time, in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        try:
+            stat = Path(path).stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"source file {path} is missing") from None
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0".encode())
+    return digest.hexdigest()
+
+
+def is_prepared(out_dir: Path, name: str, spec: Mapping[str, Any], sources: str) -> bool:
+    """Whether ``out_dir`` holds a complete, unaltered preparation of this spec and sources.
+
+    ``sources`` is the ``sources_hash`` of the dataset's source files now. The prepared
+    files are fingerprinted again (``content_hash``), which also notices a user image
+    that changed or went missing since.
+    """
     try:
-        return read_manifest(out_dir)["spec_hash"] == spec_hash(name, spec)
-    except (FileNotFoundError, ValueError):
+        manifest = read_manifest(out_dir)
+        if manifest["spec_hash"] != spec_hash(name, spec):
+            return False
+        if manifest.get("sources_hash") != sources:
+            return False
+        return content_hash(out_dir, sorted(manifest["splits"])) == manifest["content_hash"]
+    except (OSError, ValueError, TypeError, KeyError, pl.exceptions.PolarsError):
         return False
 
 
@@ -219,11 +240,16 @@ def _check_task(name: str, task: Task, splits: Mapping[str, Split]) -> None:
 
 
 def write_dataset(
-    out_dir: Path, name: str, spec: Mapping[str, Any], prepared: PreparedDataset
+    out_dir: Path, name: str, spec: Mapping[str, Any], prepared: PreparedDataset, sources: str
 ) -> None:
-    """Write every file of the contract atomically, ``manifest.json`` last."""
+    """Write every file of the contract atomically, ``manifest.json`` last.
+
+    ``sources`` is the ``sources_hash`` taken before the dataset was built. Tables of
+    splits an earlier preparation wrote and this one does not are removed.
+    """
     check_prepared(name, prepared)
     out_dir = Path(out_dir)
+    remove_stale_tables(out_dir, prepared.splits)
     for split_name, split in prepared.splits.items():
         labels = [c for c in split.images.columns if c not in IMAGE_SCHEMA]
         write_parquet(split.images.select(*IMAGE_SCHEMA, *labels), out_dir / split_name / IMAGES)
@@ -245,9 +271,25 @@ def write_dataset(
         },
         "tasks": [task.name for task in prepared.tasks],
         "content_hash": content_hash(out_dir, split_names),
+        "sources_hash": sources,
         "versions": dataset_versions(),
     }
     write_json(out_dir / MANIFEST, manifest)
+
+
+def remove_stale_tables(out_dir: Path, keep: Iterable[str]) -> None:
+    """Remove split tables, then their emptied folders, from folders not named in ``keep``."""
+    out_dir, keep = Path(out_dir), set(keep)
+    if not out_dir.is_dir():
+        return
+    for folder in sorted(out_dir.iterdir()):
+        tables = [folder / table for table in (IMAGES, CAPTIONS)]
+        if folder.name in keep or folder.is_symlink() or not any(t.is_file() for t in tables):
+            continue
+        for table in tables:
+            table.unlink(missing_ok=True)
+        if not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def dataset_versions() -> dict[str, str]:

@@ -396,14 +396,40 @@ def scene_labels(scene: Scene, holdout: tuple[tuple[str, str], ...]) -> dict[str
 # --- preparation ----------------------------------------------------------------------------
 
 
+def source_files(name: str, spec: Mapping[str, Any]) -> list[Path]:
+    """None: the world is generated from the spec alone."""
+    return []
+
+
 def build(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
-    """Generate every split's images and masks under ``out_dir``; return tables and tasks."""
+    """Generate every split's images and masks under ``out_dir``; return tables and tasks.
+
+    PNGs an earlier preparation generated that this one does not (fewer images, a split
+    left out) are removed.
+    """
     holdout = holdout_combinations(spec["seed"], spec["holdout_combinations"])
     splits = {
         split: _generate_split(name, spec, split, n_images, holdout, Path(out_dir))
         for split, n_images in spec["splits"].items()
     }
+    _remove_stale_pngs(Path(out_dir), splits)
     return PreparedDataset(splits, world_tasks(holdout, spec["max_count"]))
+
+
+def _remove_stale_pngs(out_dir: Path, splits: Mapping[str, Split]) -> None:
+    """Delete ``<split>/{images,masks}/*.png`` files the prepared ``splits`` do not point to."""
+    for split in SPLITS:
+        images = splits[split].images if split in splits else None
+        keep = set() if images is None else {*images["path"], *images["mask_path"]}
+        for kind in ("images", "masks"):
+            folder = out_dir / split / kind
+            if not folder.is_dir():
+                continue
+            for file in folder.glob("*.png"):
+                if f"{split}/{kind}/{file.name}" not in keep:
+                    file.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def _generate_split(

@@ -1,6 +1,9 @@
 rule prepare_dataset:
     """Materialise a dataset: manifests, captions, zero-shot tasks and prompts (and, for the
-    synthetic world, its images and masks). manifest.json is written last."""
+    synthetic world, its images and masks). manifest.json is written last. The source files
+    are inputs (tracked, not passed: the stage lists them itself)."""
+    input:
+        unpack(inputs_of(jobs.prepare_dataset)),
     output:
         manifest=layout.dataset_manifest("{dataset}"),
     params:
