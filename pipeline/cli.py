@@ -3,8 +3,8 @@
 Each stage (named like its Snakemake rule) takes its job in one of two equivalent forms:
 
 - what a rule passes: ``--spec JSON`` (the job's slice of the config), ``--in NAME=PATH ...``
-  (the rule's named inputs), ``--out NAME=PATH ...`` (its declared outputs) and, for
-  extraction, ``--options JSON`` (settings that never change results);
+  (the rule's named inputs), ``--out NAME=PATH ...`` (its declared outputs) and
+  ``--threads N`` (the CPU threads Snakemake gave the job);
 - by hand: ``--config config.yaml`` plus the job's wildcards (``--pair vit_tiny/minilm
   --method linear --choice best``), from which ``pipeline.jobs`` derives the same spec and
   paths a rule would.
@@ -15,6 +15,7 @@ A NAME given several times is a list (the aggregate stage's many evaluation tabl
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -113,7 +114,7 @@ def job_from_args(name: str, stage: Stage, args: argparse.Namespace) -> jobs.Job
         if args.spec is None or not args.outputs:
             raise SystemExit(f"{name}: give --spec, --in and --out, or --config and the wildcards")
         inputs, outputs = named_paths(args.inputs), named_paths(args.outputs)
-        return jobs.Job(name, args.spec, inputs, outputs, args.options or {})
+        return jobs.Job(name, args.spec, inputs, outputs, args.threads)
     from pipeline.config import load_config
 
     config = load_config(args.config)
@@ -130,9 +131,10 @@ def job_from_args(name: str, stage: Stage, args: argparse.Namespace) -> jobs.Job
         else:
             values.append(value)
     try:
-        return stage.job(config, *values)
+        job = stage.job(config, *values)
     except KeyError as err:
         raise SystemExit(f"{name}: {err.args[0]!r} is not defined in {args.config}") from None
+    return job if args.threads is None else dataclasses.replace(job, threads=args.threads)
 
 
 def run_stage(name: str, args: argparse.Namespace) -> None:
@@ -161,9 +163,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--spec", type=json.loads, help="the job's slice of the config, as JSON")
         sub.add_argument("--in", dest="inputs", nargs="*", metavar="NAME=PATH", help="inputs")
         sub.add_argument("--out", dest="outputs", nargs="*", metavar="NAME=PATH", help="outputs")
-        sub.add_argument(
-            "--options", type=json.loads, help="settings that never change results, as JSON"
-        )
+        sub.add_argument("--threads", type=int, help="CPU threads the job may use")
         sub.add_argument("--config", type=Path, help="derive the job from this config file")
         for wildcard in stage.wildcards:
             sub.add_argument(f"--{wildcard}", help=WILDCARD_HELP[wildcard])

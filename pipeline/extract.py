@@ -194,5 +194,5 @@ def run_extract(job: Job) -> None:
         dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
         split=spec["split"],
         out=Path(layout.store_of_marker(job.output("marker"))),
-        runtime={**spec["runtime"], **job.options},
+        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
     )

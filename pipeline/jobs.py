@@ -15,23 +15,21 @@ from typing import Any
 from pipeline import layout
 
 PROMPTS_SPLIT = "prompts"  # the text-only pseudo-split of a dataset's zero-shot prompts
-# Runtime settings that change stored values; the others (workers, stale policy) only change
-# how a job runs, so editing them reruns nothing.
-NUMERIC_RUNTIME = ("device", "precision", "batch_size", "chunk_mb")
-RUN_OPTIONS = ("num_workers", "on_stale")
+# Runtime settings an extraction job is told; ``num_workers`` is not one: it only sets how
+# many of the job's threads load images, so editing it reruns nothing.
+EXTRACT_RUNTIME = ("device", "precision", "batch_size", "chunk_mb", "on_stale")
 
 
 @dataclass(frozen=True)
 class Job:
-    """What one stage invocation is told (``--spec``), reads (``--in``) and writes (``--out``);
-    ``options`` (``--options``) are settings that change how it runs, never its results, so
-    they are kept out of the spec that Snakemake watches for changes."""
+    """What one stage invocation is told (``--spec``), reads (``--in``), writes (``--out``) and
+    the CPU threads it may use (``--threads``, Snakemake's ``threads``: never a result)."""
 
     stage: str
     spec: dict[str, Any]
     inputs: dict[str, str | list[str]] = field(default_factory=dict)
     outputs: dict[str, str | list[str]] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
+    threads: int | None = None
 
     def input(self, name: str) -> str:
         return _single(self.inputs, name, "input")
@@ -94,19 +92,20 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
         "encoder_name": encoder,
         "encoder": config["encoders"][encoder],
         "split": split,
-        "runtime": {key: runtime[key] for key in NUMERIC_RUNTIME},
+        "runtime": {key: runtime[key] for key in EXTRACT_RUNTIME},
     }
     return Job(
         "extract_features",
         spec,
         inputs={"dataset": layout.dataset_manifest(dataset)},
         outputs={"marker": layout.feature_marker(dataset, split, encoder)},
-        options=extract_options(config),
+        threads=extract_threads(config),
     )
 
 
-def extract_options(config: dict[str, Any]) -> dict[str, Any]:
-    return {key: config["runtime"][key] for key in RUN_OPTIONS}
+def extract_threads(config: dict[str, Any]) -> int:
+    """An extraction job's threads: the forward pass plus ``runtime.num_workers`` loaders."""
+    return config["runtime"]["num_workers"] + 1
 
 
 def compare_layers(config: dict[str, Any], vision: str, text: str) -> Job:
@@ -142,7 +141,6 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         "params": entry,
         "layer_choice": choice,
         "grid": grid_spec(config),
-        "threads": config["align"]["threads"],
     }
     inputs = {
         "vision_train": layout.feature_marker(train["dataset"], train["split"], vision),
@@ -159,6 +157,7 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         spec,
         inputs=inputs,
         outputs={"runs": layout.aligner_runs(vision, text, method, choice)},
+        threads=config["align"]["threads"],
     )
 
 

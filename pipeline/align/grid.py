@@ -64,10 +64,11 @@ def fit_runs(
     *,
     threads: int | None = None,
     progress: Callable[[], None] | None = None,
+    fresh: bool = False,
 ) -> list[Path]:
     """Fit and save each run on its nested subset of the training pairs in ``features``
-    (x, y, x_val, y_val); a run whose ``done.json`` has the same fingerprint is kept.
-    Returns the run directories, ``out_dir / run.name``."""
+    (x, y, x_val, y_val); a run whose ``done.json`` has the same fingerprint is kept unless
+    ``fresh`` (a forced job refits every run). Returns the run directories."""
     x, y, x_val, y_val = features
     if len(x) != len(y):
         raise ValueError(f"grid pairs: {len(x)} image rows but {len(y)} text rows")
@@ -79,7 +80,7 @@ def fit_runs(
             run_dir = Path(out_dir) / run.name
             fingerprint = run_fingerprint(kind, resolved, meta, run, data)
             done = read_done(run_dir)
-            if done is None or done.get("fingerprint") != fingerprint:
+            if fresh or done is None or done.get("fingerprint") != fingerprint:
                 rows = run.rows(len(x))
                 aligner = build_aligner(kind, params)
                 start = time.perf_counter()

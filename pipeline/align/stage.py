@@ -1,9 +1,13 @@
 """The ``fit_aligners`` stage: one job per (encoder pair, method, layer choice) fits the grid.
 
 Runs choosing the same layer pair share one read of the features and one data digest; each
-run is saved in its own folder (``pipeline.pairs.run_name``) with its own completion
-marker, so a killed job resumes with the runs it had not finished; ``runs.json`` (the job's
-declared output) is written last.
+run is saved in its own folder (``pipeline.pairs.run_name``) with its own completion marker;
+``runs.json`` (the job's declared output) is written last.
+
+Resume or refit: the job marks its folder ``.in_progress`` while it works. A job that finds
+the mark follows one that was killed and keeps the runs it finished; a job that does not
+was asked to run again (``--force``/``--forcerun``, a run's ``done.json`` deleted, changed
+inputs) and refits every run.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pipeline.store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
 STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
+IN_PROGRESS = ".in_progress"
 
 
 def split_pairs(manifest: str, split: str) -> Pairs:
@@ -56,6 +61,10 @@ def run_align(job: Job) -> None:
         scores[key] = chosen["score"]
 
     out_dir = Path(job.output("runs")).parent
+    in_progress = out_dir / IN_PROGRESS
+    fresh = not in_progress.exists()
+    atomic.write_text(in_progress, "")
+    log.info("%s the grid's runs", "fitting" if fresh else "resuming")
     with tqdm(total=len(runs), desc=f"{spec['method']}/{choice}") as bar:
         for key, layer_runs in by_layers.items():
             train = paired_features(stores["vision_train"], stores["text_train"], train_pairs, key)
@@ -79,8 +88,9 @@ def run_align(job: Job) -> None:
                 layer_runs,
                 out_dir,
                 meta,
-                threads=spec["threads"],
                 progress=bar.update,
+                threads=job.threads,
+                fresh=fresh,
             )
     atomic.write_json(
         job.output("runs"),
@@ -90,3 +100,4 @@ def run_align(job: Job) -> None:
             "layer_choice": choice,
         },
     )
+    in_progress.unlink()

@@ -7,6 +7,7 @@ rule fit_aligners:
         runs=layout.aligner_runs("{vision}", "{text}", "{method}", "{choice}"),
     params:
         spec=spec_of(jobs.fit_aligners),
+        incomplete=incomplete_runs,
         inputs=lambda wildcards, input: cli_paths(input),
         outputs=lambda wildcards, output: cli_paths(output),
     conda:
@@ -20,8 +21,8 @@ rule fit_aligners:
         mem_mb=4000,
         runtime=120,
     shell:
-        "{STAGE} fit_aligners --spec {params.spec:q} --in {params.inputs}"
-        " --out {params.outputs} > {log} 2>&1"
+        "python -m pipeline fit_aligners --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
 rule align:

@@ -2,8 +2,10 @@
 # Every path comes from pipeline.layout and every job's spec and inputs from pipeline.jobs,
 # the same functions `python -m pipeline <stage> --config ...` uses by hand.
 import json
+import os
 import shlex
 import sys
+from pathlib import Path
 
 from pipeline import jobs, layout
 from pipeline.config import validate_config
@@ -12,12 +14,12 @@ from pipeline.config import validate_config
 config.update(validate_config(config))
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
-# Jobs run the interpreter that runs Snakemake (its environment has the package), unless
-# --sdm conda gives each rule its own environment, whose `python` is first on PATH.
-USES_CONDA = "conda" in {str(m).lower() for m in workflow.deployment_settings.deployment_method}
-PYTHON = "python" if USES_CONDA else shlex.quote(sys.executable)
-STAGE = f"{PYTHON} -m pipeline"
-EXTRACT_OPTIONS = json.dumps(jobs.extract_options(config), sort_keys=True)
+
+# Jobs run `python -m pipeline` with the interpreter that runs Snakemake (its environment has
+# the package, activated or not), unless --sdm conda gives each rule its own environment.
+if "conda" not in {str(m).lower() for m in workflow.deployment_settings.deployment_method}:
+    bin_dir = shlex.quote(os.path.dirname(sys.executable))
+    shell.prefix(f'set -euo pipefail; export PATH={bin_dir}:"$PATH"; ')
 
 
 wildcard_constraints:
@@ -41,6 +43,17 @@ def spec_of(make):
 
 def inputs_of(make):
     return lambda wildcards: job_of(make)(wildcards).inputs
+
+
+def incomplete_runs(wildcards):
+    """Runs an existing ``runs.json`` lists whose ``done.json`` is gone. As a param it is [] when
+    the job runs, so a run deleted later changes it and Snakemake reruns the job, which
+    refits just that run."""
+    runs_json = Path(layout.aligner_runs(**dict(wildcards.items())))
+    if not runs_json.is_file():
+        return []
+    names = json.loads(runs_json.read_text())["runs"]
+    return [name for name in names if not (runs_json.parent / name / "done.json").is_file()]
 
 
 def cli_paths(files):

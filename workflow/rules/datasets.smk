@@ -19,4 +19,5 @@ rule prepare_dataset:
         mem_mb=2000,
         runtime=60,
     shell:
-        "{STAGE} prepare_dataset --spec {params.spec:q} --out {params.outputs} > {log} 2>&1"
+        "python -m pipeline prepare_dataset --spec {params.spec:q} --out {params.outputs}"
+        " --threads {threads} > {log} 2>&1"

@@ -18,8 +18,8 @@ rule evaluate_aligners:
         mem_mb=4000,
         runtime=60,
     shell:
-        "{STAGE} evaluate_aligners --spec {params.spec:q} --in {params.inputs}"
-        " --out {params.outputs} > {log} 2>&1"
+        "python -m pipeline evaluate_aligners --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
 rule aggregate:
@@ -48,7 +48,8 @@ rule aggregate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "{STAGE} aggregate --spec '{{}}' --in {params.inputs} --out {params.outputs} > {log} 2>&1"
+        "python -m pipeline aggregate --spec '{{}}' --in {params.inputs} --out {params.outputs}"
+        " --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:

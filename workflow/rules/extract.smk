@@ -15,16 +15,14 @@ rule extract_features:
         layout.log("extract_features", "{dataset}", "{split}", "{encoder}"),
     benchmark:
         layout.benchmark("extract_features", "{dataset}", "{split}", "{encoder}")
-    threads: 2
+    threads: jobs.extract_threads(config)
     resources:
         gpu=wants_gpu(config["runtime"]["device"]),
         mem_mb=8000,
         runtime=240,
     shell:
-        # --options never change the stored values, so they are no params: editing them
-        # (workers, stale-store policy) reruns nothing.
-        "{STAGE} extract_features --spec {params.spec:q} --in {params.inputs}"
-        " --out {params.outputs} --options {EXTRACT_OPTIONS:q} > {log} 2>&1"
+        "python -m pipeline extract_features --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
 rule extract:

@@ -27,8 +27,8 @@ rule compare_layers:
         mem_mb=8000,
         runtime=120,
     shell:
-        "{STAGE} compare_layers --spec {params.spec:q} --in {params.inputs}"
-        " --out {params.outputs} > {log} 2>&1"
+        "python -m pipeline compare_layers --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
 rule similarity:
