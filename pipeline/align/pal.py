@@ -1,0 +1,495 @@
+"""PAL: token-level alignment through learnable anchors (DESIGN.md section 7, docs/pal.md).
+
+Each modality has K learnable unit anchors (``A_img``: K x Dv, ``A_txt``: K x Dt); they are the
+only trained parameters. A sample's tokens z_t (CLS + patches of a ViT block, or every valid
+token of a text hidden state) are L2-normalised and compared with the anchors,
+``s[t, k] = cos(z_t, a_k)``; pooling over the tokens gives a K-dim profile, L2-normalised, and
+an image and a text score by the cosine of their profiles. The default pooling is CAP: per
+anchor, a softmax over the valid tokens of ``s / tau_p`` weights ``s``. ``mean`` (masked mean)
+and ``cls`` (first token) are ablations.
+
+Training is symmetric InfoNCE on the profiles (fixed tau 0.05) with the heads' optimisation
+(``pipeline.align.training``): AdamW (0.9, 0.95), weight decay 1e-4, gradient-norm clipping,
+linear warm-up then cosine decay, early stopping on the validation InfoNCE keeping the best
+epoch's anchors. After every optimiser step the anchors are projected back onto the unit sphere
+(rows renormalised), so they are unit rows at every forward and in ``state()``; the weight
+decay therefore only damps the steps' radial part.
+
+Tokens are read in batches from a ``TokenSource`` (rows -> tokens, mask), so neither training
+nor embedding ever holds a whole token cache in memory. Fits are deterministic for a seed: the
+anchors' initialisation and the batch order have their own seeded generators.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, get_args
+
+import numpy as np
+import polars as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require, state_arrays
+from pipeline.align.losses import info_nce
+from pipeline.align.training import (
+    batches_per_epoch,
+    flushed_denormals,
+    lr_factor,
+    near_equal_batches,
+)
+
+Pooling = Literal["cap", "mean", "cls"]
+POOLINGS: tuple[str, ...] = get_args(Pooling)
+
+PROFILE_ELEMENTS = 1 << 24
+"""Budget of token-anchor cosines (rows x tokens x K) per chunk when computing profiles."""
+
+TokenBatch = tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]
+
+
+# ---- token sources ----
+
+
+class TokenSource(Protocol):
+    """Token features of n samples, read by rows.
+
+    ``source[rows]`` with ``rows`` a sorted 1-D int64 array gives ``(tokens, mask)``: float
+    tokens (len(rows), T, D) and a bool mask (len(rows), T), True for valid tokens (padding
+    False). T may differ between reads, D may not.
+    """
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, rows: np.ndarray) -> TokenBatch: ...
+
+
+class ArrayTokens:
+    """A ``TokenSource`` over in-memory tokens (n, T, D) and an optional mask (n, T)."""
+
+    def __init__(
+        self, tokens: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor | None = None
+    ) -> None:
+        self.tokens = torch.as_tensor(tokens)
+        if self.tokens.ndim != 3 or not self.tokens.is_floating_point():
+            raise ValueError(f"tokens: expected a float (n, T, D) array, got {self.tokens.shape}")
+        if mask is None:
+            mask = torch.ones(self.tokens.shape[:2], dtype=torch.bool)
+        self.mask = torch.as_tensor(mask)
+        if self.mask.dtype != torch.bool or self.mask.shape != self.tokens.shape[:2]:
+            raise ValueError(
+                f"mask: expected bool {tuple(self.tokens.shape[:2])}, "
+                f"got {self.mask.dtype} {tuple(self.mask.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return self.tokens[rows], self.mask[rows]
+
+
+def as_source(tokens: TokenSource | np.ndarray | torch.Tensor) -> TokenSource:
+    """A token source as is; a bare (n, T, D) array as an ``ArrayTokens`` with every token valid."""
+    if isinstance(tokens, np.ndarray | torch.Tensor):
+        return ArrayTokens(tokens)
+    return tokens
+
+
+def read_batch(source: TokenSource, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 tokens and bool mask of ``rows``; a ValueError if the shapes disagree."""
+    tokens, mask = source[rows]
+    tokens = torch.as_tensor(tokens, dtype=torch.float32)
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if tokens.ndim != 3 or mask.shape != tokens.shape[:2] or len(tokens) != len(rows):
+        raise ValueError(
+            f"token source gave tokens {tuple(tokens.shape)} and mask {tuple(mask.shape)} "
+            f"for {len(rows)} rows (expected (rows, T, D) and (rows, T))"
+        )
+    return tokens, mask
+
+
+def token_width(source: TokenSource) -> int:
+    """D, the width of a source's tokens (read from its first row)."""
+    return read_batch(source, np.zeros(1, dtype=np.int64))[0].shape[2]
+
+
+# ---- pure functions ----
+
+
+def token_anchor_cosine(tokens: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """s (B, T, K): cosines of tokens (B, T, D) and anchors (K, D), both L2-normalised here."""
+    return F.normalize(tokens, dim=-1) @ F.normalize(anchors, dim=-1).T
+
+
+def _check_mask(s: torch.Tensor, mask: torch.Tensor) -> None:
+    if mask.shape != s.shape[:2]:
+        raise ValueError(f"mask {tuple(mask.shape)} does not match tokens {tuple(s.shape[:2])}")
+    if not mask.any(dim=1).all():
+        raise ValueError("every sample needs at least one valid token (mask row all False)")
+
+
+class _CAP(torch.autograd.Function):
+    """CAP with its gradient in closed form, dp_k / ds_tk = a_tk (1 + (s_tk - p_k) / tau_p):
+    a few in-place passes over (B, T, K) instead of autograd's graph of temporaries."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, valid: torch.Tensor, tau_p: float) -> torch.Tensor:
+        weights = (s / tau_p).masked_fill_(~valid, -math.inf).softmax(dim=1)
+        pooled = (weights * s).sum(dim=1)
+        ctx.save_for_backward(s, weights, pooled)
+        ctx.tau_p = tau_p
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        s, weights, pooled = ctx.saved_tensors
+        grad_s = (s - pooled.unsqueeze(1)).div_(ctx.tau_p).add_(1.0).mul_(weights)
+        return grad_s.mul_(grad.unsqueeze(1)), None, None
+
+
+def cap_pool(s: torch.Tensor, mask: torch.Tensor, tau_p: float) -> torch.Tensor:
+    """CAP (B, K): p_k = sum_t a_tk s_tk, a = softmax over the valid tokens of s / tau_p.
+
+    ``s`` must be finite (padded tokens get weight 0, and 0 x NaN is NaN); ``profiles`` zeroes
+    padded tokens first.
+    """
+    _check_mask(s, mask)
+    return _CAP.apply(s, mask.unsqueeze(-1), tau_p)
+
+
+def mean_pool(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, K): the mean of s over the valid tokens."""
+    _check_mask(s, mask)
+    valid = mask.unsqueeze(-1)
+    return s.masked_fill(~valid, 0.0).sum(dim=1) / valid.sum(dim=1).to(s.dtype)
+
+
+def cls_pool(s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, K): s of the first token (CLS), which must be valid."""
+    _check_mask(s, mask)
+    if not mask[:, 0].all():
+        raise ValueError("cls pooling needs the first token of every sample to be valid")
+    return s[:, 0]
+
+
+def pool(s: torch.Tensor, mask: torch.Tensor, pooling: Pooling, tau_p: float) -> torch.Tensor:
+    """(B, K) pooled token-anchor cosines by ``pooling`` (cap, mean or cls)."""
+    if pooling == "cap":
+        return cap_pool(s, mask, tau_p)
+    if pooling == "mean":
+        return mean_pool(s, mask)
+    if pooling == "cls":
+        return cls_pool(s, mask)
+    raise ValueError(f"unknown pooling {pooling!r} (expected one of {POOLINGS})")
+
+
+def profiles(
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    anchors: torch.Tensor,
+    pooling: Pooling = "cap",
+    tau_p: float = 0.03,
+) -> torch.Tensor:
+    """(B, K) unit profiles of token sets (B, T, D) with mask (B, T) against anchors (K, D).
+
+    Padded tokens are zeroed before anything is computed, so their values (even NaN) never
+    reach a profile or a gradient.
+    """
+    tokens = torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype))
+    pooled = pool(token_anchor_cosine(tokens, anchors), mask, pooling, tau_p)
+    return F.normalize(pooled, dim=-1)
+
+
+# ---- parameters and model ----
+
+
+@dataclass(frozen=True)
+class PALParams:
+    """``pal`` config (keys = field names; the optimisation keys are ``TrainConfig``'s).
+
+    ``anchors``: K per modality; ``tau_p``: CAP temperature; ``pooling``: cap, mean or cls;
+    ``tau``: the fixed InfoNCE temperature.
+    """
+
+    anchors: int = 512
+    tau_p: float = 0.03
+    pooling: str = "cap"
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = 4096
+    max_epochs: int = 100
+    patience: int = 10
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        require(self.anchors >= 1, "anchors", f"must be >= 1, got {self.anchors}")
+        require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
+        require(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+
+
+class Anchors(nn.Module):
+    """The trained parameters: unit anchors ``image_anchors`` (K, Dv), ``text_anchors`` (K, Dt)
+    (taken as given: a saved state is loaded bit for bit)."""
+
+    def __init__(self, image_anchors: torch.Tensor, text_anchors: torch.Tensor) -> None:
+        super().__init__()
+        if len(image_anchors) != len(text_anchors):
+            raise ValueError(f"{len(image_anchors)} image anchors but {len(text_anchors)} text")
+        self.image_anchors = nn.Parameter(image_anchors.to(torch.float32))
+        self.text_anchors = nn.Parameter(text_anchors.to(torch.float32))
+
+    @classmethod
+    def initial(cls, k: int, image_width: int, text_width: int, seed: int) -> Anchors:
+        """Seeded standard normal anchors (image first, then text), rows normalised."""
+        generator = torch.Generator().manual_seed(seed)
+        image = torch.randn(k, image_width, generator=generator)
+        anchors = cls(image, torch.randn(k, text_width, generator=generator))
+        anchors.renormalise()
+        return anchors
+
+    @torch.no_grad()
+    def renormalise(self) -> None:
+        """Project every anchor back onto the unit sphere."""
+        for anchors in self.parameters():
+            anchors.copy_(F.normalize(anchors, dim=1))
+
+
+# ---- training ----
+
+
+def pair_batches(
+    image: TokenSource,
+    text: TokenSource,
+    order: torch.Tensor,
+    batch_size: int,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(image tokens, image mask, text tokens, text mask) of ``order`` cut into near-equal
+    batches; each batch's rows are read in ascending order (InfoNCE does not depend on it)."""
+    for batch in near_equal_batches(order, batch_size):
+        rows = torch.sort(batch).values.numpy()
+        yield (*read_batch(image, rows), *read_batch(text, rows))
+
+
+def batch_loss(model: Anchors, batch: tuple[torch.Tensor, ...], params: PALParams) -> torch.Tensor:
+    """Symmetric InfoNCE of a batch's image and text profiles."""
+    x, x_mask, y, y_mask = batch
+    h_img = profiles(x, x_mask, model.image_anchors, params.pooling, params.tau_p)
+    h_txt = profiles(y, y_mask, model.text_anchors, params.pooling, params.tau_p)
+    return info_nce(h_img, h_txt, params.tau)
+
+
+@torch.no_grad()
+def validation_loss(
+    model: Anchors, image: TokenSource, text: TokenSource, params: PALParams
+) -> float:
+    """Pair-weighted mean InfoNCE over the validation pairs, in fixed near-equal batches."""
+    total = 0.0
+    for batch in pair_batches(image, text, torch.arange(len(image)), params.batch_size):
+        total += batch_loss(model, batch, params).item() * len(batch[0])
+    return total / len(image)
+
+
+def train_epoch(
+    model: Anchors,
+    train: tuple[TokenSource, TokenSource],
+    params: PALParams,
+    optimiser: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    order: torch.Tensor,
+    step: int,
+) -> tuple[float, int]:
+    """One pass over the pairs in ``order``: its pair-weighted mean loss and the next step."""
+    total = 0.0
+    for batch in pair_batches(*train, order, params.batch_size):
+        loss = batch_loss(model, batch, params)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        optimiser.step()
+        schedule.step()
+        model.renormalise()
+        step += 1
+        total += loss.item() * len(batch[0])
+    return total / len(order), step
+
+
+def train_anchors(
+    model: Anchors,
+    train: tuple[TokenSource, TokenSource],
+    val: tuple[TokenSource, TokenSource] | None,
+    params: PALParams,
+    seed: int,
+) -> FitReport:
+    """Train ``model`` in place on (image, text) pairs; leaves it holding the chosen epoch."""
+    n = len(train[0])
+    total_steps = batches_per_epoch(n, params.batch_size) * params.max_epochs
+    optimiser = torch.optim.AdamW(
+        model.parameters(), lr=params.lr, betas=params.betas, weight_decay=params.weight_decay
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: lr_factor(step, params.warmup_steps, total_steps)
+    )
+    shuffle = torch.Generator().manual_seed(seed)
+    rows: list[dict[str, Any]] = []
+    best_loss, best_epoch, best_state, step = math.inf, 0, None, 0
+    with flushed_denormals():
+        for epoch in range(1, params.max_epochs + 1):
+            start = time.perf_counter()
+            order = torch.randperm(n, generator=shuffle)
+            loss, step = train_epoch(model, train, params, optimiser, schedule, order, step)
+            val_loss = None if val is None else validation_loss(model, *val, params)
+            rows.append(
+                {
+                    **dict.fromkeys(CURVE_SCHEMA),
+                    "epoch": epoch,
+                    "step": step,
+                    "lr": schedule.get_last_lr()[0],
+                    "train_loss": loss,
+                    "infonce": loss,
+                    "val_loss": val_loss,
+                    "seconds": time.perf_counter() - start,
+                }
+            )
+            if val_loss is None:
+                continue
+            if val_loss < best_loss:
+                best_loss, best_epoch = val_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= params.patience:
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return FitReport(
+        chosen_epoch=best_epoch if val is not None else len(rows),
+        curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
+        extra={
+            "epochs_run": len(rows),
+            "steps": step,
+            "stopped_early": len(rows) < params.max_epochs,
+            "best_val_loss": None if best_state is None else best_loss,
+        },
+    )
+
+
+def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None:
+    """A ValueError unless both sources hold the same number (>= 2) of pairs."""
+    if len(image) != len(text):
+        raise ValueError(f"{what} pairs: {len(image)} image rows but {len(text)} text rows")
+    if len(image) < 2:
+        raise ValueError(f"{what} pairs: need at least 2 pairs, got {len(image)}")
+
+
+# ---- the aligner ----
+
+
+class PALAligner(Aligner):
+    """PAL anchors of both modalities; inputs are ``TokenSource``s (or (n, T, D) arrays), not
+    pooled features, so it is not in ``ALIGNERS`` (the registry's callers pass pooled arrays)."""
+
+    method = "pal"
+    Params = PALParams
+    params: PALParams
+
+    def __init__(self, params: PALParams) -> None:
+        super().__init__(params)
+        self.anchors: Anchors | None = None
+
+    def fit(
+        self,
+        image_tokens: TokenSource,
+        text_tokens: TokenSource,
+        val_image_tokens: TokenSource | None,
+        val_text_tokens: TokenSource | None,
+        seed: int,
+    ) -> FitReport:
+        """Train the anchors on pairs (image_tokens[i], text_tokens[i]); validation pairs, when
+        given, drive early stopping."""
+        train = (as_source(image_tokens), as_source(text_tokens))
+        check_pair_sources(*train, "training")
+        if (val_image_tokens is None) != (val_text_tokens is None):
+            raise ValueError("validation pairs: give both image and text tokens, or neither")
+        val = None
+        if val_image_tokens is not None:
+            val = (as_source(val_image_tokens), as_source(val_text_tokens))
+            check_pair_sources(*val, "validation")
+        widths = [token_width(source) for source in train]
+        if val is not None and [token_width(source) for source in val] != widths:
+            raise ValueError(f"validation token widths differ from the training widths {widths}")
+        model = Anchors.initial(self.params.anchors, *widths, seed)
+        report = train_anchors(model, train, val, self.params, seed)
+        self.anchors = model
+        report.extra |= {"n_train": len(train[0]), "n_val": 0 if val is None else len(val[0])}
+        return report
+
+    @torch.no_grad()
+    def _profiles(self, source: TokenSource | np.ndarray, anchors: torch.Tensor) -> np.ndarray:
+        source, p = as_source(source), self.params
+        if len(source) == 0:
+            return np.zeros((0, len(anchors)), dtype=np.float32)
+        tokens_per_row = read_batch(source, np.zeros(1, dtype=np.int64))[0].shape[1]
+        chunk = max(1, PROFILE_ELEMENTS // (tokens_per_row * len(anchors)))
+        parts = []
+        for start in range(0, len(source), chunk):
+            rows = np.arange(start, min(start + chunk, len(source)), dtype=np.int64)
+            tokens, mask = read_batch(source, rows)
+            if tokens.shape[2] != anchors.shape[1]:
+                raise ValueError(
+                    f"tokens of width {tokens.shape[2]}, but the anchors have {anchors.shape[1]}"
+                )
+            parts.append(profiles(tokens, mask, anchors, p.pooling, p.tau_p))
+        return torch.cat(parts).numpy()
+
+    def image_profiles(self, source: TokenSource | np.ndarray) -> np.ndarray:
+        """(n, K) float32 unit image profiles, read in batches."""
+        self._require_fitted(self.anchors is not None)
+        return self._profiles(source, self.anchors.image_anchors)
+
+    def text_profiles(self, source: TokenSource | np.ndarray) -> np.ndarray:
+        """(n, K) float32 unit text profiles, read in batches."""
+        self._require_fitted(self.anchors is not None)
+        return self._profiles(source, self.anchors.text_anchors)
+
+    embed_image = image_profiles
+    embed_text = text_profiles
+
+    @torch.no_grad()
+    def patch_scores(self, patch_tokens: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(..., P, K) float32 cosines of patch tokens (..., P, Dv) and the image anchors, no
+        pooling (segmentation; drop the CLS token first: ``tokens[..., 1:, :]``)."""
+        self._require_fitted(self.anchors is not None)
+        tokens = torch.as_tensor(patch_tokens, dtype=torch.float32)
+        return token_anchor_cosine(tokens, self.anchors.image_anchors).numpy()
+
+    def state(self) -> dict[str, np.ndarray]:
+        self._require_fitted(self.anchors is not None)
+        return {k: v.detach().numpy().copy() for k, v in self.anchors.state_dict().items()}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        arrays = state_arrays(self.method, state, ("image_anchors", "text_anchors"))
+        shapes = [a.shape for a in arrays.values()]
+        if any(len(shape) != 2 or shape[0] != self.params.anchors for shape in shapes):
+            raise ValueError(
+                f"{self.method} state: expected ({self.params.anchors}, width) anchors, "
+                f"got {shapes}"
+            )
+        self.anchors = Anchors(*(torch.tensor(a, dtype=torch.float32) for a in arrays.values()))

@@ -1,0 +1,89 @@
+"""Zero-shot semantic segmentation: decoding patch scores into label maps, and mIoU (docs/pal.md).
+
+Patch scores (P, C) of a (h, w) patch grid (row-major) are reshaped to the grid, upsampled
+bilinearly to the mask size (H, W) (``align_corners=False``, as torch and most segmentation
+code), and the label map is their argmax over classes (ties to the lower class index).
+
+Metrics come from a confusion matrix (rows: target class, columns: predicted class) summed over
+all the images of a set. The IoU of class c is tp / (tp + fp + fn); classes whose union is empty
+(neither in the targets nor predicted) are left out of the means. ``miou`` averages every other
+class, background included; ``miou_fg`` leaves the background class out; ``pixel_accuracy``
+is the fraction of counted pixels predicted right. Pixels labelled ``ignore_index`` count nowhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = 255
+
+
+def confusion_matrix(
+    pred: np.ndarray, target: np.ndarray, n_classes: int, ignore_index: int | None = IGNORE_INDEX
+) -> np.ndarray:
+    """(n_classes, n_classes) int64 counts of (target, predicted) over every pixel of label
+    maps of any (equal) shape; sum the matrices of several images to accumulate a set."""
+    pred, target = np.asarray(pred).ravel(), np.asarray(target).ravel()
+    if pred.shape != target.shape:
+        raise ValueError(f"{pred.size} predicted pixels but {target.size} target pixels")
+    keep = target != ignore_index if ignore_index is not None else np.ones(len(target), bool)
+    pred, target = pred[keep].astype(np.int64), target[keep].astype(np.int64)
+    for name, labels in (("pred", pred), ("target", target)):
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(f"{name} holds labels outside [0, {n_classes}) (and not ignored)")
+    counts = np.bincount(target * n_classes + pred, minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes)
+
+
+def class_iou(confusion: np.ndarray) -> np.ndarray:
+    """Per-class IoU tp / (tp + fp + fn), NaN where the union is empty."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / union, np.nan)
+
+
+def segmentation_metrics(confusion: np.ndarray, background: int | None = 0) -> dict[str, float]:
+    """``miou`` (all classes with a non-empty union), ``miou_fg`` (the same without class
+    ``background``; equal to ``miou`` when it is None) and ``pixel_accuracy``; NaN if undefined."""
+    iou = class_iou(confusion)
+    foreground = np.ones(len(iou), dtype=bool)
+    if background is not None:
+        foreground[background] = False
+    total = np.asarray(confusion).sum()
+    return {
+        "miou": _nanmean(iou),
+        "miou_fg": _nanmean(iou[foreground]),
+        "pixel_accuracy": float(np.trace(confusion) / total) if total else float("nan"),
+    }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def upsample_scores(
+    scores: np.ndarray | torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    """(H, W, C) bilinear upsampling (align_corners=False) of patch scores (P, C) or (h, w, C)
+    of a row-major (h, w) patch grid to the mask size (H, W); keeps float64 input float64."""
+    scores = torch.as_tensor(scores)
+    if not scores.is_floating_point():
+        scores = scores.to(torch.float32)
+    h, w = grid
+    if scores.ndim not in (2, 3) or scores.shape[:-1] not in ((h * w,), (h, w)):
+        raise ValueError(f"scores {tuple(scores.shape)} do not fit a {h} x {w} patch grid")
+    maps = scores.reshape(h, w, -1).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
+    up = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
+    return up[0].permute(1, 2, 0).numpy()
+
+
+def decode(
+    scores: np.ndarray | torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+) -> np.ndarray:
+    """(H, W) int64 label map: the argmax over classes of the upsampled patch scores."""
+    return np.argmax(upsample_scores(scores, grid, size), axis=-1).astype(np.int64)
