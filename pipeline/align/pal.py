@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require, state_arrays
+from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require
 from pipeline.align.losses import info_nce
 from pipeline.align.training import (
     batches_per_epoch,
@@ -406,7 +406,7 @@ class PALAligner(Aligner):
     """PAL anchors of both modalities; inputs are ``TokenSource``s (or (n, T, D) arrays), not
     pooled features, so it is not in ``ALIGNERS`` (the registry's callers pass pooled arrays)."""
 
-    method = "pal"
+    kind = "pal"
     Params = PALParams
     params: PALParams
 
@@ -485,11 +485,14 @@ class PALAligner(Aligner):
         return {k: v.detach().numpy().copy() for k, v in self.anchors.state_dict().items()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        arrays = state_arrays(self.method, state, ("image_anchors", "text_anchors"))
+        keys = ("image_anchors", "text_anchors")
+        if set(state) != set(keys):
+            raise ValueError(f"{self.kind} state: expected keys {keys}, got {sorted(state)}")
+        arrays = {key: np.asarray(state[key]) for key in keys}
         shapes = [a.shape for a in arrays.values()]
         if any(len(shape) != 2 or shape[0] != self.params.anchors for shape in shapes):
             raise ValueError(
-                f"{self.method} state: expected ({self.params.anchors}, width) anchors, "
+                f"{self.kind} state: expected ({self.params.anchors}, width) anchors, "
                 f"got {shapes}"
             )
         self.anchors = Anchors(*(torch.tensor(a, dtype=torch.float32) for a in arrays.values()))
