@@ -329,7 +329,7 @@ def test_params_defaults_and_hyperparameters() -> None:
     assert hp["anchors"] == 512 and hp["tau_p"] == 0.03 and hp["pooling"] == "cap"
     assert hp["tau"] == 0.05 and hp["betas"] == [0.9, 0.95] and hp["weight_decay"] == 1e-4
     assert hp["lr"] == 1e-3 and hp["fitted"] == {}
-    assert PALAligner.method == "pal" and PALAligner.Params is PALParams
+    assert PALAligner.kind == "pal" and PALAligner.Params is PALParams
 
 
 def test_mismatched_sources_are_rejected() -> None:
