@@ -92,21 +92,15 @@ def test_prompts_pseudo_split_holds_every_prompt(dataset, tmp_path):
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(dataset, tmp_path):
     reference = store.open_store(run_extract(dataset, tmp_path / "reference.zarr"))
     killed = tmp_path / "killed.zarr"
+    spec = {
+        "encoder_name": "vit",
+        "encoder": VIT,
+        "split": "train",
+        "runtime": {**RUNTIME, "batch_size": 1},
+    }
     command = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "extract",
-        "--encoder",
-        "vit",
-        "--spec",
-        json.dumps({"encoder": VIT, "runtime": {**RUNTIME, "batch_size": 1}}),
-        "--dataset-dir",
-        str(dataset),
-        "--split",
-        "train",
-        "--out",
-        str(killed),
+        *(sys.executable, "-m", "pipeline", "extract_features", "--spec", json.dumps(spec)),
+        *("--in", f"dataset={dataset}/manifest.json", "--out", f"marker={killed}.done"),
     ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
