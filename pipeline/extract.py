@@ -87,6 +87,28 @@ def fingerprint(
     )
 
 
+def _dataset(dataset_dir: Path) -> dict[str, Any]:
+    """The dataset's manifest, with its name."""
+    manifest = read_manifest(dataset_dir)
+    return {"name": manifest.get("name", Path(dataset_dir).name), **manifest}
+
+
+def expected_fingerprint(
+    *,
+    encoder_name: str,
+    encoder_spec: dict[str, Any],
+    dataset_dir: Path,
+    split: str,
+    runtime: dict[str, Any],
+) -> str:
+    """The fingerprint ``extract`` gives the store of these inputs (same arguments, no ``out``),
+    for ``store.open_store(path, fingerprint=...)`` downstream. It builds the encoder (loads
+    and hashes its weights) but runs nothing."""
+    provenance = build_encoder(encoder_name, encoder_spec).provenance()
+    precision = runtime.get("precision", "float32")
+    return fingerprint(provenance, _dataset(Path(dataset_dir)), split, precision)
+
+
 def extract(
     *,
     encoder_name: str,
@@ -95,11 +117,14 @@ def extract(
     split: str,
     out: Path,
     runtime: dict[str, Any],
+    fresh: bool = False,
 ) -> Path:
-    """Extract every layer of ``encoder_name`` over ``split`` into the store at ``out``."""
+    """Extract every layer of ``encoder_name`` over ``split`` into the store at ``out``.
+
+    A killed run's store is resumed; ``fresh=True``, or a store finished before (its job was
+    forced to run again), is recomputed from scratch (see ``store.StoreWriter``)."""
     dataset_dir, out = Path(dataset_dir), Path(out)
-    manifest = read_manifest(dataset_dir)
-    dataset = {"name": manifest.get("name", dataset_dir.name), **manifest}
+    dataset = _dataset(dataset_dir)
     encoder = build_encoder(encoder_name, encoder_spec)
     provenance = encoder.provenance()
     sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
@@ -113,6 +138,7 @@ def extract(
         dims=encoder.dims,
         on_stale=runtime.get("on_stale", "recompute"),
         chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
+        fresh=fresh,
         attrs={
             "encoder": {
                 **provenance,
@@ -124,7 +150,7 @@ def extract(
                 "name": dataset["name"],
                 "split": split,
                 "content_hash": dataset["content_hash"],
-                "spec": manifest.get("spec"),
+                "spec": dataset.get("spec"),
             },
             "precision": precision,
             "versions": library_versions(),

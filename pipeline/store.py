@@ -7,7 +7,8 @@ Layout of ``<name>.zarr``::
                       layer widths differ, so xarray opens the group as one Dataset
     sample_id         str (n_samples,), the dataset's stable ids in row order
     block_complete    bool (n_blocks,), one chunk each; True once all layers of a block are written
-    zarr.json         attributes: encoder and dataset provenance, fingerprint, layer names, ...
+    zarr.json         attributes: encoder and dataset provenance, fingerprint, layer names,
+                      ``complete`` (True once a run has finished the store), ...
 
 and beside it the completion marker ``<name>.zarr.done`` (JSON), written last. The marker is
 what Snakemake declares as the job's output: Snakemake deletes declared outputs before a job
@@ -17,15 +18,30 @@ Rows are written in blocks of one chunk. Zarr writes each chunk file atomically,
 block's flag is set only after all its layers are written, so after a SIGKILL at any
 moment the store holds whole blocks only and extraction resumes from the first missing one.
 A store whose fingerprint differs from the expected one is never reused.
+
+Integrity (format 2). Every chunk ends with a CRC-32C of its stored bytes (the Zarr v3
+``crc32c`` codec, last in the codec chain), so Zarr itself, and therefore xarray and dask
+too, refuses a corrupt or truncated chunk. A missing chunk would read as the fill value, so
+the readers here (``FeatureStore.layer`` / ``read``) check that every chunk they touch
+exists, wrap any decoding error, and check that the values they return are finite; each
+failure is a ``StoreIntegrityError`` naming the store, the layer and the rows. The writer
+refuses NaN or infinite values, and ``finalize`` reads the whole store back before it writes
+the marker, so a marker never stands beside a damaged store.
+
+Killed or forced. A killed run leaves ``complete: false``; the next run resumes it (after
+un-flagging any finished block whose chunks no longer verify). A store with ``complete:
+true`` whose marker is gone was finished before and is being made again on purpose (Snakemake
+deletes the marker of a forced job): it is recomputed from scratch, as with ``fresh=True``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -34,11 +50,15 @@ from typing import Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import atomic
 
-FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2  # 2: crc32c on every chunk, finite values only, 'complete' marks a finish
 MIN_CHUNK_BYTES = 1 << 20  # docs/formats.md: chunks of at least 1 MB
+SHOWN_ROWS = 5  # offending rows named in an error message
 
 
 class StaleStoreError(RuntimeError):
@@ -47,6 +67,28 @@ class StaleStoreError(RuntimeError):
 
 class IncompleteStoreError(RuntimeError):
     """A store is missing its completion marker (extraction never finished)."""
+
+
+class StoreIntegrityError(RuntimeError):
+    """A store's contents are damaged or implausible; the message names store, array and rows."""
+
+    def __init__(
+        self, message: str, *, path: Path, array: str | None = None, rows: range | None = None
+    ) -> None:
+        super().__init__(message)
+        self.path, self.array, self.rows = Path(path), array, rows
+
+
+class MissingChunkError(StoreIntegrityError):
+    """A chunk file of the store does not exist (Zarr would read the fill value)."""
+
+
+class CorruptChunkError(StoreIntegrityError):
+    """A chunk file exists but does not decode (checksum mismatch, truncation, ...)."""
+
+
+class NonFiniteValuesError(StoreIntegrityError):
+    """Features hold NaN or infinite values (read from a store, or about to be written)."""
 
 
 def marker_path(store_path: Path) -> Path:
@@ -59,15 +101,234 @@ def rows_per_chunk(n_samples: int, dims: Sequence[int], chunk_bytes: int = MIN_C
     return max(1, min(rows, n_samples))
 
 
+def _damaged(path: Path) -> str:
+    """The repair hint of a damaged store."""
+    return (
+        "the store is damaged: extract it again from scratch "
+        f"(snakemake --force {marker_path(Path(path))})"
+    )
+
+
+def _rows_text(rows: Sequence[int] | range) -> str:
+    if isinstance(rows, range):
+        return f"rows {rows.start}-{rows.stop - 1}" if len(rows) else "no rows"
+    shown = ", ".join(str(int(r)) for r in rows[:SHOWN_ROWS])
+    return f"rows {shown}" + (
+        f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else ""
+    )
+
+
+def _nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Indices of the rows of a 2-D array that hold a NaN or an infinity."""
+    return np.flatnonzero(~np.isfinite(values).all(axis=1))
+
+
+class CheckedLayer:
+    """One layer of a store that reads like a ``zarr.Array`` and verifies what it reads.
+
+    ``layer[...]``, ``layer.oindex[...]``, ``layer.vindex[...]`` and ``np.asarray(layer)``
+    return what the Zarr array would, after checking that every chunk they touch exists
+    (Zarr reads a missing chunk as the fill value), turning a decoding error into a
+    ``CorruptChunkError`` and refusing NaN or infinite values; errors name the store, the
+    layer and the rows. Other attributes (``shape``, ``dtype``, ``chunks``, ...) are the
+    array's; ``.array`` is the bare Zarr array.
+    """
+
+    def __init__(self, store_path: Path, index: int, name: str, array: zarr.Array) -> None:
+        self.array = array
+        self.store_path = Path(store_path)
+        self.index, self.name = index, name
+        self.rows_per_chunk = int(array.chunks[0])
+        self.n_chunks = math.ceil(array.shape[0] / self.rows_per_chunk) if array.shape[0] else 0
+        self._column_chunks = range(math.ceil(array.shape[1] / array.chunks[1]))
+        self._present: set[int] = set()  # row chunks whose files were seen to exist
+        self.oindex = _CheckedIndexer(self, lambda selection: array.oindex[selection])
+        self.vindex = _CheckedIndexer(self, lambda selection: array.vindex[selection])
+
+    def __getattr__(self, attribute: str) -> Any:
+        if attribute == "array":  # not yet set (copy, unpickling): no recursion
+            raise AttributeError(attribute)
+        return getattr(self.array, attribute)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<CheckedLayer {self.where} shape={self.shape}>"
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self.checked_read(selection, self.array.__getitem__)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        values = self[...]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    @property
+    def where(self) -> str:
+        return f"feature store {self.store_path}, layer {self.index} ({self.name})"
+
+    def chunk_rows(self, chunk: int) -> range:
+        start = chunk * self.rows_per_chunk
+        return range(start, min(start + self.rows_per_chunk, self.array.shape[0]))
+
+    def chunk_keys(self, chunk: int) -> list[str]:
+        """Store keys of the chunk files holding row chunk ``chunk``, e.g. ``layers/0/c/3/0``."""
+        encode = self.array.metadata.encode_chunk_key
+        return [f"{self.array.path}/{encode((chunk, column))}" for column in self._column_chunks]
+
+    def checked_read(self, selection: Any, fetch: Callable[[Any], Any]) -> Any:
+        """``fetch(selection)``, verified: chunks present, decodable, values finite."""
+        chunks = self._chunks_of(selection)
+        self._require_present(chunks)
+        try:
+            values = fetch(selection)
+        except (IndexError, TypeError):  # a bad selection, not a bad chunk
+            raise
+        except Exception:
+            self.check_chunks(chunks)  # raises the chunk's own error, if a chunk is the cause
+            raise
+        if not np.isfinite(values).all():
+            self.check_chunks(chunks)
+            raise NonFiniteValuesError(
+                f"{self.where}: NaN or infinite values read; {_damaged(self.store_path)}",
+                path=self.store_path,
+                array=self.name,
+            )
+        return values
+
+    def check_chunks(self, chunks: Iterable[int]) -> None:
+        """Read row chunks one by one and raise the first problem found."""
+        for chunk in chunks:
+            self.check_chunk(int(chunk))
+
+    def check_chunk(self, chunk: int) -> None:
+        """Raise a ``StoreIntegrityError`` unless row chunk ``chunk`` exists, decodes, is finite."""
+        rows = self.chunk_rows(chunk)
+        self._present.discard(chunk)
+        self._require_present([chunk])
+        try:
+            values = self.array[rows.start : rows.stop]
+        except Exception as error:
+            raise CorruptChunkError(
+                f"{self.where}, {_rows_text(rows)}: chunk {self.chunk_keys(chunk)[0]} cannot be "
+                f"decoded ({type(error).__name__}: {error}); {_damaged(self.store_path)}",
+                path=self.store_path,
+                array=self.name,
+                rows=rows,
+            ) from error
+        bad = _nonfinite_rows(values)
+        if len(bad):
+            rows_bad = rows.start + bad
+            raise NonFiniteValuesError(
+                f"{self.where}: NaN or infinite values in {_rows_text(rows_bad)}"
+                f"{_sample_ids_text(self.store_path, rows_bad)}; {_damaged(self.store_path)}",
+                path=self.store_path,
+                array=self.name,
+                rows=range(int(rows_bad[0]), int(rows_bad[-1]) + 1),
+            )
+
+    def problems(self) -> list[StoreIntegrityError]:
+        """Every damaged row chunk of the layer (missing, undecodable, not finite)."""
+        found = []
+        for chunk in range(self.n_chunks):
+            try:
+                self.check_chunk(chunk)
+            except StoreIntegrityError as error:
+                found.append(error)
+        return found
+
+    def _require_present(self, chunks: Iterable[int]) -> None:
+        for chunk in chunks:
+            chunk = int(chunk)
+            if chunk in self._present:
+                continue
+            for key in self.chunk_keys(chunk):
+                if not (self.store_path / key).is_file():
+                    rows = self.chunk_rows(chunk)
+                    raise MissingChunkError(
+                        f"{self.where}, {_rows_text(rows)}: chunk {key} is missing (Zarr would "
+                        f"read it as the fill value); {_damaged(self.store_path)}",
+                        path=self.store_path,
+                        array=self.name,
+                        rows=rows,
+                    )
+            self._present.add(chunk)
+
+    def _chunks_of(self, selection: Any) -> np.ndarray | range:
+        """Row chunks a selection touches (every chunk when the selection is unusual)."""
+        n, per = self.array.shape[0], self.rows_per_chunk
+        first = selection[0] if isinstance(selection, tuple) and selection else selection
+        if isinstance(selection, tuple) and not selection:
+            first = slice(None)
+        if first is Ellipsis:
+            first = slice(None)
+        if isinstance(first, int | np.integer):
+            row = int(first)
+            return range(row % n // per, row % n // per + 1) if -n <= row < n else range(0)
+        if isinstance(first, slice):
+            start, stop, step = first.indices(n)
+            if step == 1:
+                return range(start // per, (stop - 1) // per + 1) if stop > start else range(0)
+            return np.unique(np.arange(start, stop, step) // per)
+        rows = np.asarray(first)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(
+                rows.any(axis=tuple(range(1, rows.ndim))) if rows.ndim > 1 else rows
+            )
+        elif rows.dtype.kind in "iu":
+            rows = rows.ravel()
+            rows = rows[(rows >= -n) & (rows < n)] % n  # out-of-range rows: Zarr's IndexError
+        else:
+            return range(self.n_chunks)
+        return np.unique(rows // per)
+
+
+class _CheckedIndexer:
+    """``layer.oindex`` / ``layer.vindex`` of a ``CheckedLayer``."""
+
+    def __init__(self, layer: CheckedLayer, fetch: Callable[[Any], Any]) -> None:
+        self.layer, self.fetch = layer, fetch
+
+    def __getitem__(self, selection: Any) -> np.ndarray:
+        return self.layer.checked_read(selection, self.fetch)
+
+
+def _sample_ids_text(path: Path, rows: np.ndarray) -> str:
+    """`` (sample ids a, b)`` for error messages; empty when the ids cannot be read."""
+    try:
+        ids = zarr.open_array(path / "sample_id", mode="r").oindex[np.asarray(rows[:SHOWN_ROWS])]
+    except Exception:
+        return ""
+    return " (sample ids " + ", ".join(str(i) for i in ids.tolist()) + ")"
+
+
 @dataclass(frozen=True)
 class FeatureStore:
-    """Read access to a complete feature store."""
+    """Read access to a complete feature store; every read is verified (see ``CheckedLayer``)."""
 
     path: Path
 
     @cached_property
     def group(self) -> zarr.Group:
-        return zarr.open_group(self.path, mode="r")
+        try:
+            return zarr.open_group(self.path, mode="r")
+        except Exception as error:
+            raise StoreIntegrityError(
+                f"feature store {self.path} cannot be opened ({type(error).__name__}: {error})",
+                path=self.path,
+            ) from error
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -93,12 +354,25 @@ class FeatureStore:
     def n_samples(self) -> int:
         return int(self.attrs["n_samples"])
 
-    def layer(self, index: int) -> zarr.Array:
+    @cached_property
+    def _layers(self) -> dict[int, CheckedLayer]:
+        return {}
+
+    def raw_layer(self, index: int) -> zarr.Array:
+        """The bare Zarr array of a layer: no presence or finiteness checks (crc32c still)."""
         if not -self.num_layers <= index < self.num_layers:
             raise IndexError(
                 f"{self.path}: layer {index} does not exist (the store has {self.num_layers})"
             )
         return self.group[f"layers/{index % self.num_layers}"]
+
+    def layer(self, index: int) -> CheckedLayer:
+        """A layer, read like a ``zarr.Array``, every read verified."""
+        array = self.raw_layer(index)
+        index %= self.num_layers
+        if index not in self._layers:
+            self._layers[index] = CheckedLayer(self.path, index, self.layer_names[index], array)
+        return self._layers[index]
 
     def read(self, index: int, rows: np.ndarray | None = None) -> np.ndarray:
         """One layer as float32, all rows or the given rows (in the given order)."""
@@ -112,11 +386,87 @@ class FeatureStore:
         return values
 
     def sample_ids(self) -> np.ndarray:
-        return np.asarray(self.group["sample_id"][:].tolist(), dtype=str)
+        try:
+            ids = self.group["sample_id"]
+            if not all((self.path / "sample_id" / key).is_file() for key in _chunk_keys(ids)):
+                raise FileNotFoundError("a chunk of sample_id is missing")
+            values = np.asarray(ids[:].tolist(), dtype=str)
+        except Exception as error:
+            raise CorruptChunkError(
+                f"feature store {self.path}: sample_id cannot be read "
+                f"({type(error).__name__}: {error})",
+                path=self.path,
+                array="sample_id",
+            ) from error
+        return values
+
+    def require_fingerprint(self, expected: str | None) -> None:
+        """Raise ``StaleStoreError`` unless the store was made with the ``expected`` fingerprint."""
+        if expected is not None and self.fingerprint != expected:
+            raise StaleStoreError(
+                f"feature store {self.path} has fingerprint {self.fingerprint[:12]}, the config "
+                f"expects {expected[:12]}: it is stale, rerun the extract stage"
+            )
+
+    def integrity_problems(self) -> list[StoreIntegrityError]:
+        """Everything wrong with the store's contents: attributes, flags, ids, every chunk."""
+
+        def problem(text: str, array: str | None = None) -> StoreIntegrityError:
+            return StoreIntegrityError(
+                f"feature store {self.path}: {text}", path=self.path, array=array
+            )
+
+        try:
+            attrs = self.attrs
+        except StoreIntegrityError as error:
+            return [error]
+        missing = [k for k in ("fingerprint", "layer_names", "dims", "n_samples") if k not in attrs]
+        if missing:
+            return [problem(f"attributes {missing} are missing")]
+        found = []
+        if attrs.get("format_version") != FORMAT_VERSION:
+            found.append(
+                problem(
+                    f"format version {attrs.get('format_version')} (this code writes "
+                    f"{FORMAT_VERSION}): its chunks carry no checksums, extract it again"
+                )
+            )
+        try:
+            flags = self.group["block_complete"][:]
+            if not flags.all():
+                found.append(problem(f"{int((~flags).sum())} blocks are not written"))
+        except Exception as error:
+            found.append(problem(f"block_complete cannot be read ({error})", "block_complete"))
+        try:
+            if len(self.sample_ids()) != self.n_samples:
+                found.append(problem(f"sample_id does not hold {self.n_samples} ids", "sample_id"))
+        except StoreIntegrityError as error:
+            found.append(error)
+        for index in range(self.num_layers):
+            try:
+                layer = self.layer(index)
+            except Exception as error:
+                found.append(problem(f"layer {index} cannot be opened ({error})", str(index)))
+                continue
+            expected = (self.n_samples, self.dims[index])
+            if layer.shape != expected:
+                found.append(problem(f"layer {index} has shape {layer.shape}, not {expected}"))
+                continue
+            found += layer.problems()
+        return found
+
+
+def _chunk_keys(array: zarr.Array) -> list[str]:
+    """Keys (relative to the array) of every chunk of an array."""
+    grid = [range(math.ceil(s / c)) for s, c in zip(array.shape, array.chunks, strict=True)]
+    return [
+        array.metadata.encode_chunk_key(tuple(coords)) for coords in np.ndindex(*map(len, grid))
+    ]
 
 
 def open_store(path: str | Path, fingerprint: str | None = None) -> FeatureStore:
-    """Open a complete store; refuse one that is unfinished or was made from another config."""
+    """Open a complete store; refuse one that is unfinished, inconsistent with its marker, or
+    (given the expected ``fingerprint``) made from another config."""
     path = Path(path)
     marker = marker_path(path)
     if not marker.exists():
@@ -124,11 +474,17 @@ def open_store(path: str | Path, fingerprint: str | None = None) -> FeatureStore
             f"feature store {path} is incomplete (no {marker.name}): run the extract stage"
         )
     store = FeatureStore(path)
-    if fingerprint is not None and store.fingerprint != fingerprint:
-        raise StaleStoreError(
-            f"feature store {path} has fingerprint {store.fingerprint[:12]}, the config "
-            f"expects {fingerprint[:12]}: it is stale, rerun the extract stage"
+    try:
+        marked = json.loads(marker.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as error:
+        raise StoreIntegrityError(f"{marker} cannot be read ({error})", path=path) from error
+    if marked != store.attrs.get("fingerprint"):
+        raise StoreIntegrityError(
+            f"feature store {path}: its marker {marker.name} and the store disagree on the "
+            "fingerprint (the store was replaced after it was finished); extract it again",
+            path=path,
         )
+    store.require_fingerprint(fingerprint)
     return store
 
 
@@ -138,8 +494,11 @@ class StoreWriter:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
-        self.layers = [group[f"layers/{i}"] for i in range(len(group.attrs["layer_names"]))]
-        self.flags = group["block_complete"]
+        dense = {"write_empty_chunks": True}  # runtime config: not stored, so set on every open
+        self.layers = [
+            group[f"layers/{i}"].with_config(dense) for i in range(len(group.attrs["layer_names"]))
+        ]
+        self.flags = group["block_complete"].with_config(dense)
         self.block_rows = int(self.layers[0].chunks[0])
 
     @classmethod
@@ -154,20 +513,42 @@ class StoreWriter:
         attrs: dict[str, Any],
         on_stale: str = "recompute",
         chunk_bytes: int = MIN_CHUNK_BYTES,
+        fresh: bool = False,
     ) -> StoreWriter:
-        """Open ``path`` for writing. An existing store with another fingerprint is removed
-        (``on_stale="recompute"``) or refused (``"error"``); one with the same is resumed."""
+        """Open ``path`` for writing (its marker is removed first).
+
+        - no store: create it;
+        - another fingerprint: remove it (``on_stale="recompute"``) or refuse (``"error"``);
+          one without any (its creation was killed) is removed;
+        - same fingerprint, unfinished (a killed run): resume it, rewriting any finished block
+          whose chunks no longer verify;
+        - same fingerprint, finished before (``complete``: its job runs again, e.g. forced) or
+          ``fresh=True``: remove it and start from scratch.
+        """
         path = Path(path)
         marker_path(path).unlink(missing_ok=True)
         if path.exists():
-            existing = _read_fingerprint(path)
-            if existing == fingerprint:
-                return cls(path, zarr.open_group(path, mode="r+"))
-            if on_stale == "error":
+            existing = _read_attrs(path)
+            if existing.get("fingerprint") == fingerprint:
+                same_shape = existing.get("n_samples") == len(sample_ids) and existing.get(
+                    "dims"
+                ) == [int(d) for d in dims]
+                if fresh or existing.get("complete") or not same_shape:
+                    log.info("%s: recomputing from scratch (fresh, or finished before)", path)
+                else:
+                    try:
+                        writer = cls(path, zarr.open_group(path, mode="r+"))
+                        writer.unflag_damaged_blocks()
+                    except Exception as error:  # flags or metadata unreadable: start over
+                        log.warning("%s cannot be resumed (%s): starting over", path, error)
+                    else:
+                        log.info("%s: resuming a killed run", path)
+                        return writer
+            elif on_stale == "error" and existing.get("fingerprint") is not None:
                 raise StaleStoreError(
                     f"feature store {path} was made from another configuration "
-                    f"(fingerprint {str(existing)[:12]} != {fingerprint[:12]}); remove it "
-                    "or set runtime.on_stale: recompute"
+                    f"(fingerprint {str(existing.get('fingerprint'))[:12]} != "
+                    f"{fingerprint[:12]}); remove it or set runtime.on_stale: recompute"
                 )
             shutil.rmtree(path)
         rows = rows_per_chunk(len(sample_ids), dims, chunk_bytes)
@@ -187,15 +568,75 @@ class StoreWriter:
         ]
 
     def write_block(self, block: int, per_layer: Sequence[np.ndarray]) -> None:
+        """Write one block of every layer, then its flag; NaN or infinite values are refused."""
         start = block * self.block_rows
+        stop = min(start + self.block_rows, self.n_samples)
+        if len(per_layer) != len(self.layers):
+            raise ValueError(
+                f"{self.path}: {len(per_layer)} layers given, the store has {len(self.layers)}"
+            )
+        for index, (array, values) in enumerate(zip(self.layers, per_layer, strict=True)):
+            if values.shape != (stop - start, array.shape[1]):
+                raise ValueError(
+                    f"{self.path}: block {block} of layer {index} has shape {values.shape}, "
+                    f"expected {(stop - start, array.shape[1])}"
+                )
+            if len(bad := _nonfinite_rows(values)):
+                self._refuse_nonfinite(index, start + bad)
         for array, values in zip(self.layers, per_layer, strict=True):
-            array[start : start + len(values)] = values
+            array[start:stop] = values
         self.flags[block] = True
 
-    def finalize(self, summary: dict[str, Any] | None = None) -> None:
-        """Check every block is written, then write the completion marker (last)."""
+    def _refuse_nonfinite(self, index: int, rows: np.ndarray) -> None:
+        encoder = self.group.attrs.get("encoder", {})
+        name = encoder.get("name", "?") if isinstance(encoder, dict) else "?"
+        ids = np.asarray(self.group["sample_id"].oindex[rows[:SHOWN_ROWS]]).tolist()
+        raise NonFiniteValuesError(
+            f"encoder {name!r}, layer {index} ({self.group.attrs['layer_names'][index]}): NaN or "
+            f"infinite values for {len(rows)} samples, sample ids {', '.join(map(str, ids))}"
+            f"{' ...' if len(rows) > SHOWN_ROWS else ''} ({_rows_text(rows)}); refusing to "
+            f"write them to {self.path}",
+            path=self.path,
+            array=self.group.attrs["layer_names"][index],
+            rows=range(int(rows[0]), int(rows[-1]) + 1),
+        )
+
+    def damaged_blocks(self, blocks: Iterable[int] | None = None) -> dict[int, StoreIntegrityError]:
+        """Flagged blocks (or the given ones) whose chunks are missing, corrupt or not finite."""
+        blocks = np.flatnonzero(self.flags[:]) if blocks is None else blocks
+        names = self.group.attrs["layer_names"]
+        damaged: dict[int, StoreIntegrityError] = {}
+        for index, array in enumerate(self.layers):
+            layer = CheckedLayer(self.path, index, names[index], array)
+            for block in blocks:
+                if block in damaged:
+                    continue
+                try:
+                    layer.check_chunk(int(block))
+                except StoreIntegrityError as error:
+                    damaged[int(block)] = error
+        return damaged
+
+    def unflag_damaged_blocks(self) -> list[int]:
+        """Clear the flag of every finished block that no longer verifies; returns them."""
+        damaged = self.damaged_blocks()
+        for block, error in sorted(damaged.items()):
+            log.warning("%s: block %d will be written again: %s", self.path, block, error)
+            self.flags[block] = False
+        return sorted(damaged)
+
+    def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
+        """Check every block is written and (``verify``) reads back intact, then write the
+        completion marker (last). Blocks that do not verify are un-flagged before the error,
+        so the next run rewrites them."""
         if pending := self.pending_blocks():
             raise IncompleteStoreError(f"{self.path}: {len(pending)} blocks are still missing")
+        if verify and (damaged := self.unflag_damaged_blocks()):
+            raise StoreIntegrityError(
+                f"{self.path}: blocks {damaged} did not read back intact after writing (disk "
+                "or file-system trouble?); run again to rewrite them",
+                path=self.path,
+            )
         finished = datetime.now(UTC).isoformat(timespec="seconds")
         self.group.attrs.update({"complete": True, "completed_at": finished})
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python v3 extension
@@ -212,11 +653,17 @@ class StoreWriter:
         )
 
 
-def _read_fingerprint(path: Path) -> str | None:
+def _read_attrs(path: Path) -> dict[str, Any]:
     try:
-        return json.loads((path / "zarr.json").read_text())["attributes"].get("fingerprint")
+        attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     except (OSError, KeyError, ValueError):
-        return None  # not a readable store: treat as stale
+        return {}  # not a readable store: treat as stale
+    return attrs if isinstance(attrs, dict) else {}
+
+
+def _codecs() -> dict[str, Any]:
+    """Compression, then a CRC-32C of the stored bytes (last, so it covers what is on disk)."""
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 
 
 def _create(
@@ -243,9 +690,16 @@ def _create(
             dimension_names=("sample", "dim" if same_width else f"dim_{i}"),
             fill_value=np.nan,
             config=dense,
+            **_codecs(),
         )
     ids = group.create_array(
-        "sample_id", shape=(n,), chunks=(max(n, 1),), dtype=str, dimension_names=("sample",)
+        "sample_id",
+        shape=(n,),
+        chunks=(max(n, 1),),
+        dtype=str,
+        dimension_names=("sample",),
+        config=dense,
+        **_codecs(),
     )
     ids[:] = np.asarray(sample_ids, dtype=str)
     group.create_array(
@@ -256,6 +710,7 @@ def _create(
         fill_value=False,
         dimension_names=("block",),
         config=dense,
+        **_codecs(),
     )
     group.attrs.update(
         {

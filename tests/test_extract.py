@@ -1,4 +1,5 @@
-"""The extract stage: stored rows equal the encoder's output, SIGKILL resume, stale stores."""
+"""The extract stage: stored rows equal the encoder's output, SIGKILL resume, forced runs
+recompute, stale stores, NaN refused, the expected fingerprint."""
 
 import json
 import os
@@ -12,10 +13,11 @@ import pytest
 import torch
 import zarr
 
+from pipeline import extract as extract_module
 from pipeline import store
 from pipeline.data import load_prompts, load_split, prepare_dataset
 from pipeline.encoders import build_encoder
-from pipeline.extract import extract
+from pipeline.extract import expected_fingerprint, extract
 
 VIT = {
     "source": "timm",
@@ -116,11 +118,101 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(dataset
     assert not store.marker_path(killed).exists()
     flags = zarr.open_group(killed, mode="r")["block_complete"][:]
     assert 3 <= flags.sum() < len(flags), "the kill must land mid-run"
+    finished = chunk_stamps(killed, np.flatnonzero(flags))
 
     run_extract(dataset, killed)
     resumed = store.open_store(killed, reference.fingerprint)
     for layer in range(reference.num_layers):
         np.testing.assert_array_equal(resumed.read(layer), reference.read(layer))
+    assert chunk_stamps(killed, np.flatnonzero(flags)) == finished  # resumed, not recomputed
+
+
+def stamp(stat):
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def chunk_stamps(path, blocks):
+    """(inode, mtime) of every layer's chunk file of ``blocks``: a rewrite changes them."""
+    layers = sorted(p for p in (path / "layers").iterdir() if p.is_dir())
+    return {
+        (layer.name, int(b)): stamp((layer / "c" / str(b) / "0").stat())
+        for layer in layers
+        for b in blocks
+    }
+
+
+def test_a_forced_rerun_recomputes_from_scratch_and_repairs_a_corrupt_chunk(dataset, tmp_path):
+    """Snakemake deletes a forced job's marker first; the finished store is not trusted."""
+    path = run_extract(dataset, tmp_path / "vit.zarr")
+    reference = [store.open_store(path).read(layer) for layer in range(3)]
+    before = chunk_stamps(path, range(3))
+    chunk = path / "layers" / "1" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:-9])
+    with pytest.raises(store.CorruptChunkError, match=r"layer 1 .*rows 8-15"):
+        store.open_store(path).read(1)
+    store.marker_path(path).unlink()
+
+    run_extract(dataset, path)
+    after = chunk_stamps(path, range(3))
+    assert all(after[key] != before[key] for key in before)  # every chunk written again
+    rerun = store.open_store(path)
+    assert rerun.integrity_problems() == []
+    for layer in range(3):
+        np.testing.assert_array_equal(rerun.read(layer), reference[layer])
+
+
+def test_fresh_recomputes_even_a_killed_runs_blocks(dataset, tmp_path):
+    path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
+    before = chunk_stamps(path, range(2))
+    zarr.open_group(path, mode="r+").attrs["complete"] = False  # as if killed at the end
+    store.marker_path(path).unlink()
+    run_extract(dataset, path, split="test")
+    assert chunk_stamps(path, range(2)) == before  # killed: resumed
+    store.marker_path(path).unlink()
+    zarr.open_group(path, mode="r+").attrs["complete"] = False
+    extract(
+        encoder_name="vit",
+        encoder_spec=VIT,
+        dataset_dir=dataset,
+        split="test",
+        out=path,
+        runtime=RUNTIME,
+        fresh=True,
+    )
+    after = chunk_stamps(path, range(2))
+    assert all(after[key] != before[key] for key in before)
+
+
+def test_nan_features_are_refused_naming_encoder_layer_and_sample_ids(
+    dataset, tmp_path, monkeypatch
+):
+    encode = extract_module._encode_rows
+
+    def with_nan(encoder, rows, *args):
+        pooled = encode(encoder, rows, *args)
+        if rows.start == 8:
+            pooled[2][1, 5] = np.inf
+        return pooled
+
+    monkeypatch.setattr(extract_module, "_encode_rows", with_nan)
+    path = tmp_path / "vit.zarr"
+    with pytest.raises(store.NonFiniteValuesError) as error:
+        run_extract(dataset, path, split="test")
+    image_id = load_split(dataset, "test").images["image_id"].to_list()[9]
+    text = str(error.value)
+    assert "encoder 'vit'" in text and "layer 2" in text and image_id in text
+    assert not store.marker_path(path).exists()
+
+
+def test_expected_fingerprint_is_the_one_extraction_records(dataset, tmp_path):
+    path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
+    inputs = {"encoder_name": "vit", "dataset_dir": dataset, "split": "test", "runtime": RUNTIME}
+    expected = expected_fingerprint(encoder_spec=VIT, **inputs)
+    assert store.open_store(path, fingerprint=expected).fingerprint == expected
+    other = expected_fingerprint(encoder_spec={**VIT, "init_seed": 2}, **inputs)
+    with pytest.raises(store.StaleStoreError, match="stale"):
+        store.open_store(path, fingerprint=other)
+    assert expected_fingerprint(encoder_spec=VIT, **{**inputs, "split": "train"}) != expected
 
 
 def test_a_store_from_another_config_is_recomputed_or_refused(dataset, tmp_path):

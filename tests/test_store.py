@@ -1,4 +1,5 @@
-"""The feature store: round trip, block resume, completion marker, stale fingerprints."""
+"""The feature store: round trip, block resume, completion marker, stale fingerprints, and
+forced runs (a store finished before is recomputed from scratch, a killed one resumed)."""
 
 import dask.array as da
 import numpy as np
@@ -106,3 +107,55 @@ def test_stale_store_is_recomputed_or_refused_never_reused(tmp_path):
     assert not store.marker_path(path).exists()  # reopening for writing withdraws the marker
     assert len(fresh.pending_blocks()) == 4  # nothing of the old store survives
     assert np.isnan(fresh.layers[0][0, 0])
+
+
+def test_a_finished_store_made_again_is_recomputed_from_scratch(tmp_path):
+    """Snakemake deletes a forced job's marker; the store says it was finished: start over."""
+    path = tmp_path / "toy.zarr"
+    first = make_writer(path)
+    write_all(first, features(50))
+    first.finalize()
+    chunk = path / "layers" / "0" / "c" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:20])  # damage that per-block flags cannot see
+    store.marker_path(path).unlink()
+
+    again = make_writer(path)
+    assert len(again.pending_blocks()) == 4  # nothing is trusted, nothing resumed
+    assert not chunk.exists()
+    values = features(50)
+    write_all(again, values)
+    again.finalize()
+    np.testing.assert_array_equal(store.open_store(path).read(0), values[0])
+
+
+def test_fresh_discards_a_killed_runs_blocks(tmp_path):
+    path = tmp_path / "toy.zarr"
+    killed = make_writer(path)
+    block, start, stop = killed.pending_blocks()[0]
+    killed.write_block(block, [v[start:stop] for v in features(50)])
+    assert len(make_writer(path).pending_blocks()) == 3  # default: resume
+    assert len(make_writer(path, fresh=True).pending_blocks()) == 4
+
+
+def test_resume_rewrites_a_finished_block_that_no_longer_verifies(tmp_path):
+    path = tmp_path / "toy.zarr"
+    values = features(50)
+    killed = make_writer(path)
+    for block, start, stop in killed.pending_blocks()[:2]:
+        killed.write_block(block, [v[start:stop] for v in values])
+    (path / "layers" / "1" / "c" / "0" / "0").unlink()
+
+    resumed = make_writer(path)
+    assert [b for b, _, _ in resumed.pending_blocks()] == [0, 2, 3]
+    write_all(resumed, values)
+    resumed.finalize()
+    np.testing.assert_array_equal(store.open_store(path).read(1), values[1])
+
+
+def test_a_killed_store_whose_flags_do_not_read_starts_over(tmp_path):
+    path = tmp_path / "toy.zarr"
+    killed = make_writer(path)
+    block, start, stop = killed.pending_blocks()[0]
+    killed.write_block(block, [v[start:stop] for v in features(50)])
+    (path / "block_complete" / "c" / "0").write_bytes(b"not a chunk")
+    assert len(make_writer(path).pending_blocks()) == 4

@@ -1,0 +1,205 @@
+"""Check what ``results/`` holds: every feature store and every aligner run, read in full.
+
+``verify_results(results_dir)`` returns one ``Problem`` per thing found wrong, each with what
+is wrong, where, and a shell command (run from the workflow root) that repairs it;
+``print_report`` prints them and returns the exit code. Feature stores are checked by the
+store format's own reader (``FeatureStore.integrity_problems``): marker present and agreeing
+with the store, attributes, block flags, sample ids, and every chunk of every layer present,
+matching its checksum and finite. Aligner runs: ``done.json`` present with a fingerprint,
+``params.json`` consistent with it and with the run's folder name, the weights loadable into
+the aligner, the curve readable, and the features it was fitted on still the ones in
+``results/features``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import numpy as np
+
+from pipeline import store
+from pipeline.align import artifacts
+
+SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
+RUN_DIR = re.compile(r"n\d+_s-?\d+")
+RUNS_JSON = "runs.json"  # the align job's declared output, beside its runs
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong in ``results/``: what, where (a path), and the command that repairs it."""
+
+    what: str
+    where: str
+    repair: str
+
+
+def verify_results(results_dir: Path) -> list[Problem]:
+    """Every problem of the feature stores and aligner runs under ``results_dir``."""
+    results_dir = Path(results_dir)
+    problems: list[Problem] = []
+    fingerprints: set[str] = set()
+    for path in feature_stores(results_dir):
+        found, fingerprint = check_store(path, results_dir)
+        problems += found
+        if fingerprint:
+            fingerprints.add(fingerprint)
+    features_exist = (results_dir / "features").is_dir()
+    for run_dir in aligner_runs(results_dir):
+        problems += check_run(run_dir, results_dir, fingerprints if features_exist else None)
+    return problems
+
+
+def print_report(problems: list[Problem], file: TextIO | None = None) -> int:
+    """Print the problems and their repairs; 0 when there are none, else 1."""
+    file = file or sys.stdout
+    if not problems:
+        print("verify: no problems found", file=file)
+        return 0
+    for problem in problems:
+        print(
+            f"PROBLEM {problem.where}\n  what:   {problem.what}\n  repair: {problem.repair}",
+            file=file,
+        )
+    repairs = list(dict.fromkeys(problem.repair for problem in problems))
+    print(f"\nverify: {len(problems)} problems; to repair, from the workflow root:", file=file)
+    for repair in repairs:
+        print(f"  {repair}", file=file)
+    return 1
+
+
+def feature_stores(results_dir: Path) -> list[Path]:
+    """Every ``*.zarr`` store under ``results/features``, and stores of orphan markers."""
+    found: set[Path] = set()
+    for root, dirs, files in os.walk(results_dir / "features"):
+        for name in list(dirs):
+            if name.endswith(".zarr"):
+                found.add(Path(root) / name)
+                dirs.remove(name)  # do not walk the chunks
+        found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
+    return sorted(found)
+
+
+def aligner_runs(results_dir: Path) -> list[Path]:
+    """Every run folder ``n<N>_s<seed>`` under ``results/aligners``."""
+    found = []
+    for root, dirs, _ in os.walk(results_dir / "aligners"):
+        for name in list(dirs):
+            if RUN_DIR.fullmatch(name):
+                found.append(Path(root) / name)
+                dirs.remove(name)
+    return sorted(found)
+
+
+def target(path: Path, results_dir: Path) -> str:
+    """``path`` as a Snakemake target: relative to the workflow root, under ``results/``."""
+    return (Path("results") / Path(path).relative_to(results_dir)).as_posix()
+
+
+def check_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | None]:
+    """Problems of one feature store, and its fingerprint when it has one."""
+    marker = store.marker_path(path)
+    where = str(path)
+    force = f"{SNAKEMAKE} --force {target(marker, results_dir)}"
+    if not path.is_dir():
+        return [Problem(f"completion marker {marker.name} without its store", where, force)], None
+    reader = store.FeatureStore(path)
+    try:
+        fingerprint = reader.attrs.get("fingerprint")
+    except store.StoreIntegrityError as error:
+        return [Problem(str(error), where, force)], None
+    problems = []
+    if not marker.is_file():
+        complete = reader.attrs.get("complete")
+        what = (
+            f"no completion marker {marker.name} though the store was finished"
+            if complete
+            else f"extraction unfinished (no {marker.name}): a killed run, it resumes"
+        )
+        run = f"{SNAKEMAKE} {target(marker, results_dir)}"
+        problems.append(Problem(what, where, force if complete else run))
+    else:
+        try:
+            marked = json.loads(marker.read_text()).get("fingerprint")
+        except (OSError, ValueError, AttributeError) as error:
+            marked = f"unreadable ({error})"
+        if marked != fingerprint:
+            problems.append(
+                Problem(
+                    f"marker fingerprint {str(marked)[:12]} != store fingerprint "
+                    f"{str(fingerprint)[:12]}",
+                    where,
+                    force,
+                )
+            )
+    if not fingerprint:
+        problems.append(Problem("no fingerprint attribute", where, force))
+    if marker.is_file() or reader.attrs.get("complete"):  # an unfinished store has gaps anyway
+        problems += [Problem(str(error), where, force) for error in reader.integrity_problems()]
+    return problems, fingerprint
+
+
+def check_run(run_dir: Path, results_dir: Path, fingerprints: set[str] | None) -> list[Problem]:
+    """Problems of one aligner run; ``fingerprints``: the feature stores' (None: not checked)."""
+    where = str(run_dir)
+    job = target(run_dir.parent / RUNS_JSON, results_dir)
+    refit = f"rm -r {target(run_dir, results_dir)} && {SNAKEMAKE} --force {job}"
+
+    def problem(what: str) -> list[Problem]:
+        return [Problem(what, where, refit)]
+
+    try:
+        done = artifacts.read_done(run_dir)
+    except (OSError, ValueError) as error:
+        return problem(f"{artifacts.DONE} cannot be read ({error})")
+    if done is None:
+        return problem(f"unfinished run: no {artifacts.DONE}")
+    fingerprint = done.get("fingerprint") if isinstance(done, dict) else None
+    if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        return problem(f"{artifacts.DONE} has no valid fingerprint ({fingerprint!r})")
+    try:
+        params = artifacts.read_params(run_dir)
+    except (OSError, ValueError) as error:
+        return problem(f"{artifacts.PARAMS} cannot be read ({error})")
+    problems = []
+    if params.get("method") != done.get("method"):
+        problems += problem(
+            f"{artifacts.DONE} is of method {done.get('method')!r}, "
+            f"{artifacts.PARAMS} of {params.get('method')!r}"
+        )
+    meta = params.get("meta") or {}
+    if run_dir.name != f"n{meta.get('n_pairs')}_s{meta.get('seed')}":
+        problems += problem(
+            f"{artifacts.PARAMS} is of n_pairs {meta.get('n_pairs')}, seed {meta.get('seed')}"
+        )
+    try:
+        aligner = artifacts.load_aligner(run_dir)
+        state = aligner.state()
+    except Exception as error:
+        problems += problem(
+            f"{artifacts.WEIGHTS} cannot be loaded ({type(error).__name__}: {error})"
+        )
+    else:
+        bad = [key for key, value in state.items() if not np.isfinite(np.asarray(value)).all()]
+        if bad:
+            problems += problem(f"{artifacts.WEIGHTS}: NaN or infinite values in {bad}")
+    try:
+        import pyarrow.parquet as pq
+
+        pq.read_metadata(run_dir / artifacts.CURVE)
+    except Exception as error:
+        problems += problem(f"{artifacts.CURVE} cannot be read ({type(error).__name__}: {error})")
+    if fingerprints is not None:
+        used = meta.get("feature_fingerprints") or {}
+        stale = sorted(role for role, value in used.items() if value not in fingerprints)
+        if stale:
+            problems += problem(
+                f"fitted on features that are no longer in results/features ({', '.join(stale)})"
+            )
+    return problems
