@@ -1,6 +1,7 @@
 # postalign: post-hoc multimodal alignment with limited paired data.
 # Thin on purpose: all logic is in the `pipeline` package; rules call `python -m pipeline`.
-# Targets: extract, similarity, align, evaluate, report; `all` (the default) is everything.
+# Targets: extract, similarity, align, evaluate, report, verify; `all` (the default) is
+# everything but verify.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +23,7 @@ include: "workflow/rules/extract.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/verify.smk"
 
 
 rule all:

@@ -151,6 +151,12 @@ def validate(args: argparse.Namespace) -> None:
     print(f"{args.config}: valid")
 
 
+def verify(args: argparse.Namespace) -> None:
+    from pipeline.verify import print_report, verify_results
+
+    raise SystemExit(print_report(verify_results(args.results)))
+
+
 def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__.split("\n")[0])
     top.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -158,6 +164,11 @@ def parser() -> argparse.ArgumentParser:
     check = commands.add_parser("validate", help="validate a config file and say so")
     check.add_argument("config", type=Path, help="config file (YAML)")
     check.set_defaults(run=validate)
+    audit = commands.add_parser(
+        "verify", help="check every feature store and aligner run; print what is damaged"
+    )
+    audit.add_argument("--results", type=Path, default=Path("results"), help="results folder")
+    audit.set_defaults(run=verify)
     for name, stage in STAGES.items():
         sub = commands.add_parser(name, aliases=[stage.alias], help=stage.help)
         sub.add_argument("--spec", type=json.loads, help="the job's slice of the config, as JSON")

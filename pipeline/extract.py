@@ -153,6 +153,9 @@ def extract(
                 "spec": dataset.get("spec"),
             },
             "precision": precision,
+            "request": store.request_hash(
+                encoder_name, encoder_spec, dataset["name"], split, precision
+            ),
             "versions": library_versions(),
         },
     )

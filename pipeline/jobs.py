@@ -10,6 +10,7 @@ Torch-free: the workflow is read without importing model code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline import layout
@@ -36,6 +37,16 @@ class Job:
 
     def output(self, name: str) -> str:
         return _single(self.outputs, name, "output")
+
+    def feature_store(self, role: str, dataset_role: str):
+        """Open input store ``role``, checked to hold what this job's config asks for
+        (``spec["stores"][role]``) of the prepared dataset at input ``dataset_role``."""
+        from pipeline.data import read_manifest
+        from pipeline.store import open_requested
+
+        manifest = read_manifest(Path(layout.dataset_of_manifest(self.input(dataset_role))))
+        path = layout.store_of_marker(self.input(role))
+        return open_requested(path, self.spec["stores"][role], manifest["content_hash"])
 
     def input_list(self, name: str) -> list[str]:
         return _many(self.inputs, name, "input")
@@ -67,6 +78,14 @@ def experiment(config: dict[str, Any]) -> dict[str, Any]:
 def grid_spec(config: dict[str, Any]) -> dict[str, Any]:
     align = config["align"]
     return {"n_pairs": align["n_pairs"], "seeds": align["seeds"]}
+
+
+def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
+    """The ``request`` a reading job expects of a feature store (``store.request_hash``)."""
+    from pipeline.store import request_hash
+
+    precision = config["runtime"]["precision"]
+    return request_hash(encoder, config["encoders"][encoder], dataset, split, precision)
 
 
 # ---- jobs ------------------------------------------------------------------------------------
@@ -115,6 +134,10 @@ def compare_layers(config: dict[str, Any], vision: str, text: str) -> Job:
         "similarity": similarity,
         "grid": grid_spec(config) if similarity["scope"] == "run" else None,
         "train": train,
+        "stores": {
+            role: store_request(config, train["dataset"], train["split"], encoder)
+            for role, encoder in (("vision", vision), ("text", text))
+        },
     }
     return Job(
         "compare_layers",
@@ -152,6 +175,11 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         "val": layout.dataset_manifest(val["dataset"]),
     }
     spec["splits"] = {"train": train["split"], "val": val["split"]}
+    spec["stores"] = {
+        f"{side}_{role}": store_request(config, ref["dataset"], ref["split"], encoder)
+        for role, ref in (("train", train), ("val", val))
+        for side, encoder in (("vision", vision), ("text", text))
+    }
     return Job(
         "fit_aligners",
         spec,
@@ -173,7 +201,16 @@ def evaluate_aligners(
         inputs[f"text_{i}"] = layout.feature_marker(dataset, split, text)
         inputs[f"prompts_{i}"] = layout.feature_marker(dataset, PROMPTS_SPLIT, text)
     spec = {
-        "splits": [{key: ref.get(key) for key in ("dataset", "split", "tasks")} for ref in refs]
+        "splits": [{key: ref.get(key) for key in ("dataset", "split", "tasks")} for ref in refs],
+        "stores": {
+            f"{which}_{i}": store_request(config, ref["dataset"], split, encoder)
+            for i, ref in enumerate(refs)
+            for which, split, encoder in (
+                ("vision", ref["split"], vision),
+                ("text", ref["split"], text),
+                ("prompts", PROMPTS_SPLIT, text),
+            )
+        },
     }
     return Job(
         "evaluate_aligners",

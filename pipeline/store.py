@@ -53,6 +53,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import atomic
+from pipeline.fingerprint import spec_hash
 
 log = logging.getLogger(__name__)
 
@@ -462,6 +463,44 @@ def _chunk_keys(array: zarr.Array) -> list[str]:
     return [
         array.metadata.encode_chunk_key(tuple(coords)) for coords in np.ndindex(*map(len, grid))
     ]
+
+
+def request_hash(
+    encoder_name: str, encoder_spec: dict[str, Any], dataset: str, split: str, precision: str
+) -> str:
+    """What a store is asked to hold, as the config says it: the expectation a reading stage
+    checks without loading any model (the store's ``fingerprint`` adds what only extraction
+    knows: weights checksums, preprocessing, the dataset's content hash)."""
+    return spec_hash(
+        {
+            "format_version": FORMAT_VERSION,
+            "encoder_name": encoder_name,
+            "encoder": encoder_spec,
+            "dataset": dataset,
+            "split": split,
+            "precision": precision,
+        }
+    )
+
+
+def open_requested(path: str | Path, request: str, content_hash: str) -> FeatureStore:
+    """Open a complete store for a reading stage that expects it to hold ``request``
+    (``request_hash``) of the prepared dataset whose content hash is ``content_hash``."""
+    store = open_store(path)
+    attrs = store.attrs
+    if attrs.get("request") != request:
+        raise StaleStoreError(
+            f"feature store {path} was extracted for another encoder spec, dataset, split or "
+            "precision than this job's config asks for: run its extract_features job again "
+            f"(snakemake --force {marker_path(Path(path))})"
+        )
+    if attrs["dataset"]["content_hash"] != content_hash:
+        raise StaleStoreError(
+            f"feature store {path} holds dataset content {attrs['dataset']['content_hash'][:12]},"
+            f" the prepared dataset is now {content_hash[:12]}: run its extract_features job "
+            f"again (snakemake --force {marker_path(Path(path))})"
+        )
+    return store
 
 
 def open_store(path: str | Path, fingerprint: str | None = None) -> FeatureStore:

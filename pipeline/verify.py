@@ -25,6 +25,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.align import artifacts
+from pipeline.pairs import run_name
 
 SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
 RUN_DIR = re.compile(r"n\d+_s-?\d+")
@@ -149,7 +150,7 @@ def check_run(run_dir: Path, results_dir: Path, fingerprints: set[str] | None) -
     """Problems of one aligner run; ``fingerprints``: the feature stores' (None: not checked)."""
     where = str(run_dir)
     job = target(run_dir.parent / RUNS_JSON, results_dir)
-    refit = f"rm -r {target(run_dir, results_dir)} && {SNAKEMAKE} --force {job}"
+    refit = f"{SNAKEMAKE} --force {job}"  # a forced align job refits every run
 
     def problem(what: str) -> list[Problem]:
         return [Problem(what, where, refit)]
@@ -168,13 +169,13 @@ def check_run(run_dir: Path, results_dir: Path, fingerprints: set[str] | None) -
     except (OSError, ValueError) as error:
         return problem(f"{artifacts.PARAMS} cannot be read ({error})")
     problems = []
-    if params.get("method") != done.get("method"):
+    if params.get("aligner") != done.get("aligner"):
         problems += problem(
-            f"{artifacts.DONE} is of method {done.get('method')!r}, "
-            f"{artifacts.PARAMS} of {params.get('method')!r}"
+            f"{artifacts.DONE} is of aligner {done.get('aligner')!r}, "
+            f"{artifacts.PARAMS} of {params.get('aligner')!r}"
         )
     meta = params.get("meta") or {}
-    if run_dir.name != f"n{meta.get('n_pairs')}_s{meta.get('seed')}":
+    if run_dir.name != run_name(meta.get("n_pairs"), meta.get("seed")):
         problems += problem(
             f"{artifacts.PARAMS} is of n_pairs {meta.get('n_pairs')}, seed {meta.get('seed')}"
         )

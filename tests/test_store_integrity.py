@@ -293,7 +293,7 @@ RUN_DAMAGE = {
     "no done.json": (lambda run: (run / "done.json").unlink(), "unfinished run"),
     "corrupt weights": (corrupt_weights, "weights.safetensors cannot be loaded"),
     "bad fingerprint": (
-        lambda run: (run / "done.json").write_text(json.dumps({"method": "procrustes"})),
+        lambda run: (run / "done.json").write_text(json.dumps({"aligner": "procrustes"})),
         "no valid fingerprint",
     ),
     "other run's params": (
@@ -322,5 +322,5 @@ def test_verify_names_each_kind_of_run_damage_with_its_repair(results, damage):
     [problem] = verify.verify_results(results_dir)
     assert problem.where == str(run) and expected in problem.what
     prefix = "results/aligners/vit/minilm/procrustes/last"
-    assert problem.repair.startswith(f"rm -r {prefix}/n20_s1 && snakemake")
+    assert problem.repair.startswith("snakemake")
     assert problem.repair.endswith(f"--force {prefix}/runs.json")

@@ -492,7 +492,6 @@ class PALAligner(Aligner):
         shapes = [a.shape for a in arrays.values()]
         if any(len(shape) != 2 or shape[0] != self.params.anchors for shape in shapes):
             raise ValueError(
-                f"{self.kind} state: expected ({self.params.anchors}, width) anchors, "
-                f"got {shapes}"
+                f"{self.kind} state: expected ({self.params.anchors}, width) anchors, got {shapes}"
             )
         self.anchors = Anchors(*(torch.tensor(a, dtype=torch.float32) for a in arrays.values()))

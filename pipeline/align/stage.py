@@ -24,7 +24,7 @@ from pipeline.data import load_split
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, Pairs, grid_runs, pair_rows
 from pipeline.similarity.selection import chosen_layers, read_layer_choice
-from pipeline.store import FeatureStore, open_store
+from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
@@ -45,7 +45,7 @@ def paired_features(
 
 def run_align(job: Job) -> None:
     spec = job.spec
-    stores = {role: open_store(layout.store_of_marker(job.input(role))) for role in STORE_ROLES}
+    stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
     train_pairs = split_pairs(job.input("train"), spec["splits"]["train"])
     val_pairs = split_pairs(job.input("val"), spec["splits"]["val"])
     layers = read_layer_choice(job.input("layers"))

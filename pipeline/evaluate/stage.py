@@ -26,7 +26,7 @@ from pipeline.evaluate.tables import RunKey, concat_metrics, metric_rows, write_
 from pipeline.evaluate.zeroshot import zero_shot_classification
 from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
-from pipeline.store import open_store
+from pipeline.store import FeatureStore
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def run_evaluate(job: Job) -> None:
             tasks=split.get("tasks"),
             dataset_dir=Path(layout.dataset_of_manifest(job.input(f"dataset_{i}"))),
             stores={
-                which: layout.store_of_marker(job.input(f"{which}_{i}"))
+                which: job.feature_store(f"{which}_{i}", f"dataset_{i}")
                 for which in ("vision", "text", "prompts")
             },
         )
@@ -62,13 +62,13 @@ class SplitInputs:
         split: str,
         tasks: list[str] | None,
         dataset_dir: Path,
-        stores: dict[str, str],
+        stores: dict[str, FeatureStore],
     ) -> None:
         self.dataset = dataset
         data = load_split(dataset_dir, split)
         self.images = data.images
         self.caption_image = pair_rows(data.images, data.captions).image_rows
-        self.stores = {which: open_store(path) for which, path in stores.items()}
+        self.stores = stores
         self.prompts = load_prompts(dataset_dir)
         available = [t for t in load_tasks(dataset_dir) if t.split == split]
         if tasks is not None:

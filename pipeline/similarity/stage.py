@@ -22,15 +22,13 @@ from pipeline.pairs import grid_runs, pair_rows
 from pipeline.similarity.compute import compute_similarity
 from pipeline.similarity.plots import write_heatmap
 from pipeline.similarity.selection import scoring_pairs, select_layers, write_layer_choice
-from pipeline.store import open_store
 
 log = logging.getLogger(__name__)
 
 
 def run_similarity(job: Job) -> None:
     spec, grid = job.spec["similarity"], job.spec["grid"]
-    vision = open_store(layout.store_of_marker(job.input("vision")))
-    text = open_store(layout.store_of_marker(job.input("text")))
+    vision, text = job.feature_store("vision", "train"), job.feature_store("text", "train")
     data = load_split(
         Path(layout.dataset_of_manifest(job.input("train"))), job.spec["train"]["split"]
     )
