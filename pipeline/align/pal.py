@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require
+from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require, state_arrays
 from pipeline.align.losses import info_nce
 from pipeline.align.training import (
     batches_per_epoch,
@@ -485,10 +485,7 @@ class PALAligner(Aligner):
         return {k: v.detach().numpy().copy() for k, v in self.anchors.state_dict().items()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        keys = ("image_anchors", "text_anchors")
-        if set(state) != set(keys):
-            raise ValueError(f"{self.kind} state: expected keys {keys}, got {sorted(state)}")
-        arrays = {key: np.asarray(state[key]) for key in keys}
+        arrays = state_arrays(self.kind, state, ("image_anchors", "text_anchors"))
         shapes = [a.shape for a in arrays.values()]
         if any(len(shape) != 2 or shape[0] != self.params.anchors for shape in shapes):
             raise ValueError(

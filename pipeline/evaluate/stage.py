@@ -38,6 +38,7 @@ def run_evaluate(job: Job) -> None:
     frames = []
     for i, split in enumerate(job.spec["splits"]):
         inputs = SplitInputs(
+            index=i,
             dataset=split["dataset"],
             split=split["split"],
             tasks=split.get("tasks"),
@@ -58,6 +59,7 @@ class SplitInputs:
     def __init__(
         self,
         *,
+        index: int,
         dataset: str,
         split: str,
         tasks: list[str] | None,
@@ -75,6 +77,7 @@ class SplitInputs:
             unknown = sorted(set(tasks) - {t.name for t in available})
             if unknown:
                 raise ValueError(
+                    f"config key 'experiment.evaluate.{index}.tasks': "
                     f"{dataset}/{split} has no task {unknown} "
                     f"(tasks: {sorted(t.name for t in available)})"
                 )

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline import jobs, layout
 from pipeline.config import validate_config
+from pipeline.preflight import preflight
 
 # Validate once at parse time: a bad key fails here, before any job runs.
 config.update(validate_config(config))
