@@ -7,7 +7,7 @@ CORES ?= 2
 SNAKEMAKE := $(UV) run --frozen snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 export UV_LINK_MODE := copy
 
-.PHONY: install run test lint report clean
+.PHONY: install run test lint report verify clean
 
 $(UV):
 	python3 -m venv .tools
@@ -33,6 +33,9 @@ report: install
 
 test: install
 	$(UV) run --frozen pytest -n 2 --dist loadfile
+
+verify: install
+	$(UV) run --frozen python -m pipeline verify
 
 lint: install
 	$(UV) run --frozen ruff check .
