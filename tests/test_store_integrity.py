@@ -178,7 +178,7 @@ def test_layer_reads_like_a_zarr_array(complete):
 
 
 def test_the_similarity_stages_row_source_is_verified_too(complete):
-    from pipeline.similarity import StoreRows, open_layers
+    from pipeline.similarity.compute import StoreRows, open_layers
 
     path, values = complete
     rows = np.array([1, 5, 20, 40, 49])
