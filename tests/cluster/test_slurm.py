@@ -36,7 +36,7 @@ WORKFLOW_PROFILE = ROOT / "workflow/profiles/default"
 SLURM_PROFILE = ROOT / "workflow/profiles/slurm"
 MAX_RATIO = float(os.environ.get("POSTALIGN_CLUSTER_MAX_RATIO", "2.0"))
 METRICS = "results/tables/metrics.parquet"
-SUBMITTED = re.compile(r"^Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$")
+SUBMITTED = re.compile(r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$")
 
 
 def slurm(*args: str) -> str:
@@ -140,7 +140,7 @@ def planned_jobs(output: str) -> dict[int, dict]:
     """Snakemake job id -> rule, threads and resources, from the blocks Snakemake prints."""
     jobs, current = {}, None
     for line in output.splitlines():
-        head = re.match(r"^(?:local)?rule (\w+):$", line)
+        head = re.match(r"^\s*(?:local)?rule (\w+):$", line)  # indented in a group job
         if head:
             current = {"rule": head.group(1), "threads": 1, "resources": {}}
             continue
@@ -205,11 +205,12 @@ def test_sbatch_flags_follow_the_rules_resources(cluster_run, node_cpus):
     for call in calls:
         assert " -A " not in call and "--account" not in call, call
         assert " -p main " in call, call
-        rule = re.search(r"--comment (?:'?)rule_(\w+?)(?:_wildcards_\S*)?'? ", call)
-        if rule is None:  # a group job
-            assert re.search(r"--comment '?group_align", call), call
+        cpus = int(re.search(r" --cpus-per-task=(\d+) ", call).group(1))
+        assert cpus <= node_cpus, call
+        if "/slurm_logs/group_" in call:  # a group job: its members' widest layer
+            assert "--gpus" not in call and " --mem " in call and " -t " in call, call
             continue
-        rule = rule.group(1)
+        rule = re.search(r"--comment '?rule_(\w+?)(?:_wildcards_\S*)?'? ", call).group(1)
         target = re.search(r"--target-jobs '?([^' ]+)", call).group(1)
         assert target.startswith(f"{rule}:")
         (spec,) = {
