@@ -209,7 +209,18 @@ cmd_stop() {
         say "nothing to stop (no $PIDS)"
         return 0
     fi
-    local name pid i order=()
+    local name pid i order=() jobs
+    # Jobs still queued or running (a failed test): cancel them, or their slurmstepd and
+    # processes would outlive slurmd. Every job of this cluster is this cluster's user's.
+    if ours_running && jobs=$(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null) && [[ -n $jobs ]]; then
+        say "cancelling jobs: $(echo $jobs)"
+        # shellcheck disable=SC2086
+        SLURM_CONF=$CONF scancel $jobs || true
+        for ((i = 0; i < 30; i++)); do
+            [[ -z $(SLURM_CONF=$CONF squeue -h -o %i 2>/dev/null) ]] && break
+            sleep 0.5
+        done
+    fi
     # reverse order of starting: slurmd, slurmctld, munged
     mapfile -t order < <(tac "$PIDS")
     for line in "${order[@]}"; do
