@@ -7,7 +7,7 @@ CORES ?= 2
 SNAKEMAKE := $(UV) run --frozen snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 export UV_LINK_MODE := copy
 
-.PHONY: install run test lint report verify clean
+.PHONY: install run test test-cluster lint report verify clean
 
 $(UV):
 	python3 -m venv .tools
@@ -36,6 +36,14 @@ test: install
 
 verify: install
 	$(UV) run --frozen python -m pipeline verify
+
+# A real single-node SLURM on this machine (as root; installs Debian's slurm-wlm and munge
+# if missing), the tiny workflow through workflow/profiles/slurm, checks, and the cluster
+# stopped again whatever happens. Not part of `make test`.
+test-cluster: install
+	trap 'workflow/scripts/slurm-cluster.sh stop' EXIT INT TERM; \
+	workflow/scripts/slurm-cluster.sh start && \
+	POSTALIGN_CLUSTER_TEST=1 $(UV) run --frozen pytest tests/cluster -p no:cacheprovider -v -s
 
 lint: install
 	$(UV) run --frozen ruff check .
