@@ -39,6 +39,7 @@ from pipeline.atomic import write_json, write_parquet
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.tasks import CLASSIFICATION, NOT_IN_TASK, PROMPT_SCHEMA, RETRIEVAL, Task
 from pipeline.data.tasks import prompts_frame as build_prompts_frame
+from pipeline.fingerprint import spec_hash
 from pipeline.versions import library_versions
 
 FORMAT_VERSION = 1
@@ -154,10 +155,9 @@ def spec_splits(
 # --- writing --------------------------------------------------------------------------------
 
 
-def spec_hash(name: str, spec: Mapping[str, Any]) -> str:
+def dataset_spec_hash(name: str, spec: Mapping[str, Any]) -> str:
     """Fingerprint of everything that determines a prepared dataset's files."""
-    key = {"name": name, "spec": spec, "format_version": FORMAT_VERSION}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return spec_hash({"name": name, "spec": spec, "format_version": FORMAT_VERSION})
 
 
 def sources_hash(paths: Iterable[Path]) -> str:
@@ -181,7 +181,7 @@ def is_prepared(out_dir: Path, name: str, spec: Mapping[str, Any], sources: str)
     """
     try:
         manifest = read_manifest(out_dir)
-        if manifest["spec_hash"] != spec_hash(name, spec):
+        if manifest["spec_hash"] != dataset_spec_hash(name, spec):
             return False
         if manifest.get("sources_hash") != sources:
             return False
@@ -260,7 +260,7 @@ def write_dataset(
     manifest = {
         "name": name,
         "spec": dict(spec),
-        "spec_hash": spec_hash(name, spec),
+        "spec_hash": dataset_spec_hash(name, spec),
         "format_version": FORMAT_VERSION,
         "splits": {
             s: {
