@@ -223,3 +223,41 @@ def test_preflight_names_an_unknown_timm_model_and_an_absent_device(default):
         check_device("cuda:99")  # no machine has a hundredth GPU
     absent = {**config, "runtime": {**config["runtime"], "device": "cuda:99"}}
     preflight(absent, local=False)  # a cluster's nodes are checked there, not here
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "mentions"),
+    [
+        ({"model_kwargs": {}}, "image_size", "fixed input size of 224 px"),
+        (
+            {
+                "model_kwargs": {
+                    "img_size": 64,
+                    "patch_size": 8,
+                    "class_token": False,
+                    "global_pool": "avg",
+                }
+            },
+            "pooling",
+            "no class token",
+        ),
+        ({"model_kwargs": {"img_size": 64, "no_such_argument": 1}}, "model_kwargs", "cannot"),
+    ],
+    ids=["fixed input size", "cls without a class token", "bad model_kwargs"],
+)
+def test_preflight_names_what_a_vision_model_cannot_do(edit, key, mentions):
+    from pipeline.preflight import preflight
+
+    config = load_config(ROOT / "config.yaml")
+    config["encoders"]["vit_tiny"].update(edit)
+    with pytest.raises(ConfigError, match=rf"'encoders\.vit_tiny\.{key}'.*{mentions}"):
+        preflight(config, local=False)
+
+
+def test_preflight_names_too_many_text_tokens():
+    from pipeline.preflight import preflight
+
+    config = load_config(ROOT / "config.yaml")
+    config["encoders"]["minilm"]["max_tokens"] = 1000
+    with pytest.raises(ConfigError, match=r"'encoders\.minilm\.max_tokens'.*512 positions"):
+        preflight(config, local=False)
