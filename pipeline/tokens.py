@@ -149,6 +149,12 @@ class Plan:
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
 
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
+
     @property
     def n_slots(self) -> int:
         return self.n_blocks * self.slots_per_block
@@ -284,6 +290,12 @@ class TokenStoreWriter:
     @property
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
+
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
 
     def pending_blocks(self) -> list[int]:
         done = self.flags[:]
@@ -492,9 +504,10 @@ class TokenStore:
     """Read access to a token store; every read is verified (shards present, decodable, finite).
 
     ``read(rows)`` gives ``(tokens, mask)``: float32 (len(rows), T, dim) padded to the longest of
-    those rows, and bool (len(rows), T). Blocks a read touches densely are decoded whole and kept
-    (up to ``CACHE_BYTES``), sparse reads fetch just their inner chunks, so memory stays bounded
-    whatever the store's size."""
+    those rows, and bool (len(rows), T). Blocks are decoded whole and kept (up to
+    ``CACHE_BYTES``, least recently used dropped first) when the whole store fits that budget
+    or a read touches a block densely; other reads fetch just their inner chunks. Memory
+    stays bounded whatever the store's size."""
 
     def __init__(self, path: str | Path, check_complete: bool = True) -> None:
         self.path = Path(path)
@@ -566,6 +579,12 @@ class TokenStore:
     @property
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
+
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
 
     def sample_ids(self) -> np.ndarray:
         return np.asarray(self._small("sample").tolist(), dtype=str)
@@ -664,7 +683,7 @@ class TokenStore:
             block = int(block)
             in_block = unique[blocks == block]
             n_rows = self.block_rows[block + 1] - self.block_rows[block]
-            if block in self._cache or len(in_block) * DENSE_READ >= n_rows:
+            if block in self._cache or self.fits_cache or len(in_block) * DENSE_READ >= n_rows:
                 values = self._block_values(block)
                 offset = block * self.slots_per_block
                 parts.append(
@@ -686,9 +705,12 @@ class TokenStore:
         counts = self.token_count[rows] if len(rows) else np.zeros(0, np.int64)
         longest = int(counts.max()) if len(counts) else 0
         mask = np.arange(longest)[None, :] < counts[:, None]
-        tokens = np.zeros((len(rows), longest, self.dim), dtype=np.float32)
-        tokens[mask] = self.flat(rows)
-        return tokens, mask
+        flat = self.flat(rows)
+        if len(counts) and counts.min() == longest:  # images: no padding at all
+            return flat.reshape(len(rows), longest, self.dim).astype(np.float32), mask
+        tokens = np.zeros((len(rows) * longest, self.dim), dtype=np.float32)
+        tokens[_slots(np.arange(len(rows)) * longest, counts)] = flat
+        return tokens.reshape(len(rows), longest, self.dim), mask
 
     def integrity_problems(self) -> list[StoreIntegrityError]:
         """Everything wrong with the store: attributes, flags, index arrays, every block."""

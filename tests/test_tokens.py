@@ -106,7 +106,7 @@ def fill(writer, values, stop=None):
         writer.add(int(row), values[row])
 
 
-def test_round_trip_opens_with_xarray_and_dask(tmp_path):
+def test_round_trip_opens_with_xarray_and_dask(tmp_path, monkeypatch):
     path = tmp_path / "layer_2.zarr"
     values = ragged(50, 4)
     writer = write_store(path, values)
@@ -124,11 +124,12 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path):
         assert not batch[i][~mask[i]].any()
     assert reader.sample_ids()[:2].tolist() == ["id-0", "id-1"]
 
-    fresh = tokens.open_token_store(path)  # no cache: sparse reads of one row per block
-    np.testing.assert_array_equal(
-        fresh.read(np.array([1, 30]))[0], reader.read(np.array([1, 30]))[0]
-    )
-    assert not fresh._cache
+    assert reader.fits_cache and reader._cache  # a small store: whole blocks, kept
+    monkeypatch.setattr(tokens, "CACHE_BYTES", 0)
+    sparse = tokens.open_token_store(path)  # one row per block: only its inner chunks
+    pick = np.array([30, 1, 30])
+    np.testing.assert_array_equal(sparse.read(pick)[0], reader.read(pick)[0])
+    assert not sparse.fits_cache and not sparse._cache
 
     ds = xr.open_zarr(path)
     assert ds["sample"].values.tolist() == [f"id-{i}" for i in range(50)]  # the coordinate

@@ -200,7 +200,8 @@ def profiles(
     Padded tokens are zeroed before anything is computed, so their values (even NaN) never
     reach a profile or a gradient.
     """
-    tokens = torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype))
+    if not mask.all():
+        tokens = torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype))
     pooled = pool(token_anchor_cosine(tokens, anchors), mask, pooling, tau_p)
     return F.normalize(pooled, dim=-1)
 
