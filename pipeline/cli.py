@@ -53,6 +53,13 @@ STAGES: dict[str, Stage] = {
         jobs.extract_features,
         "extract",
     ),
+    "extract_tokens": Stage(
+        "pipeline.extract_tokens:run_extract_tokens",
+        "store every token of the chosen layers of one encoder over one dataset split",
+        ("dataset", "split", "encoder"),
+        jobs.extract_tokens,
+        "tokens",
+    ),
     "compare_layers": Stage(
         "pipeline.similarity.stage:run_similarity",
         "score every (vision layer, text layer) pair, draw heatmaps, choose the layers",
@@ -69,7 +76,7 @@ STAGES: dict[str, Stage] = {
     ),
     "evaluate_aligners": Stage(
         "pipeline.evaluate.stage:run_evaluate",
-        "zero-shot classification and retrieval of every run of one align job",
+        "zero-shot classification, retrieval and segmentation of every run of one align job",
         ("pair", "method", "choice"),
         jobs.evaluate_aligners,
         "evaluate",

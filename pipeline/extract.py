@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class _Rows(Dataset):
+class Rows(Dataset):
     """Map-style dataset over chosen row indices, loading each item on demand."""
 
     def __init__(self, rows: Sequence[int], load: Callable[[int], Any]) -> None:
@@ -87,7 +87,7 @@ def fingerprint(
     )
 
 
-def _dataset(dataset_dir: Path) -> dict[str, Any]:
+def dataset_info(dataset_dir: Path) -> dict[str, Any]:
     """The dataset's manifest, with its name."""
     manifest = read_manifest(dataset_dir)
     return {"name": manifest.get("name", Path(dataset_dir).name), **manifest}
@@ -106,7 +106,7 @@ def expected_fingerprint(
     and hashes its weights) but runs nothing."""
     provenance = build_encoder(encoder_name, encoder_spec).provenance()
     precision = runtime.get("precision", "float32")
-    return fingerprint(provenance, _dataset(Path(dataset_dir)), split, precision)
+    return fingerprint(provenance, dataset_info(Path(dataset_dir)), split, precision)
 
 
 def extract(
@@ -124,7 +124,7 @@ def extract(
     A killed run's store is resumed; ``fresh=True``, or a store finished before (its job was
     forced to run again), is recomputed from scratch (see ``store.StoreWriter``)."""
     dataset_dir, out = Path(dataset_dir), Path(out)
-    dataset = _dataset(dataset_dir)
+    dataset = dataset_info(dataset_dir)
     encoder = build_encoder(encoder_name, encoder_spec)
     provenance = encoder.provenance()
     sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
@@ -197,7 +197,7 @@ def _encode_rows(
 ) -> list[np.ndarray]:
     """Pooled features of every layer for ``rows``, as float32 arrays (one per layer)."""
     loader = DataLoader(
-        _Rows(rows, load_item),
+        Rows(rows, load_item),
         batch_size=runtime.get("batch_size", 128),
         num_workers=runtime.get("num_workers", 0),
         collate_fn=encoder.collate,

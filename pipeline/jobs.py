@@ -19,6 +19,7 @@ PROMPTS_SPLIT = "prompts"  # the text-only pseudo-split of a dataset's zero-shot
 # Runtime settings an extraction job is told; ``num_workers`` is not one: it only sets how
 # many of the job's threads load images, so editing it reruns nothing.
 EXTRACT_RUNTIME = ("device", "precision", "batch_size", "chunk_mb", "on_stale")
+TOKEN_RUNTIME = ("device", "precision", "batch_size", "on_stale")  # chunks: the tokens section
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,15 @@ class Job:
         manifest = read_manifest(Path(layout.dataset_of_manifest(self.input(dataset_role))))
         path = layout.store_of_marker(self.input(role))
         return open_requested(path, self.spec["stores"][role], manifest["content_hash"])
+
+    def token_set(self, role: str, dataset_role: str):
+        """The token set at input ``role`` (a ``tokens_marker``), its stores checked to hold what
+        this job's config asks for (``spec["tokens"][role]``) of the dataset at ``dataset_role``."""
+        from pipeline.data import read_manifest
+        from pipeline.tokens import TokenSet
+
+        manifest = read_manifest(Path(layout.dataset_of_manifest(self.input(dataset_role))))
+        return TokenSet(self.input(role), self.spec["tokens"][role], manifest["content_hash"])
 
     def input_list(self, name: str) -> list[str]:
         return _many(self.inputs, name, "input")
@@ -88,6 +98,44 @@ def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str
     return request_hash(encoder, config["encoders"][encoder], dataset, split, precision)
 
 
+def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
+    """The ``request`` a reading job expects of a token set's stores (``tokens.request_hash``)."""
+    from pipeline.tokens import request_hash
+
+    precision, dtype = config["runtime"]["precision"], config["tokens"]["dtype"]
+    return request_hash(encoder, config["encoders"][encoder], dataset, split, precision, dtype)
+
+
+def modality(config: dict[str, Any], encoder: str) -> str:
+    """ "vision" or "text": the modality of a configured encoder (from its source, torch-free)."""
+    from pipeline.encoders.registry import SOURCES
+
+    return SOURCES[config["encoders"][encoder]["source"]].modality
+
+
+def aligner_kind(config: dict[str, Any], method: str) -> str:
+    return config["align"]["methods"][method]["aligner"]
+
+
+def method_uses_tokens(config: dict[str, Any], method: str) -> bool:
+    """Whether a method's aligner fits on token caches (PAL) rather than pooled features."""
+    from pipeline.align.params import uses_tokens
+
+    return uses_tokens(aligner_kind(config, method))
+
+
+def segmentation_tasks(config: dict[str, Any], ref: dict[str, Any]) -> list[str]:
+    """Names of the segmentation tasks an ``experiment.evaluate`` entry evaluates (its
+    dataset's, on its split, kept by its ``tasks`` list when it has one)."""
+    from pipeline.data import segmentation_tasks as dataset_tasks
+
+    found = dataset_tasks(ref["dataset"], config["datasets"][ref["dataset"]])
+    names = [task for task, split in found if split == ref["split"]]
+    if ref.get("tasks") is not None:
+        names = [task for task in names if task in ref["tasks"]]
+    return names
+
+
 # ---- jobs ------------------------------------------------------------------------------------
 
 
@@ -125,6 +173,35 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
 def extract_threads(config: dict[str, Any]) -> int:
     """An extraction job's threads: the forward pass plus ``runtime.num_workers`` loaders."""
     return config["runtime"]["num_workers"] + 1
+
+
+def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: str) -> Job:
+    """The tokens of the layers chosen for ``encoder`` (read from the ``layers.json`` of every
+    pair it is in when the job runs), one forward pass, one token store per layer."""
+    side = modality(config, encoder)
+    runtime = config["runtime"]
+    spec = {
+        "encoder_name": encoder,
+        "encoder": config["encoders"][encoder],
+        "split": split,
+        "side": side,
+        "layer_choices": config["align"]["layer_choices"],
+        "runtime": {key: runtime[key] for key in TOKEN_RUNTIME},
+        "tokens": config["tokens"],
+    }
+    pairs = [
+        pair for pair in encoder_pairs(config) if pair[0 if side == "vision" else 1] == encoder
+    ]
+    return Job(
+        "extract_tokens",
+        spec,
+        inputs={
+            "dataset": layout.dataset_manifest(dataset),
+            "layers": [layout.layers_json(vision, text) for vision, text in pairs],
+        },
+        outputs={"tokens": layout.tokens_marker(dataset, split, encoder)},
+        threads=extract_threads(config),
+    )
 
 
 def compare_layers(config: dict[str, Any], vision: str, text: str) -> Job:
@@ -165,18 +242,21 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         "layer_choice": choice,
         "grid": grid_spec(config),
     }
+    tokens = method_uses_tokens(config, method)
+    marker = layout.tokens_marker if tokens else layout.feature_marker
+    request = token_request if tokens else store_request
     inputs = {
-        "vision_train": layout.feature_marker(train["dataset"], train["split"], vision),
-        "text_train": layout.feature_marker(train["dataset"], train["split"], text),
-        "vision_val": layout.feature_marker(val["dataset"], val["split"], vision),
-        "text_val": layout.feature_marker(val["dataset"], val["split"], text),
+        "vision_train": marker(train["dataset"], train["split"], vision),
+        "text_train": marker(train["dataset"], train["split"], text),
+        "vision_val": marker(val["dataset"], val["split"], vision),
+        "text_val": marker(val["dataset"], val["split"], text),
         "layers": layout.layers_json(vision, text),
         "train": layout.dataset_manifest(train["dataset"]),
         "val": layout.dataset_manifest(val["dataset"]),
     }
     spec["splits"] = {"train": train["split"], "val": val["split"]}
-    spec["stores"] = {
-        f"{side}_{role}": store_request(config, ref["dataset"], ref["split"], encoder)
+    spec["tokens" if tokens else "stores"] = {
+        f"{side}_{role}": request(config, ref["dataset"], ref["split"], encoder)
         for role, ref in (("train", train), ("val", val))
         for side, encoder in (("vision", vision), ("text", text))
     }
@@ -192,41 +272,61 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
 def evaluate_aligners(
     config: dict[str, Any], vision: str, text: str, method: str, choice: str
 ) -> Job:
+    """Inputs per evaluate split i: the dataset, then the vision, text and prompts features
+    (token sets for a token aligner, pooled stores otherwise) and, for a pooled aligner on a
+    split with a segmentation task, the vision token set (``patches_i``) whose patch tokens it
+    maps for the patch baseline."""
     refs = experiment(config)["evaluate"]
+    tokens = method_uses_tokens(config, method)
     inputs: dict[str, str | list[str]] = {"runs": layout.aligner_runs(vision, text, method, choice)}
+    stores: dict[str, str] = {}
+    token_sets: dict[str, str] = {}
     for i, ref in enumerate(refs):
         dataset, split = ref["dataset"], ref["split"]
         inputs[f"dataset_{i}"] = layout.dataset_manifest(dataset)
-        inputs[f"vision_{i}"] = layout.feature_marker(dataset, split, vision)
-        inputs[f"text_{i}"] = layout.feature_marker(dataset, split, text)
-        inputs[f"prompts_{i}"] = layout.feature_marker(dataset, PROMPTS_SPLIT, text)
+        for which, part, encoder in (
+            ("vision", split, vision),
+            ("text", split, text),
+            ("prompts", PROMPTS_SPLIT, text),
+        ):
+            if tokens:
+                inputs[f"{which}_{i}"] = layout.tokens_marker(dataset, part, encoder)
+                token_sets[f"{which}_{i}"] = token_request(config, dataset, part, encoder)
+            else:
+                inputs[f"{which}_{i}"] = layout.feature_marker(dataset, part, encoder)
+                stores[f"{which}_{i}"] = store_request(config, dataset, part, encoder)
+        if not tokens and segmentation_tasks(config, ref):
+            inputs[f"patches_{i}"] = layout.tokens_marker(dataset, split, vision)
+            token_sets[f"patches_{i}"] = token_request(config, dataset, split, vision)
     spec = {
+        "aligner": aligner_kind(config, method),
         "splits": [{key: ref.get(key) for key in ("dataset", "split", "tasks")} for ref in refs],
-        "stores": {
-            f"{which}_{i}": store_request(config, ref["dataset"], split, encoder)
-            for i, ref in enumerate(refs)
-            for which, split, encoder in (
-                ("vision", ref["split"], vision),
-                ("text", ref["split"], text),
-                ("prompts", PROMPTS_SPLIT, text),
-            )
-        },
+        "stores": stores,
+        "tokens": token_sets,
     }
     return Job(
         "evaluate_aligners",
         spec,
         inputs=inputs,
-        outputs={"metrics": layout.evaluation(vision, text, method, choice)},
+        outputs={
+            "metrics": layout.evaluation(vision, text, method, choice),
+            "examples": layout.segmentation_examples(vision, text, method, choice),
+        },
     )
 
 
 def aggregate(config: dict[str, Any]) -> Job:
+    methods = config["align"]["methods"]
     return Job(
         "aggregate",
-        {},
+        {"token_methods": sorted(m for m in methods if method_uses_tokens(config, m))},
         inputs={
             "evaluations": [layout.evaluation(*cell) for cell in grid_cells(config)],
+            "examples": [layout.segmentation_examples(*cell) for cell in grid_cells(config)],
             "similarities": [layout.similarity_table(v, t) for v, t in encoder_pairs(config)],
+            "datasets": sorted(
+                {layout.dataset_manifest(ref["dataset"]) for ref in experiment(config)["evaluate"]}
+            ),
         },
         outputs={
             "metrics": layout.METRICS_TABLE,
@@ -272,3 +372,26 @@ def feature_markers(config: dict[str, Any]) -> list[str]:
         for ref in experiment(config)["evaluate"]:
             markers.add(layout.feature_marker(ref["dataset"], PROMPTS_SPLIT, text))
     return sorted(markers)
+
+
+def token_sets(config: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(dataset, split, encoder) of every token set the experiment reads: with a token aligner
+    (PAL), both encoders of each pair on every paired split and the text encoder on the prompts
+    of each evaluation dataset; and the vision encoder on every evaluation split with a
+    segmentation task (the patch baseline of every pooled method)."""
+    exp = experiment(config)
+    wanted = set()
+    tokens = any(method_uses_tokens(config, method) for method in config["align"]["methods"])
+    for vision, text in encoder_pairs(config):
+        if tokens:
+            for dataset, split in paired_splits(config):
+                wanted |= {(dataset, split, vision), (dataset, split, text)}
+            wanted |= {(ref["dataset"], PROMPTS_SPLIT, text) for ref in exp["evaluate"]}
+        for ref in exp["evaluate"]:
+            if segmentation_tasks(config, ref):
+                wanted.add((ref["dataset"], ref["split"], vision))
+    return sorted(wanted)
+
+
+def token_markers(config: dict[str, Any]) -> list[str]:
+    return [layout.tokens_marker(*entry) for entry in token_sets(config)]

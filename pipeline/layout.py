@@ -46,6 +46,28 @@ def store_of_marker(marker: str) -> str:
     return marker.removesuffix(MARKER_SUFFIX)
 
 
+def tokens_dir(dataset: str, split: str, encoder: str) -> str:
+    """The token set of one (dataset, split, encoder): one token store per chosen layer
+    (``pipeline.tokens``), written by one ``extract_tokens`` job."""
+    return f"{RESULTS}/tokens/{dataset}/{split}/{encoder}"
+
+
+def tokens_marker(dataset: str, split: str, encoder: str) -> str:
+    """The token set's completion marker (JSON: its layers), the extract_tokens job's output."""
+    return tokens_dir(dataset, split, encoder) + MARKER_SUFFIX
+
+
+def tokens_dir_of_marker(marker: str) -> str:
+    if not marker.endswith(MARKER_SUFFIX) or marker.endswith(".zarr" + MARKER_SUFFIX):
+        raise ValueError(f"{marker} is not a token set's completion marker (<encoder>.done)")
+    return marker.removesuffix(MARKER_SUFFIX)
+
+
+def token_store(tokens_directory: str, layer: int) -> str:
+    """The token store of one layer inside a token set's folder."""
+    return f"{tokens_directory}/layer_{int(layer)}.zarr"
+
+
 def similarity_dir(vision: str, text: str) -> str:
     return f"{RESULTS}/similarity/{vision}/{text}"
 
@@ -74,6 +96,11 @@ def aligner_runs(vision: str, text: str, method: str, choice: str) -> str:
 
 def evaluation(vision: str, text: str, method: str, choice: str) -> str:
     return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.parquet"
+
+
+def segmentation_examples(vision: str, text: str, method: str, choice: str) -> str:
+    """A few predicted label maps of one evaluate job (its example run), for the report."""
+    return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.examples.parquet"
 
 
 def log(rule: str, *parts: str) -> str:

@@ -5,6 +5,7 @@ Layout of ``<name>.zarr``::
     layers/<i>        float32 (n_samples, dim_i), chunked along samples only,
                       dimension names ("sample", "dim"); ("sample", "dim_<i>") when
                       layer widths differ, so xarray opens the group as one Dataset
+    layers/sample     str (n_samples,): the sample ids again, the Dataset's "sample" coordinate
     sample_id         str (n_samples,), the dataset's stable ids in row order
     block_complete    bool (n_blocks,), one chunk each; True once all layers of a block are written
     zarr.json         attributes: encoder and dataset provenance, fingerprint, layer names,
@@ -741,6 +742,18 @@ def _create(
         **_codecs(),
     )
     ids[:] = np.asarray(sample_ids, dtype=str)
+    # The same ids beside the layers, named after their dimension: xarray opens the "layers"
+    # group with the sample ids as the "sample" coordinate.
+    coordinate = group.create_array(
+        "layers/sample",
+        shape=(n,),
+        chunks=(max(n, 1),),
+        dtype=str,
+        dimension_names=("sample",),
+        config=dense,
+        **_codecs(),
+    )
+    coordinate[:] = np.asarray(sample_ids, dtype=str)
     group.create_array(
         "block_complete",
         shape=(math.ceil(n / rows),),

@@ -1,4 +1,4 @@
-"""Check what ``results/`` holds: every feature store and every aligner run, read in full.
+"""Check what ``results/`` holds: every feature store, token store and aligner run, read in full.
 
 ``verify_results(results_dir)`` returns one ``Problem`` per thing found wrong, each with what
 is wrong, where, and a shell command (run from the workflow root) that repairs it;
@@ -23,7 +23,7 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline import store
+from pipeline import store, tokens
 from pipeline.align import artifacts
 from pipeline.pairs import run_name
 
@@ -51,9 +51,21 @@ def verify_results(results_dir: Path) -> list[Problem]:
         problems += found
         if fingerprint:
             fingerprints.add(fingerprint)
+    token_prints: set[str] = set()
+    for path in token_stores(results_dir):
+        found, fingerprint = check_token_store(path, results_dir)
+        problems += found
+        if fingerprint:
+            token_prints.add(fingerprint)
     features_exist = (results_dir / "features").is_dir()
+    tokens_exist = (results_dir / "tokens").is_dir()
     for run_dir in aligner_runs(results_dir):
-        problems += check_run(run_dir, results_dir, fingerprints if features_exist else None)
+        problems += check_run(
+            run_dir,
+            results_dir,
+            fingerprints if features_exist else None,
+            token_prints if tokens_exist else None,
+        )
     return problems
 
 
@@ -85,6 +97,46 @@ def feature_stores(results_dir: Path) -> list[Path]:
                 dirs.remove(name)  # do not walk the chunks
         found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
     return sorted(found)
+
+
+def token_stores(results_dir: Path) -> list[Path]:
+    """Every ``layer_<i>.zarr`` token store under ``results/tokens`` (and orphan markers')."""
+    found: set[Path] = set()
+    for root, dirs, files in os.walk(results_dir / "tokens"):
+        for name in list(dirs):
+            if name.endswith(".zarr"):
+                found.add(Path(root) / name)
+                dirs.remove(name)
+        found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
+    return sorted(found)
+
+
+def check_token_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | None]:
+    """Problems of one token store, and its fingerprint when it has one. The repair reruns the
+    token set's extract_tokens job (it keeps no finished layer: a forced job starts over)."""
+    set_marker = path.parent.with_name(path.parent.name + ".done")
+    force = f"{SNAKEMAKE} --force {target(set_marker, results_dir)}"
+    where = str(path)
+    if not path.is_dir():
+        return [Problem("completion marker without its token store", where, force)], None
+    reader = tokens.TokenStore(path, check_complete=False)
+    try:
+        fingerprint = reader.attrs.get("fingerprint")
+    except store.StoreIntegrityError as error:
+        return [Problem(str(error), where, force)], None
+    marker = store.marker_path(path)
+    if not marker.is_file():
+        what = (
+            "no completion marker though the store was finished"
+            if reader.attrs.get("complete")
+            else f"extraction unfinished (no {marker.name}): a killed run, it resumes"
+        )
+        return [Problem(what, where, force)], fingerprint
+    try:
+        tokens.open_token_store(path)
+    except (store.StoreIntegrityError, store.IncompleteStoreError) as error:
+        return [Problem(str(error), where, force)], fingerprint
+    return [Problem(str(e), where, force) for e in reader.integrity_problems()], fingerprint
 
 
 def aligner_runs(results_dir: Path) -> list[Path]:
@@ -146,8 +198,14 @@ def check_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | Non
     return problems, fingerprint
 
 
-def check_run(run_dir: Path, results_dir: Path, fingerprints: set[str] | None) -> list[Problem]:
-    """Problems of one aligner run; ``fingerprints``: the feature stores' (None: not checked)."""
+def check_run(
+    run_dir: Path,
+    results_dir: Path,
+    fingerprints: set[str] | None,
+    token_fingerprints: set[str] | None = None,
+) -> list[Problem]:
+    """Problems of one aligner run; ``fingerprints``: the feature stores' and
+    ``token_fingerprints`` the token stores' (None: not checked)."""
     where = str(run_dir)
     job = target(run_dir.parent / RUNS_JSON, results_dir)
     refit = f"{SNAKEMAKE} --force {job}"  # a forced align job refits every run
@@ -196,11 +254,16 @@ def check_run(run_dir: Path, results_dir: Path, fingerprints: set[str] | None) -
         pq.read_metadata(run_dir / artifacts.CURVE)
     except Exception as error:
         problems += problem(f"{artifacts.CURVE} cannot be read ({type(error).__name__}: {error})")
-    if fingerprints is not None:
-        used = meta.get("feature_fingerprints") or {}
-        stale = sorted(role for role, value in used.items() if value not in fingerprints)
+    for key, known, folder in (
+        ("feature_fingerprints", fingerprints, "features"),
+        ("token_fingerprints", token_fingerprints, "tokens"),
+    ):
+        used = meta.get(key) or {}
+        if known is None or not used:
+            continue
+        stale = sorted(role for role, value in used.items() if value not in known)
         if stale:
             problems += problem(
-                f"fitted on features that are no longer in results/features ({', '.join(stale)})"
+                f"fitted on {folder} that are no longer in results/{folder} ({', '.join(stale)})"
             )
     return problems

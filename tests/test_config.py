@@ -198,10 +198,14 @@ def test_schema_enums_match_the_registries():
 
 
 def test_reading_the_config_imports_no_model_code():
-    """``snakemake -n`` validates the config: that must not import torch or a model library."""
+    """``snakemake -n`` validates the config and builds every job (token sets and PAL's jobs
+    included): that must not import torch or a model library."""
     code = (
-        "import sys; from pipeline.config import load_config; load_config('config.yaml');"
-        "import pipeline.jobs, pipeline.layout;"
+        "import sys; from pipeline.config import load_config; c = load_config('config.yaml');"
+        "import pipeline.jobs as j, pipeline.layout;"
+        "assert j.token_sets(c); [j.extract_tokens(c, *t) for t in j.token_sets(c)];"
+        "[(j.fit_aligners(c, *x), j.evaluate_aligners(c, *x)) for x in j.grid_cells(c)];"
+        "j.aggregate(c);"
         "print(sorted(m for m in ('torch', 'timm', 'transformers') if m in sys.modules))"
     )
     result = subprocess.run(

@@ -241,15 +241,22 @@ def test_tables_follow_the_contract(shapes):
 def test_tasks_and_prompts(shapes):
     tasks = load_tasks(shapes)
     names = ["shape", "colour", "size", "position", "count", "novel_combination", "retrieval"]
-    assert [task.name for task in tasks] == names
+    assert [task.name for task in tasks] == [*names, "segmentation"]
     assert all(task.split == "test" for task in tasks)
-    assert json.loads((shapes / "tasks.json").read_text())[-1] == {
+    assert json.loads((shapes / "tasks.json").read_text())[-2] == {
         "name": "retrieval",
         "kind": "retrieval",
         "split": "test",
     }
+    segmentation = tasks[-1]
+    assert segmentation.kind == "segmentation" and segmentation.label_column == "mask_path"
+    assert segmentation.classnames == ("background", *world.SHAPES)  # mask value = class index
+    data = load_split(shapes, "test")
+    for i in range(5):
+        values = set(np.unique(data.open_mask(i)).tolist())
+        assert values == {0, world.SHAPES.index(data.images["shape"][i]) + 1}
     prompts = load_prompts(shapes)
-    classification = [task for task in tasks if task.kind == "classification"]
+    classification = [task for task in tasks if task.kind in ("classification", "segmentation")]
     assert len(prompts) == sum(len(t.classnames) * len(t.templates) for t in classification)
     assert prompts["prompt_id"].n_unique() == len(prompts)
     assert all(len(task.templates) >= 4 for task in classification)

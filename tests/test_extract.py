@@ -133,7 +133,7 @@ def stamp(stat):
 
 def chunk_stamps(path, blocks):
     """(inode, mtime) of every layer's chunk file of ``blocks``: a rewrite changes them."""
-    layers = sorted(p for p in (path / "layers").iterdir() if p.is_dir())
+    layers = sorted(p for p in (path / "layers").iterdir() if p.is_dir() and p.name.isdigit())
     return {
         (layer.name, int(b)): stamp((layer / "c" / str(b) / "0").stat())
         for layer in layers

@@ -1,4 +1,5 @@
-"""Zero-shot segmentation: confusion matrix and mIoU by hand, bilinear upsampling, decoding."""
+"""Zero-shot segmentation: confusion matrix and mIoU by hand, bilinear upsampling, decoding,
+and a split through a pooled aligner (the patch baseline)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import pytest
 import torch
 
 from pipeline.evaluate.segmentation import (
+    _decode_batch,
     class_iou,
     confusion_matrix,
     decode,
+    patch_class_scores,
+    segment,
     segmentation_metrics,
     upsample_scores,
 )
@@ -98,3 +102,59 @@ def test_decode_recovers_the_patch_of_each_block() -> None:
     expected = np.zeros((20, 30), dtype=np.int64)
     expected[:, 10:20] = 1
     assert np.array_equal(decode(stripes, (2, 3), (20, 30)), expected)
+
+
+# ---- a split through an aligner: the patch baseline of a pooled method ----
+
+
+class PooledIdentity:
+    """A pooled aligner whose image map is the identity (rows normalised), scored by cosine."""
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
+        return image_emb @ text_emb.T
+
+
+class VisionTokens:
+    """The reading side of a vision token store: CLS then a row-major 2 x 3 patch grid."""
+
+    where = "test tokens"
+
+    def __init__(self, tokens: np.ndarray) -> None:
+        self.tokens = tokens
+        self.attrs = {"layout": {"prefix_tokens": 1, "grid": [2, 3]}}
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[rows], np.ones(self.tokens[rows].shape[:2], dtype=bool)
+
+
+def test_segment_maps_every_patch_through_the_image_map_and_pools_one_matrix() -> None:
+    rng = np.random.default_rng(0)
+    layouts = [np.array([[1, 0, 2], [1, 0, 2]]), np.array([[2, 1, 0], [2, 1, 0]])]  # stripes
+    tokens = np.zeros((2, 7, 3))
+    for i, layout in enumerate(layouts):
+        tokens[i, 0] = rng.normal(size=3)  # the CLS token plays no part
+        tokens[i, 1:] = np.eye(3)[layout.ravel()] + 0.01 * rng.normal(size=(6, 3))
+    masks = [np.kron(layout, np.ones((5, 5), dtype=np.uint8)) for layout in layouts]
+    masks[1][0, :4] = 255  # ignored pixels count nowhere
+    confusion, kept = segment(
+        PooledIdentity(), VisionTokens(tokens), np.eye(3), np.arange(2), masks, keep=1
+    )
+    assert confusion.sum() == 2 * 10 * 15 - 4 and np.trace(confusion) == confusion.sum()
+    assert segmentation_metrics(confusion) == {"miou": 1.0, "miou_fg": 1.0, "pixel_accuracy": 1.0}
+    assert len(kept) == 1 and np.array_equal(kept[0], np.kron(layouts[0], np.ones((5, 5))))
+    scores = patch_class_scores(PooledIdentity(), tokens[0, 1:], np.eye(3))
+    assert scores.shape == (6, 3) and np.array_equal(scores.argmax(1), layouts[0].ravel())
+
+
+def test_batched_decoding_equals_decoding_each_image() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(5, 6, 4))
+    same = [np.zeros((7, 11), np.uint8)] * 5
+    mixed = [np.zeros((7, 11), np.uint8), np.zeros((4, 9), np.uint8)] * 2 + [same[0]]
+    for masks in (same, mixed):
+        batched = _decode_batch(scores, (2, 3), masks)
+        for image, mask, labels in zip(scores, masks, batched, strict=True):
+            assert np.array_equal(labels, decode(image, (2, 3), mask.shape))

@@ -54,6 +54,8 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path):
 
     dataset = xr.open_zarr(path, group="layers")
     assert dataset["0"].dims == ("sample", "dim_0")  # widths differ, so one name per layer
+    assert dataset["sample"].values.tolist() == [f"id-{i}" for i in range(50)]  # coordinate
+    assert dataset["1"].sel(sample="id-3").values.tolist() == values[1][3].tolist()
     np.testing.assert_array_equal(dataset["1"].values, values[1])
     lazy = da.from_zarr(str(path), component="layers/0")
     assert lazy.chunks[0][0] == 16

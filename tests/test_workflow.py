@@ -2,6 +2,7 @@
 
 import copy
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import yaml
 from pipeline import layout
 from pipeline.evaluate.tables import read_metrics, read_summary
 from pipeline.store import open_store
+from pipeline.tokens import open_token_store
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -67,10 +69,18 @@ TINY = {
             "csa": {"aligner": "csa", "sim_dim": 4},
             "asif": {"aligner": "asif", "k": 16},
             "procrustes": {"aligner": "procrustes"},
+            "pal": {
+                "aligner": "pal",
+                "anchors": 8,
+                "batch_size": 32,
+                "max_epochs": 3,
+                "patience": 2,
+            },
         },
     },
 }
 METHODS = sorted(TINY["align"]["methods"])
+TOKEN_SETS = 7  # vit on train/val/test, minilm on train/val/test/prompts
 
 
 def run(command: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -176,7 +186,14 @@ def test_every_artefact_of_the_dag(tiny_run):
     metrics = read_metrics(results / "tables/metrics.parquet")
     assert set(metrics["method"]) == set(METHODS)
     assert set(metrics["layer_choice"]) == {"last", "best"}
-    assert set(metrics["task_kind"]) == {"classification", "retrieval"}
+    assert set(metrics["task_kind"]) == {"classification", "retrieval", "segmentation"}
+    for method in METHODS:  # PAL and every global method (its patch baseline) on every task
+        rows = metrics.filter(pl.col("method") == method)
+        assert set(rows["task"]) == set(metrics["task"]), method
+        segmentation = rows.filter(pl.col("task") == "tiny.segmentation")
+        assert set(segmentation["metric"]) == {"miou", "miou_fg", "pixel_accuracy"}, method
+        assert len(segmentation) == 3 * 2 * 4  # metrics x layer choices x runs
+    assert list((results / "plots" / "segmentation").glob("tiny.segmentation__*.png"))
     assert {"tiny.shape", "tiny.colour", "tiny.novel_combination", "tiny.retrieval"} <= set(
         metrics["task"]
     )
@@ -191,6 +208,36 @@ def test_every_artefact_of_the_dag(tiny_run):
     assert list((results / "plots").glob("*__vs_n_pairs.png"))
     assert (tiny_run / layout.log("aggregate", "tables")).exists()
     assert (tiny_run / layout.benchmark("aggregate", "tables")).exists()
+
+
+def test_token_stores_hold_only_the_chosen_layers(tiny_run):
+    results = tiny_run / "results"
+    choices = json.loads((results / "similarity/vit/minilm/layers.json").read_text())["choices"]
+    for encoder, side, splits in (
+        ("vit", "vision", ("train", "val", "test")),
+        ("minilm", "text", ("train", "val", "test", "prompts")),
+    ):
+        chosen = {str(choices[c][f"{side}_layer"]) for c in ("last", "best")}
+        for split in splits:
+            marker = tiny_run / layout.tokens_marker("tiny", split, encoder)
+            assert set(json.loads(marker.read_text())["layers"]) == chosen
+            for layer in chosen:
+                directory = layout.tokens_dir("tiny", split, encoder)
+                store = open_token_store(tiny_run / layout.token_store(directory, int(layer)))
+                assert store.attrs["dtype"] == "float16" and store.layer == int(layer)
+    run = json.loads((results / "aligners/vit/minilm/pal/best/n96_s0/params.json").read_text())
+    assert run["aligner"] == "pal" and set(run["meta"]["token_fingerprints"]) == {
+        "vision_train",
+        "text_train",
+        "vision_val",
+        "text_val",
+    }
+
+
+def test_verify_finds_every_store_and_run_intact(tiny_run):
+    result = run(["-m", "pipeline", "verify", "--results", "results"], cwd=tiny_run)
+    assert result.returncode == 0, result.output[-3000:]
+    assert "no problems found" in result.output
 
 
 def test_second_run_does_nothing(tiny_run):
@@ -209,6 +256,7 @@ def test_forcerun_of_a_stage_reruns_only_what_depends_on_it(tiny_run):
     jobs = planned_jobs(tiny_run, "--forcerun", "compare_layers")
     assert "extract_features" not in jobs and "prepare_dataset" not in jobs
     assert jobs["compare_layers"] == 1
+    assert jobs["extract_tokens"] == TOKEN_SETS  # the layer choice is read when they run
     assert jobs["fit_aligners"] == jobs["evaluate_aligners"] == 2 * len(METHODS)
 
 

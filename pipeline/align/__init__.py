@@ -4,7 +4,7 @@
 checks the section, without importing torch), ``pipeline.align.grid.fit_runs`` fits the
 (n_pairs x seed) runs of one method, ``save_run`` / ``load_aligner`` handle its artifacts.
 Kinds: ``linear``, ``mlp`` (trained heads, optional STRUCTURE regulariser), ``csa``, ``asif``,
-``procrustes``, ``ridge``.
+``procrustes``, ``ridge``, and ``pal`` (token-level anchors, fitted on token caches).
 """
 
 from pipeline.align.artifacts import load_aligner, save_run

@@ -1,10 +1,12 @@
-"""Fitting the runs of the data-size x seed grid that share one pair of feature arrays.
+"""Fitting the runs of the data-size x seed grid that share one pair of features.
 
 Each run (``pipeline.pairs.GridRun``) fits on its nested subset of the training pairs and
 saves into ``out_dir / run.name``. A run is skipped when its ``done.json`` carries the same
 fingerprint: a hash of the aligner kind, its resolved params, the meta, the run and the
-feature arrays themselves, so a killed job resumes and a run is never reused for other data
-or settings.
+features themselves, so a killed job resumes and a run is never reused for other data or
+settings. Features are pooled arrays (``ArrayPairs``: their digest is their bytes) or token
+caches (``TokenPairs``: the stores' fingerprints, which key their content, and the pairs'
+rows), read batch by batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,59 @@ def compute_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+@dataclass(frozen=True)
+class ArrayPairs:
+    """Pooled features of the training pairs (x, y) and of the validation pairs (or None)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_val: np.ndarray | None
+    y_val: np.ndarray | None
+
+    def __len__(self) -> int:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"grid pairs: {len(self.x)} image rows but {len(self.y)} text rows")
+        return len(self.x)
+
+    def digest(self) -> str:
+        return arrays_digest(self.x, self.y, self.x_val, self.y_val)
+
+    def training(self, rows: np.ndarray) -> tuple[Any, Any]:
+        return self.x[rows], self.y[rows]
+
+    def validation(self) -> tuple[Any, Any]:
+        return self.x_val, self.y_val
+
+
+@dataclass(frozen=True)
+class TokenPairs:
+    """Token sources (``pipeline.tokens.StoreTokens``) of the training and validation pairs:
+    pair i is image row ``image.rows[i]`` with caption row ``text.rows[i]``."""
+
+    image: Any
+    text: Any
+    image_val: Any
+    text_val: Any
+
+    def __len__(self) -> int:
+        if len(self.image) != len(self.text):
+            raise ValueError(f"grid pairs: {len(self.image)} image rows but {len(self.text)} text")
+        return len(self.image)
+
+    def digest(self) -> str:
+        parts = [
+            (source.store.fingerprint, arrays_digest(source.rows))
+            for source in (self.image, self.text, self.image_val, self.text_val)
+        ]
+        return spec_hash(parts)
+
+    def training(self, rows: np.ndarray) -> tuple[Any, Any]:
+        return self.image.subset(rows), self.text.subset(rows)
+
+    def validation(self) -> tuple[Any, Any]:
+        return self.image_val, self.text_val
+
+
 def run_fingerprint(
     kind: str, resolved: dict[str, Any], meta: dict[str, Any], run: GridRun, data: str
 ) -> str:
@@ -57,7 +113,7 @@ def run_fingerprint(
 def fit_runs(
     kind: str,
     params: dict[str, Any],
-    features: tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None],
+    features: ArrayPairs | TokenPairs | tuple[np.ndarray, ...],
     runs: list[GridRun],
     out_dir: Path,
     meta: dict[str, Any],
@@ -67,13 +123,14 @@ def fit_runs(
     fresh: bool = False,
 ) -> list[Path]:
     """Fit and save each run on its nested subset of the training pairs in ``features``
-    (x, y, x_val, y_val); a run whose ``done.json`` has the same fingerprint is kept unless
-    ``fresh`` (a forced job refits every run). Returns the run directories."""
-    x, y, x_val, y_val = features
-    if len(x) != len(y):
-        raise ValueError(f"grid pairs: {len(x)} image rows but {len(y)} text rows")
+    (``ArrayPairs``, ``TokenPairs``, or the tuple x, y, x_val, y_val); a run whose
+    ``done.json`` has the same fingerprint is kept unless ``fresh`` (a forced job refits every
+    run). Returns the run directories."""
+    if isinstance(features, tuple):
+        features = ArrayPairs(*features)
+    n_pairs = len(features)
     resolved = params_to_dict(aligner_params(kind, params))
-    data = arrays_digest(*features)  # once for all the runs on these features
+    data = features.digest()  # once for all the runs on these features
     paths = []
     with compute_threads(threads):
         for run in runs:
@@ -81,10 +138,10 @@ def fit_runs(
             fingerprint = run_fingerprint(kind, resolved, meta, run, data)
             done = read_done(run_dir)
             if fresh or done is None or done.get("fingerprint") != fingerprint:
-                rows = run.rows(len(x))
+                rows = run.rows(n_pairs)
                 aligner = build_aligner(kind, params)
                 start = time.perf_counter()
-                report = aligner.fit(x[rows], y[rows], x_val, y_val, run.seed)
+                report = aligner.fit(*features.training(rows), *features.validation(), run.seed)
                 report.extra["fit_seconds"] = time.perf_counter() - start
                 run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
                 save_run(run_dir, aligner, report, run_meta, fingerprint=fingerprint)

@@ -25,8 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, get_args
+from typing import Any, Protocol
 
 import numpy as np
 import polars as pl
@@ -34,17 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, require, state_arrays
+from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, register, state_arrays
 from pipeline.align.losses import info_nce
+from pipeline.align.params import PAL_POOLINGS as POOLINGS
+from pipeline.align.params import PALParams
+from pipeline.align.params import PalPooling as Pooling
 from pipeline.align.training import (
     batches_per_epoch,
     flushed_denormals,
     lr_factor,
     near_equal_batches,
 )
-
-Pooling = Literal["cap", "mean", "cls"]
-POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 PROFILE_ELEMENTS = 1 << 24
 """Budget of token-anchor cosines (rows x tokens x K) per chunk when computing profiles."""
@@ -201,48 +200,13 @@ def profiles(
     Padded tokens are zeroed before anything is computed, so their values (even NaN) never
     reach a profile or a gradient.
     """
-    tokens = torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype))
+    if not mask.all():
+        tokens = torch.where(mask.unsqueeze(-1), tokens, torch.zeros((), dtype=tokens.dtype))
     pooled = pool(token_anchor_cosine(tokens, anchors), mask, pooling, tau_p)
     return F.normalize(pooled, dim=-1)
 
 
 # ---- parameters and model ----
-
-
-@dataclass(frozen=True)
-class PALParams:
-    """``pal`` config (keys = field names; the optimisation keys are ``TrainConfig``'s).
-
-    ``anchors``: K per modality; ``tau_p``: CAP temperature; ``pooling``: cap, mean or cls;
-    ``tau``: the fixed InfoNCE temperature.
-    """
-
-    anchors: int = 512
-    tau_p: float = 0.03
-    pooling: str = "cap"
-    lr: float = 5e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    batch_size: int = 4096
-    max_epochs: int = 100
-    patience: int = 10
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    tau: float = 0.05
-
-    def __post_init__(self) -> None:
-        require(self.anchors >= 1, "anchors", f"must be >= 1, got {self.anchors}")
-        require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
-        require(self.pooling in POOLINGS, "pooling", f"must be one of {POOLINGS}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
-        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
-        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
-        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
-        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
 
 
 class Anchors(nn.Module):
@@ -402,9 +366,11 @@ def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None
 # ---- the aligner ----
 
 
+@register
 class PALAligner(Aligner):
-    """PAL anchors of both modalities; inputs are ``TokenSource``s (or (n, T, D) arrays), not
-    pooled features, so it is not in ``ALIGNERS`` (the registry's callers pass pooled arrays)."""
+    """PAL anchors of both modalities (kind ``pal``). Its inputs are ``TokenSource``s (or
+    (n, T, D) arrays), not pooled features: ``params.uses_tokens("pal")`` tells the align and
+    evaluate stages to read token caches for it."""
 
     kind = "pal"
     Params = PALParams

@@ -15,6 +15,8 @@ from pipeline.align.base import make_params, require
 
 Divergence = Literal["js", "reference"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+PalPooling = Literal["cap", "mean", "cls"]
+PAL_POOLINGS: tuple[str, ...] = get_args(PalPooling)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,42 @@ class RidgeParams:
         require(self.alpha >= 0, "alpha", f"must be >= 0, got {self.alpha}")
 
 
+@dataclass(frozen=True)
+class PALParams:
+    """``pal`` config (keys = field names; the optimisation keys are ``TrainConfig``'s).
+
+    ``anchors``: K per modality; ``tau_p``: CAP temperature; ``pooling``: cap, mean or cls;
+    ``tau``: the fixed InfoNCE temperature (docs/pal.md).
+    """
+
+    anchors: int = 512
+    tau_p: float = 0.03
+    pooling: str = "cap"
+    lr: float = 5e-3
+    weight_decay: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    batch_size: int = 4096
+    max_epochs: int = 100
+    patience: int = 10
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    tau: float = 0.05
+
+    def __post_init__(self) -> None:
+        require(self.anchors >= 1, "anchors", f"must be >= 1, got {self.anchors}")
+        require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
+        require(self.pooling in PAL_POOLINGS, "pooling", f"must be one of {PAL_POOLINGS}")
+        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
+        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
+        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
+        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
+        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
+        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+
+
 KIND_PARAMS: dict[str, type] = {
     "linear": LinearParams,
     "mlp": MLPParams,
@@ -174,6 +212,7 @@ KIND_PARAMS: dict[str, type] = {
     "asif": ASIFParams,
     "procrustes": ProcrustesParams,
     "ridge": RidgeParams,
+    "pal": PALParams,
 }
 ALIGNER_MODULES: dict[str, str] = {
     "linear": "pipeline.align.heads",
@@ -182,4 +221,13 @@ ALIGNER_MODULES: dict[str, str] = {
     "asif": "pipeline.align.asif",
     "procrustes": "pipeline.align.linear_maps",
     "ridge": "pipeline.align.linear_maps",
+    "pal": "pipeline.align.pal",
 }
+TOKEN_KINDS: frozenset[str] = frozenset({"pal"})
+"""Kinds that align token sets (``pipeline.align.pal.TokenSource``s read from the token
+caches) rather than pooled feature arrays: their jobs read token stores, not feature stores."""
+
+
+def uses_tokens(kind: str) -> bool:
+    """Whether aligner ``kind`` fits on token caches (see ``TOKEN_KINDS``)."""
+    return kind in TOKEN_KINDS

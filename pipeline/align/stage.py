@@ -1,6 +1,7 @@
 """The ``fit_aligners`` stage: one job per (encoder pair, method, layer choice) fits the grid.
 
-Runs choosing the same layer pair share one read of the features and one data digest; each
+Runs choosing the same layer pair share one read of the features and one data digest (a
+token aligner, PAL, reads token stores batch by batch instead: ``paired_tokens``); each
 run is saved in its own folder (``pipeline.pairs.run_name``) with its own completion marker;
 ``runs.json`` (the job's declared output) is written last.
 
@@ -19,12 +20,14 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline import atomic, layout
-from pipeline.align.grid import fit_runs
+from pipeline.align.grid import ArrayPairs, TokenPairs, fit_runs
+from pipeline.align.params import uses_tokens
 from pipeline.data import load_split
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, Pairs, grid_runs, pair_rows
 from pipeline.similarity.selection import chosen_layers, read_layer_choice
 from pipeline.store import FeatureStore
+from pipeline.tokens import StoreTokens, TokenSet
 
 log = logging.getLogger(__name__)
 STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
@@ -43,9 +46,23 @@ def paired_features(
     return vision.read(layers[0], pairs.image_rows), text.read(layers[1], pairs.caption_rows)
 
 
+def paired_tokens(vision: TokenSet, text: TokenSet, pairs: Pairs, layers: tuple[int, int]):
+    """Token sources (image, text) of ``pairs`` at (vision layer, text layer): pair i reads
+    image row ``pairs.image_rows[i]`` (an image appears once per caption) and caption row
+    ``pairs.caption_rows[i]``, batch by batch from the token stores."""
+    return (
+        StoreTokens(vision.layer(layers[0]), pairs.image_rows),
+        StoreTokens(text.layer(layers[1]), pairs.caption_rows),
+    )
+
+
 def run_align(job: Job) -> None:
     spec = job.spec
-    stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
+    tokens = uses_tokens(spec["aligner"])
+    if tokens:
+        stores = {role: job.token_set(role, role.split("_")[1]) for role in STORE_ROLES}
+    else:
+        stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
     train_pairs = split_pairs(job.input("train"), spec["splits"]["train"])
     val_pairs = split_pairs(job.input("val"), spec["splits"]["val"])
     layers = read_layer_choice(job.input("layers"))
@@ -69,31 +86,45 @@ def run_align(job: Job) -> None:
     log.info("%s the grid's runs", "fitting" if fresh else "resuming")
     with tqdm(total=len(runs), desc=f"{spec['method']}/{choice}") as bar:
         for key, by_score in by_layers.items():
-            train = paired_features(stores["vision_train"], stores["text_train"], train_pairs, key)
-            val = paired_features(stores["vision_val"], stores["text_val"], val_pairs, key)
+            if tokens:
+                train = paired_tokens(
+                    stores["vision_train"], stores["text_train"], train_pairs, key
+                )
+                val = paired_tokens(stores["vision_val"], stores["text_val"], val_pairs, key)
+                features = TokenPairs(*train, *val)
+                used = {r: stores[r].layer(key[r.startswith("text")]) for r in STORE_ROLES}
+                provenance = {"token_fingerprints": {r: s.fingerprint for r, s in used.items()}}
+            else:
+                train = paired_features(
+                    stores["vision_train"], stores["text_train"], train_pairs, key
+                )
+                val = paired_features(stores["vision_val"], stores["text_val"], val_pairs, key)
+                features = ArrayPairs(*train, *val)
+                used = stores
+                provenance = {"feature_fingerprints": {r: s.fingerprint for r, s in stores.items()}}
             count = sum(len(group) for group in by_score.values())
             log.info("%s/%s: layers %s, %d runs", spec["method"], choice, key, count)
             for score, layer_runs in by_score.items():
                 meta = {
-                    "vision_encoder": stores["vision_train"].attrs["encoder"]["name"],
-                    "text_encoder": stores["text_train"].attrs["encoder"]["name"],
+                    "vision_encoder": used["vision_train"].attrs["encoder"]["name"],
+                    "text_encoder": used["text_train"].attrs["encoder"]["name"],
                     "method": spec["method"],
                     "layer_choice": choice,
                     "vision_layer": key[0],
                     "text_layer": key[1],
                     "layer_score": score,
                     "selection_metric": layers["metric"],
-                    "feature_fingerprints": {r: s.fingerprint for r, s in stores.items()},
+                    **provenance,
                 }
                 fit_runs(
                     spec["aligner"],
                     spec["params"],
-                    (*train, *val),
+                    features,
                     layer_runs,
                     out_dir,
                     meta,
-                    threads=job.threads,
                     progress=bar.update,
+                    threads=job.threads,
                     fresh=fresh,
                 )
     atomic.write_json(

@@ -8,7 +8,8 @@ made from, for a workflow to track. Sources, chosen by ``spec["source"]``:
 
 - ``synthetic``: the offline world of coloured shapes (``synthetic.py``);
 - ``coco_karpathy`` / ``flickr30k_karpathy``: Karpathy splits on disk (``karpathy.py``);
-- ``image_folder``: ``<root>/<split>/<class>/<image>`` classification sets (``image_folder.py``).
+- ``image_folder``: ``<root>/<split>/<class>/<image>`` classification sets (``image_folder.py``);
+- ``voc_segmentation``: PASCAL VOC 2012-style segmentation folders (``voc.py``).
 
 Zero-shot tasks and their label convention are described in ``tasks.py``.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pipeline import layout
-from pipeline.data import image_folder, karpathy, synthetic
+from pipeline.data import image_folder, karpathy, synthetic, voc
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import (
     MANIFEST,
@@ -49,6 +50,7 @@ __all__ = [
     "load_tasks",
     "prepare_dataset",
     "read_manifest",
+    "segmentation_tasks",
     "source_files",
     "validate_spec",
 ]
@@ -64,10 +66,16 @@ class Source(NamedTuple):
     normalize: Callable[[str, Mapping[str, Any]], dict[str, Any]]
     build: Callable[[str, Mapping[str, Any], Path], PreparedDataset]
     sources: Callable[[str, Mapping[str, Any]], list[Path]]
+    segmentation: Callable[[str, Mapping[str, Any]], list[tuple[str, str]]] = lambda name, spec: []
 
 
 SOURCES: dict[str, Source] = {
-    "synthetic": Source(synthetic.normalize_spec, synthetic.build, synthetic.source_files),
+    "synthetic": Source(
+        synthetic.normalize_spec,
+        synthetic.build,
+        synthetic.source_files,
+        synthetic.segmentation_tasks,
+    ),
     "coco_karpathy": Source(
         karpathy.normalize_coco_spec, karpathy.build_coco, karpathy.source_files
     ),
@@ -76,6 +84,9 @@ SOURCES: dict[str, Source] = {
     ),
     "image_folder": Source(
         image_folder.normalize_spec, image_folder.build, image_folder.source_files
+    ),
+    "voc_segmentation": Source(
+        voc.normalize_spec, voc.build, voc.source_files, voc.segmentation_tasks
     ),
 }
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -108,6 +119,14 @@ def source_files(name: str, spec: Mapping[str, Any]) -> list[Path]:
     """
     normalized = validate_spec(name, spec)
     return SOURCES[normalized["source"]].sources(name, normalized)
+
+
+def segmentation_tasks(name: str, spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(task name, split) of every segmentation task the dataset will have, from its spec
+    alone (no file is read but what validation reads): the workflow plans the token caches
+    that segmentation evaluation reads before the dataset is prepared."""
+    normalized = validate_spec(name, spec)
+    return SOURCES[normalized["source"]].segmentation(name, normalized)
 
 
 def prepare_dataset(name: str, spec: Mapping[str, Any], out_dir: Path) -> None:

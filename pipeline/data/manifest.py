@@ -37,7 +37,14 @@ from PIL import Image
 
 from pipeline.atomic import write_json, write_parquet
 from pipeline.data.images import load_mask, load_rgb
-from pipeline.data.tasks import CLASSIFICATION, NOT_IN_TASK, PROMPT_SCHEMA, RETRIEVAL, Task
+from pipeline.data.tasks import (
+    CLASSIFICATION,
+    NOT_IN_TASK,
+    PROMPT_SCHEMA,
+    RETRIEVAL,
+    SEGMENTATION,
+    Task,
+)
 from pipeline.data.tasks import prompts_frame as build_prompts_frame
 from pipeline.fingerprint import spec_hash
 from pipeline.versions import library_versions
@@ -70,11 +77,15 @@ class Split:
         """Image row ``i`` as an 8-bit RGB PIL image (``pipeline.data.images.load_rgb``)."""
         return load_rgb(self.image_path(i), self._entry(i))
 
-    def open_mask(self, i: int) -> np.ndarray:
-        """Segmentation mask of image row ``i`` (uint8; 0 background, class index + 1)."""
-        if "mask_path" not in self.images.columns:
-            raise ValueError(f"split under {self.root} has no masks (no 'mask_path' column)")
-        return load_mask(self.root / self.images["mask_path"][i], f"mask of {self._entry(i)}")
+    def open_mask(self, i: int, column: str = "mask_path") -> np.ndarray:
+        """Segmentation mask of image row ``i`` (uint8 class indices, 0 the background, 255
+        ignored; ``pipeline.data.tasks``), from the file named in ``column``."""
+        if column not in self.images.columns:
+            raise ValueError(f"split under {self.root} has no masks (no {column!r} column)")
+        path = self.images[column][i]
+        if path is None:
+            raise ValueError(f"{self._entry(i)} has no mask")
+        return load_mask(self.root / path, f"mask of {self._entry(i)}")
 
     def _entry(self, i: int) -> str:
         return f"dataset at {self.root}, image {self.images['image_id'][i]!r}"
@@ -225,6 +236,16 @@ def _check_task(name: str, task: Task, splits: Mapping[str, Split]) -> None:
     split = splits[task.split]
     if task.kind == RETRIEVAL and split.captions.is_empty():
         raise ValueError(f"{where}: split {task.split!r} has no captions to retrieve")
+    if task.kind == SEGMENTATION:
+        masks = (
+            split.images.get_column(task.label_column)
+            if task.label_column in split.images.columns
+            else None
+        )
+        if masks is None or masks.dtype != pl.String:
+            raise ValueError(f"{where}: images need a string column {task.label_column!r} (masks)")
+        if masks.null_count() == len(masks):
+            raise ValueError(f"{where}: no image of split {task.split!r} has a mask")
     if task.kind == CLASSIFICATION:
         dtype = split.images.schema.get(task.label_column)
         if dtype is None or not dtype.is_integer():

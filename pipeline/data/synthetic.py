@@ -21,7 +21,9 @@ from the seen combinations.
 
 ``images.parquet`` columns: ``image_id``, ``path``, ``shape``, ``colour``, ``size``,
 ``position``, ``count``, ``mask_path``, then ``<task>_label`` for each zero-shot task:
-the class index of the image, or -1 where it is outside the task (see ``tasks.py``).
+the class index of the image, or -1 where it is outside the task (see ``tasks.py``). The
+masks of the test split are the ``segmentation`` task: classes ``background`` then the shapes
+in ``SHAPES`` order, which is exactly the mask's pixel value.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from pipeline.data.tasks import (
     CLASSIFICATION,
     NOT_IN_TASK,
     RETRIEVAL,
+    SEGMENTATION,
     SYNTHETIC_TEMPLATES,
     Task,
 )
@@ -364,8 +367,12 @@ def attribute_classnames(max_count: int) -> dict[str, tuple[str, ...]]:
     }
 
 
+SEGMENTATION_CLASSES = ("background", *SHAPES)  # mask value = class index (draw_mask)
+
+
 def world_tasks(holdout: tuple[tuple[str, str], ...], max_count: int) -> list[Task]:
-    """One classification task per attribute, ``novel_combination`` and retrieval, on test."""
+    """One classification task per attribute, ``novel_combination``, retrieval, and
+    segmentation of the masks (background and the shapes), on test."""
     classnames = attribute_classnames(max_count)
     if holdout:
         classnames["novel_combination"] = tuple(f"{colour} {shape}" for shape, colour in holdout)
@@ -373,7 +380,20 @@ def world_tasks(holdout: tuple[tuple[str, str], ...], max_count: int) -> list[Ta
         Task(name, CLASSIFICATION, TEST, f"{name}_label", names, SYNTHETIC_TEMPLATES[name])
         for name, names in classnames.items()
     ]
-    return [*tasks, Task("retrieval", RETRIEVAL, TEST)]
+    segmentation = Task(
+        "segmentation",
+        SEGMENTATION,
+        TEST,
+        "mask_path",
+        SEGMENTATION_CLASSES,
+        SYNTHETIC_TEMPLATES["segmentation"],
+    )
+    return [*tasks, Task("retrieval", RETRIEVAL, TEST), segmentation]
+
+
+def segmentation_tasks(name: str, spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(task, split) of the segmentation tasks ``build`` makes, from the spec alone."""
+    return [("segmentation", TEST)]
 
 
 def scene_labels(scene: Scene, holdout: tuple[tuple[str, str], ...]) -> dict[str, int]:

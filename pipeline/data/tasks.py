@@ -1,12 +1,18 @@
 """Zero-shot tasks: what a dataset asks of an aligned model, and the prompts that pose it.
 
-A task is either *classification* (one split, a label column, class names and prompt
-templates) or *retrieval* (image-text retrieval over the captions of one split).
+A task is *classification* (one split, a label column, class names and prompt templates),
+*retrieval* (image-text retrieval over the captions of one split) or *segmentation* (one
+split, a column of mask files, class names and prompt templates).
 
 Class-index convention, followed by every adapter: ``label_column`` names an int column
 of the split's ``images.parquet`` that holds the 0-based index into ``classnames``, or
 ``NOT_IN_TASK`` (-1) where the image is not part of the task (``novel_combination`` covers
 only the test images of held-out combinations). Evaluators keep the rows with a label >= 0.
+
+Segmentation convention: ``label_column`` names a string column of mask file paths (null
+where the image has no mask: it is then not part of the task); a mask pixel holds the class
+index, class 0 is the background, and ``IGNORE_INDEX`` (255) marks pixels that count nowhere
+(VOC's object borders). Its classes get prompts like a classification task's.
 
 Every template holds exactly one ``{}``, replaced by the class name.
 """
@@ -21,7 +27,12 @@ import polars as pl
 
 CLASSIFICATION = "classification"
 RETRIEVAL = "retrieval"
+SEGMENTATION = "segmentation"
+KINDS = (CLASSIFICATION, RETRIEVAL, SEGMENTATION)
+PROMPTED = (CLASSIFICATION, SEGMENTATION)  # kinds whose classes are posed by prompts
 NOT_IN_TASK = -1
+IGNORE_INDEX = 255  # mask pixels that count nowhere
+BACKGROUND = 0  # the background class of a segmentation task
 
 PROMPT_SCHEMA = {
     "prompt_id": pl.String,
@@ -88,6 +99,13 @@ SYNTHETIC_TEMPLATES: dict[str, tuple[str, ...]] = {
         "an image with one {}.",
         "a rendering of the {}.",
     ),
+    "segmentation": (
+        "a picture of a {}.",
+        "a drawing of a {}.",
+        "an image with a {} in it.",
+        "a rendering of a {}.",
+        "a photo of a {}.",
+    ),
 }
 
 
@@ -116,25 +134,26 @@ class Task:
         if self.kind == RETRIEVAL:
             if self.label_column is not None or self.classnames or self.templates:
                 raise ValueError(f"retrieval task {self.name!r} takes no labels or prompts")
-        elif self.kind == CLASSIFICATION:
+        elif self.kind in PROMPTED:
             if not self.label_column:
-                raise ValueError(f"classification task {self.name!r} has no label_column")
+                raise ValueError(f"{self.kind} task {self.name!r} has no label_column")
             if len(self.classnames) < 2 or len(set(self.classnames)) != len(self.classnames):
                 raise ValueError(
-                    f"classification task {self.name!r} needs at least 2 distinct classnames"
+                    f"{self.kind} task {self.name!r} needs at least 2 distinct classnames"
+                )
+            if self.kind == SEGMENTATION and len(self.classnames) > IGNORE_INDEX:
+                raise ValueError(
+                    f"segmentation task {self.name!r}: masks hold at most {IGNORE_INDEX} classes"
                 )
             if not self.templates:
-                raise ValueError(f"classification task {self.name!r} has no templates")
+                raise ValueError(f"{self.kind} task {self.name!r} has no templates")
             for template in self.templates:
                 try:
                     check_template(template)
                 except ValueError as err:
-                    raise ValueError(f"classification task {self.name!r}: {err}") from None
+                    raise ValueError(f"{self.kind} task {self.name!r}: {err}") from None
         else:
-            raise ValueError(
-                f"task {self.name!r} has kind {self.kind!r}; "
-                f"expected {CLASSIFICATION!r} or {RETRIEVAL!r}"
-            )
+            raise ValueError(f"task {self.name!r} has kind {self.kind!r}; expected one of {KINDS}")
 
     def to_dict(self) -> dict[str, Any]:
         if self.kind == RETRIEVAL:
@@ -164,7 +183,8 @@ class Task:
 
 
 def prompts_frame(tasks: Iterable[Task]) -> pl.DataFrame:
-    """Every prompt of every classification task, one row per (task, class, template)."""
+    """Every prompt of every classification and segmentation task, one row per (task, class,
+    template)."""
     rows = [
         {
             "prompt_id": f"{task.name}-c{c:04d}-t{t:03d}",
@@ -175,7 +195,7 @@ def prompts_frame(tasks: Iterable[Task]) -> pl.DataFrame:
             "text": fill_template(template, name),
         }
         for task in tasks
-        if task.kind == CLASSIFICATION
+        if task.kind in PROMPTED
         for c, name in enumerate(task.classnames)
         for t, template in enumerate(task.templates)
     ]

@@ -1,4 +1,5 @@
-"""Frozen encoders: a pooled vector per layer, from timm, Hugging Face or a bundled model."""
+"""Frozen encoders: a pooled vector per layer (and every token of chosen layers), from timm,
+Hugging Face or a bundled model."""
 
 from .base import Encoder, EncoderLoadError, EncoderSpecError
 from .registry import SOURCES, build_encoder, validate_encoder_spec

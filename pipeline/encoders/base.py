@@ -1,8 +1,9 @@
 """What every frozen encoder offers the extraction stage, and helpers shared by the sources.
 
 An encoder turns a batch of raw items (images or strings) into one pooled vector per
-layer, all layers from a single forward pass. Spec parsing here is plain Python so that
-configs can be validated before torch, timm or transformers do any work.
+layer, all layers from a single forward pass, and, for the token caches, into every token of
+chosen layers from the same forward pass (``token_layers``). Spec parsing here is plain
+Python so that configs can be validated before torch, timm or transformers do any work.
 """
 
 from __future__ import annotations
@@ -57,6 +58,26 @@ class Encoder(ABC):
     @abstractmethod
     def to(self, device: torch.device | str) -> Encoder:
         """Move the model to ``device``; returns self."""
+
+    # Token features (the token caches, ``pipeline.tokens``): the same forward pass, every token.
+    tokens_per_sample: int | None = None
+    """Tokens of every sample when they are all alike (images), None when they vary (text)."""
+
+    def token_layout(self) -> dict[str, Any]:
+        """JSON-able facts about a sample's tokens stored with them (vision: prefix tokens and
+        the patch grid); empty by default."""
+        return {}
+
+    def token_counts(self, items: list) -> list[int]:
+        """Tokens per raw item, without a forward pass; only for encoders whose count varies."""
+        raise NotImplementedError(f"encoder {self.name!r} has {self.tokens_per_sample} per sample")
+
+    @abstractmethod
+    def token_layers(
+        self, batch: dict[str, torch.Tensor], layers: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """One forward pass; for each layer index in ``layers`` the tokens (B, T, dims[l]) and
+        their mask (B, T), True for a real token (the same states ``pooled_layers`` pools)."""
 
 
 def check_keys(encoder: str, spec: Mapping[str, Any], allowed: Iterable[str]) -> None:

@@ -85,13 +85,7 @@ class HFTextEncoder(Encoder):
         return dict(encoded)
 
     def pooled_layers(self, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        hidden = self.model(**batch, output_hidden_states=True, return_dict=True).hidden_states
-        if hidden is None or len(hidden) != len(self.layer_names):
-            count = None if hidden is None else len(hidden)
-            raise RuntimeError(
-                f"encoder {self.name!r}: expected {len(self.layer_names)} hidden states, "
-                f"got {count}"
-            )
+        hidden = self._hidden_states(batch)
         if self.spec.pooling == "cls":
             return [states[:, 0].float() for states in hidden]
         return [masked_mean(states, batch["attention_mask"]) for states in hidden]
@@ -99,6 +93,29 @@ class HFTextEncoder(Encoder):
     def to(self, device: torch.device | str) -> HFTextEncoder:
         self.model.to(device)
         return self
+
+    def token_counts(self, items: list) -> list[int]:
+        """Real tokens of each string as ``collate`` tokenizes it (truncated to max_tokens)."""
+        encoded = self.tokenizer(list(items), truncation=True, max_length=self.max_tokens)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def token_layers(
+        self, batch: dict[str, torch.Tensor], layers: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Hidden states of the given layers with the attention mask (padding False)."""
+        hidden = self._hidden_states(batch)
+        mask = batch["attention_mask"].to(torch.bool)
+        return [(hidden[layer], mask) for layer in layers]
+
+    def _hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        hidden = self.model(**batch, output_hidden_states=True, return_dict=True).hidden_states
+        if hidden is None or len(hidden) != len(self.layer_names):
+            count = None if hidden is None else len(hidden)
+            raise RuntimeError(
+                f"encoder {self.name!r}: expected {len(self.layer_names)} hidden states, "
+                f"got {count}"
+            )
+        return hidden
 
 
 def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

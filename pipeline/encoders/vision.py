@@ -9,6 +9,7 @@ spec must stay cheap.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,8 @@ class TimmVisionEncoder(Encoder):
         self.transform = create_transform(**self.data_config, is_training=False)
         try:  # one image through the real path: exact widths, and image_size checked early
             with torch.inference_mode():
-                pooled = self.pooled_layers({"pixel_values": torch.zeros(1, 3, size, size)})
+                blocks = self._block_tokens(self.model, torch.zeros(1, 3, size, size))
+                pooled = [pool_tokens(prefix, patches, spec.pooling) for prefix, patches in blocks]
         except Exception as err:
             raise EncoderLoadError(
                 f"encoder {name!r}: a forward pass of timm model {spec.name!r} at "
@@ -56,6 +58,9 @@ class TimmVisionEncoder(Encoder):
             ) from err
         self.layer_names = [f"block.{i}" for i in range(len(pooled))]
         self.dims = [vector.shape[-1] for vector in pooled]
+        self.prefix_tokens, self.num_patches = blocks[0][0].shape[1], blocks[0][1].shape[1]
+        self.tokens_per_sample = self.prefix_tokens + self.num_patches
+        self.grid = patch_grid(self.model, self.num_patches)
 
     def provenance(self) -> dict[str, Any]:
         return {
@@ -89,12 +94,46 @@ class TimmVisionEncoder(Encoder):
         self.model.to(device)
         return self
 
+    def token_layout(self) -> dict[str, Any]:
+        """Prefix tokens (CLS, registers) come first, then the patches of a row-major grid."""
+        return {
+            "prefix_tokens": self.prefix_tokens,
+            "grid": None if self.grid is None else list(self.grid),
+        }
+
+    def token_layers(
+        self, batch: dict[str, torch.Tensor], layers: list[int]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Prefix + patch tokens of the given blocks; the forward stops after the deepest one."""
+        wanted = sorted(set(layers))
+        blocks = dict(
+            zip(wanted, self._block_tokens(self.model, batch["pixel_values"], wanted), strict=True)
+        )
+        out = []
+        for layer in layers:
+            prefix, patches = blocks[layer]
+            tokens = torch.cat([prefix, patches], dim=1)
+            out.append(
+                (tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
+            )
+        return out
+
 
 def pool_tokens(prefix: torch.Tensor, patches: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """CLS = first prefix token; mean = mean over patch tokens only (no class/register)."""
     if pooling == "cls":
         return prefix[:, 0].float()
     return patches.mean(dim=1, dtype=torch.float32)
+
+
+def patch_grid(model: nn.Module, num_patches: int) -> tuple[int, int] | None:
+    """(rows, columns) of the patch grid: the patch embedding's, or the square root of the
+    patch count; None when neither fits (the tokens then cannot be decoded into a map)."""
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None and len(grid) == 2 and int(grid[0]) * int(grid[1]) == num_patches:
+        return int(grid[0]), int(grid[1])
+    side = math.isqrt(num_patches)
+    return (side, side) if side * side == num_patches else None
 
 
 def create_timm_model(encoder: str, spec: TimmSpec) -> nn.Module:
@@ -140,7 +179,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 def _block_token_reader(
     encoder: str, spec: TimmSpec, model: nn.Module
-) -> Callable[[nn.Module, torch.Tensor], BlockTokens]:
+) -> Callable[..., BlockTokens]:
     """How to read the per-block tokens of ``model``; fails early when pooling is impossible."""
     if _reports_prefix_tokens(model):
         if spec.pooling == "cls" and getattr(model, "cls_token", None) is None:
@@ -167,11 +206,15 @@ def _reports_prefix_tokens(model: nn.Module) -> bool:
     return method is not None and "return_prefix_tokens" in inspect.signature(method).parameters
 
 
-def _intermediate_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockTokens:
+def _intermediate_tokens(
+    model: nn.Module, pixel_values: torch.Tensor, blocks: list[int] | None = None
+) -> BlockTokens:
+    """Every block's tokens, or those of ``blocks`` (ascending; the pass stops after the last)."""
     outputs = model.forward_intermediates(
         pixel_values,
-        indices=None,
+        indices=blocks,
         norm=False,
+        stop_early=blocks is not None,
         output_fmt="NLC",
         intermediates_only=True,
         return_prefix_tokens=True,
@@ -180,8 +223,11 @@ def _intermediate_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockT
     return [(out[1], out[0]) if isinstance(out, tuple) else (out[:, :0], out) for out in outputs]
 
 
-def _hooked_block_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockTokens:
-    """Block outputs via hooks; all tokens count as patch tokens (these models add none)."""
+def _hooked_block_tokens(
+    model: nn.Module, pixel_values: torch.Tensor, blocks: list[int] | None = None
+) -> BlockTokens:
+    """Block outputs via hooks; all tokens count as patch tokens (these models add none).
+    ``blocks`` (ascending) selects some; the pass runs whole."""
     outputs: list[torch.Tensor] = []
     handles = [
         block.register_forward_hook(lambda _module, _args, out: outputs.append(out))
@@ -195,4 +241,6 @@ def _hooked_block_tokens(model: nn.Module, pixel_values: torch.Tensor) -> BlockT
     if any(out.ndim != 3 for out in outputs) or len({out.shape[1] for out in outputs}) > 1:
         shapes = [tuple(out.shape) for out in outputs]
         raise ValueError(f"block outputs are not token sequences of one length: {shapes}")
+    if blocks is not None:
+        outputs = [outputs[i] for i in blocks]
     return [(out[:, :0], out) for out in outputs]

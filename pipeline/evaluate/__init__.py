@@ -1,4 +1,4 @@
-"""Evaluation: zero-shot classification, retrieval and the metrics tables.
+"""Evaluation: zero-shot classification, retrieval, segmentation and the metrics tables.
 
 The figures live in ``pipeline.evaluate.plots``, imported on demand (matplotlib and scipy are
 slow to import and the evaluation stage does not need them).

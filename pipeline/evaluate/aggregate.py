@@ -3,17 +3,23 @@
 Writes the job's ``metrics`` and ``summary`` tables and, into its ``plots`` folder,
 metric-vs-n_pairs and improvement-over-baseline figures per task and metric, plus layer-pair
 similarity against the downstream metric for every layer pair an encoder pair's runs used (one
-figure per similarity metric, method and n_pairs with more than two points).
+figure per similarity metric, method and n_pairs with more than two points), and, per
+segmentation task, a few predicted label maps of PAL and of the best global method
+(``plots/segmentation/``).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
+from pipeline import layout
+from pipeline.data import load_split, load_tasks, read_manifest
 from pipeline.evaluate.tables import concat_metrics, summarise, write_metrics, write_summary
 from pipeline.jobs import Job
 
@@ -34,6 +40,14 @@ def run_aggregate(job: Job) -> None:
     written = plots.plot_all(summary, plots_dir)
     similarity = pl.concat([pl.read_parquet(path) for path in similarities], how="diagonal")
     written += similarity_plots(plots, similarity, metrics, plots_dir)
+    examples = pl.concat([pl.read_parquet(path) for path in job.input_list("examples")])
+    datasets = {
+        read_manifest(Path(layout.dataset_of_manifest(m)))["name"]: layout.dataset_of_manifest(m)
+        for m in job.input_list("datasets")
+    }
+    written += segmentation_figures(
+        plots, summary, examples, datasets, set(job.spec.get("token_methods", ())), plots_dir
+    )
     log.info(
         "%d metric rows, %d summary rows, %d figures", len(metrics), len(summary), len(written)
     )
@@ -70,4 +84,74 @@ def similarity_plots(
                     plots_dir / "layers" / f"{name}.png",
                 )
             )
+    return written
+
+
+def segmentation_figures(
+    plots,
+    summary: pl.DataFrame,
+    examples: pl.DataFrame,
+    datasets: dict[str, str],
+    token_methods: set[str],
+    plots_dir: Path,
+) -> list[Path]:
+    """Per encoder pair and segmentation task: a few test images, their true masks, and the
+    label maps of the best token method (PAL) and of the best pooled method (patch baseline),
+    each at the largest n_pairs (mean mIoU over seeds; the example run is its smallest seed)."""
+    written = []
+    if examples.is_empty():
+        return written
+    keys = ["vision_encoder", "text_encoder", "task"]
+    for (vision, text, task), rows in examples.group_by(keys, maintain_order=True):
+        n_pairs = rows["n_pairs"].max()
+        scores = summary.filter(
+            (pl.col("vision_encoder") == vision)
+            & (pl.col("text_encoder") == text)
+            & (pl.col("task") == task)
+            & (pl.col("metric") == "miou")
+            & (pl.col("n_pairs") == n_pairs)
+        )
+        columns = {}
+        for label, pick in (("PAL", True), ("best global method", False)):
+            candidates = scores.filter(pl.col("method").is_in(sorted(token_methods)) == pick)
+            if candidates.is_empty():
+                continue
+            best = candidates.sort(
+                ["mean", "method", "layer_choice"], descending=[True, False, False]
+            ).row(0, named=True)
+            maps = rows.filter(
+                (pl.col("method") == best["method"])
+                & (pl.col("layer_choice") == best["layer_choice"])
+            ).sort("image_row")
+            title = f"{label}: {best['method']} ({best['layer_choice']}), mIoU {best['mean']:.3f}"
+            columns[title] = maps
+        if not columns:
+            continue
+        dataset, task_name = task.split(".", 1)
+        if dataset not in datasets:
+            continue
+        [definition] = [t for t in load_tasks(Path(datasets[dataset])) if t.name == task_name]
+        data = load_split(Path(datasets[dataset]), definition.split)
+        shown = next(iter(columns.values()))
+        images = [np.asarray(data.open_image(r)) for r in shown["image_row"].to_list()]
+        truths = [data.open_mask(r, definition.label_column) for r in shown["image_row"].to_list()]
+        predictions = {
+            title: [
+                np.frombuffer(row["labels"], dtype=np.uint8).reshape(row["height"], row["width"])
+                for row in maps.iter_rows(named=True)
+            ]
+            for title, maps in columns.items()
+        }
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{task}__{vision}__{text}")
+        written.append(
+            plots.plot_segmentation_maps(
+                images,
+                truths,
+                predictions,
+                list(definition.classnames),
+                f"{task}, {vision} + {text}, n_pairs = {n_pairs}: PAL against the best global "
+                "method (patch baseline)",
+                plots_dir / "segmentation" / f"{name}.png",
+            )
+        )
     return written

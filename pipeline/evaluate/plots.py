@@ -1,4 +1,4 @@
-"""Figures made only from the metrics, summary and similarity tables.
+"""Figures made from the metrics, summary and similarity tables (and segmentation maps).
 
 Each function draws one PNG (matplotlib's Agg canvas through ``Figure``, no pyplot state),
 writes it atomically and returns its path. A figure has one panel per encoder pair.
@@ -15,6 +15,7 @@ import polars as pl
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 from scipy.stats import spearmanr
 
 from pipeline.atomic import atomic_path
@@ -263,3 +264,43 @@ def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI)
     return Path(path)
+
+
+def plot_segmentation_maps(
+    images: list[np.ndarray],
+    truths: list[np.ndarray],
+    predictions: dict[str, list[np.ndarray]],
+    classnames: list[str],
+    title: str,
+    path: str | os.PathLike[str],
+    ignore_index: int = 255,
+) -> Path:
+    """One row per image: the image, its true mask, then each method's predicted label map
+    (``predictions``: column title -> maps in the images' order), one colour per class and a
+    legend (the background light grey); ignored pixels white."""
+    palette = colormaps["tab10" if len(classnames) <= 11 else "tab20"]
+    colours = np.array(
+        [(0.82, 0.82, 0.82)] + [palette(i % palette.N)[:3] for i in range(len(classnames) - 1)]
+    )  # class 0, the background, light grey
+
+    def paint(labels: np.ndarray) -> np.ndarray:
+        rgb = np.ones((*labels.shape, 3))
+        known = labels != ignore_index
+        rgb[known] = colours[np.clip(labels[known], 0, len(classnames) - 1)]
+        return rgb
+
+    columns = ["image", "truth", *predictions]
+    fig = Figure(figsize=(2.4 * len(columns) + 1.8, 2.2 * len(images) + 0.8), layout="constrained")
+    axes = fig.subplots(len(images), len(columns), squeeze=False)
+    for row, (image, truth) in enumerate(zip(images, truths, strict=True)):
+        panels = [image, paint(truth), *(paint(maps[row]) for maps in predictions.values())]
+        for ax, panel, name in zip(axes[row], panels, columns, strict=True):
+            ax.imshow(panel, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(name.replace(": ", ":\n", 1), fontsize="small")
+    handles = [Patch(color=colours[i], label=name) for i, name in enumerate(classnames)]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="x-small")
+    fig.suptitle(title, fontsize="small")
+    return _save(fig, path)

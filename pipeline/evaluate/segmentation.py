@@ -9,9 +9,14 @@ all the images of a set. The IoU of class c is tp / (tp + fp + fn); classes whos
 (neither in the targets nor predicted) are left out of the means. ``miou`` averages every other
 class, background included; ``miou_fg`` leaves the background class out; ``pixel_accuracy``
 is the fraction of counted pixels predicted right. Pixels labelled ``ignore_index`` count nowhere.
+
+``segment`` runs this over a split: the patch tokens of a vision token store, scored by PAL's
+anchors or, for every pooled aligner, by the patch baseline (``patch_class_scores``).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,3 +92,72 @@ def decode(
 ) -> np.ndarray:
     """(H, W) int64 label map: the argmax over classes of the upsampled patch scores."""
     return np.argmax(upsample_scores(scores, grid, size), axis=-1).astype(np.int64)
+
+
+# ---- zero-shot segmentation of a split through an aligner ----------------------------------------
+
+IMAGES_PER_BATCH = 32
+
+
+def patch_class_scores(aligner: Any, patches: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+    """(N, C) scores of patch tokens (N, D) against unit class embeddings (C, k).
+
+    PAL (an aligner with ``patch_scores``): the patch-anchor cosines times the class profiles
+    (docs/pal.md). Any pooled aligner, the standard patch baseline: each patch token through
+    the image map (``embed_image``) as if it were a pooled feature, scored by the aligner's own
+    ``similarity``."""
+    if hasattr(aligner, "patch_scores"):
+        return np.asarray(aligner.patch_scores(patches), np.float64) @ class_emb.T
+    return np.asarray(aligner.similarity(aligner.embed_image(patches), class_emb), np.float64)
+
+
+def segment(
+    aligner: Any,
+    tokens: Any,
+    class_emb: np.ndarray,
+    rows: np.ndarray,
+    masks: list[np.ndarray],
+    keep: int = 0,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The confusion matrix of images ``rows`` of a token store (``pipeline.tokens.TokenStore``
+    of a vision layer) against their ``masks``, and the label maps of the first ``keep``.
+
+    Each image's patch tokens (the prefix tokens dropped, the row-major grid from the store's
+    layout) are scored against the classes (``patch_class_scores``) and decoded at its mask's
+    size (``decode``); one matrix accumulates the whole set."""
+    layout = tokens.attrs.get("layout") or {}
+    prefix, grid = int(layout.get("prefix_tokens", 0)), layout.get("grid")
+    if grid is None:
+        raise ValueError(f"{tokens.where}: the encoder reports no patch grid to segment with")
+    n_classes = len(class_emb)
+    confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
+    kept: list[np.ndarray] = []
+    for start in range(0, len(rows), IMAGES_PER_BATCH):
+        batch = np.asarray(rows[start : start + IMAGES_PER_BATCH], dtype=np.int64)
+        values, _ = tokens.read(batch)
+        patches = values[:, prefix:]
+        if patches.shape[1] != grid[0] * grid[1]:
+            raise ValueError(
+                f"{tokens.where}: {patches.shape[1]} patch tokens do not fill a {grid} grid"
+            )
+        scores = patch_class_scores(aligner, patches.reshape(-1, patches.shape[2]), class_emb)
+        scores = scores.reshape(len(batch), patches.shape[1], n_classes)
+        batch_masks = masks[start : start + len(batch)]
+        for b, labels in enumerate(_decode_batch(scores, tuple(grid), batch_masks)):
+            confusion += confusion_matrix(labels, batch_masks[b], n_classes)
+            if len(kept) < keep:
+                kept.append(labels.astype(np.uint8))
+    return confusion, kept
+
+
+def _decode_batch(
+    scores: np.ndarray, grid: tuple[int, int], masks: list[np.ndarray]
+) -> list[np.ndarray]:
+    """``decode`` of each image's (P, C) scores at its mask's size; images whose masks share a
+    size are upsampled together (the same numbers as one by one)."""
+    if len({mask.shape for mask in masks}) != 1:
+        return [decode(s, grid, m.shape) for s, m in zip(scores, masks, strict=True)]
+    h, w = grid
+    maps = torch.as_tensor(scores).reshape(len(scores), h, w, -1).permute(0, 3, 1, 2)
+    up = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False)
+    return list(up.argmax(dim=1).numpy().astype(np.int64))

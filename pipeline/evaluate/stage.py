@@ -1,8 +1,19 @@
 """The evaluate stage: every run of one (encoder pair, method, layer choice) on every task.
 
-Zero-shot classification embeds the dataset's prompts (text store of the ``prompts``
-pseudo-split); retrieval scores the split's images against its captions. Tasks are named
-``<dataset>.<task>``. The aggregate stage concatenates the per-job tables into
+Each run embeds the split's images once, its captions and the dataset's prompts when a task
+needs them, then scores every task from those embeddings (tasks are named
+``<dataset>.<task>``):
+- zero-shot classification: class embeddings from the prompts (text store of the ``prompts``
+  pseudo-split), logits 100 x the aligner's similarity;
+- retrieval: the split's images against its captions;
+- segmentation: the patch tokens of the run's vision layer (a token store), scored against the
+  same class embeddings: through PAL's anchors for PAL, through the image map for every pooled
+  method (the patch baseline); mIoU over the whole split.
+
+A pooled aligner reads feature stores (and, for segmentation, the vision token set); a token
+aligner (PAL) reads token sets for everything, batch by batch. The job also writes a few
+predicted label maps of its example run (the largest n_pairs, its smallest seed) for the
+report's figure. The aggregate stage concatenates the per-job tables into
 ``results/tables/metrics.parquet`` and ``summary.parquet`` and draws the plots.
 """
 
@@ -10,7 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -19,42 +33,95 @@ from tqdm.auto import tqdm
 from pipeline import layout
 from pipeline.align import load_aligner
 from pipeline.align.artifacts import read_params
+from pipeline.align.params import uses_tokens
+from pipeline.atomic import write_parquet
 from pipeline.data import load_prompts, load_split, load_tasks
-from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
-from pipeline.evaluate.retrieval import retrieval_metrics, retrieval_scores
+from pipeline.data.tasks import (
+    BACKGROUND,
+    CLASSIFICATION,
+    IGNORE_INDEX,
+    RETRIEVAL,
+    SEGMENTATION,
+    Task,
+)
+from pipeline.evaluate.retrieval import retrieval_metrics
+from pipeline.evaluate.segmentation import segment, segmentation_metrics
 from pipeline.evaluate.tables import RunKey, concat_metrics, metric_rows, write_metrics
-from pipeline.evaluate.zeroshot import zero_shot_classification
+from pipeline.evaluate.zeroshot import class_embeddings_of, classification_metrics, logits_of
 from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
-from pipeline.store import FeatureStore
+from pipeline.tokens import StoreTokens, TokenSet
 
 log = logging.getLogger(__name__)
+EXAMPLES_PER_TASK = 4  # label maps kept per segmentation task for the report
+EXAMPLE_SCHEMA = {
+    "vision_encoder": pl.String,
+    "text_encoder": pl.String,
+    "method": pl.String,
+    "layer_choice": pl.String,
+    "n_pairs": pl.Int64,
+    "seed": pl.Int64,
+    "task": pl.String,
+    "image_row": pl.Int64,
+    "image_id": pl.String,
+    "height": pl.Int64,
+    "width": pl.Int64,
+    "labels": pl.Binary,
+}
+RUN = re.compile(r"n(\d+)_s(-?\d+)")
+
+
+def example_run(runs: list[str]) -> str | None:
+    """The run whose label maps the job keeps: the largest n_pairs, then the smallest seed."""
+    parsed = [(int(m[1]), -int(m[2]), name) for name in runs if (m := RUN.fullmatch(name))]
+    return max(parsed)[2] if parsed else None
 
 
 def run_evaluate(job: Job) -> None:
     runs_json = job.input("runs")
     aligner_dir = Path(runs_json).parent
     runs = json.loads(Path(runs_json).read_text())["runs"]
-    frames = []
+    tokens = uses_tokens(job.spec["aligner"])
+    keep = example_run(runs)
+    frames, examples = [], []
     for i, split in enumerate(job.spec["splits"]):
+        dataset = f"dataset_{i}"
+        if tokens:
+            features = {
+                w: job.token_set(f"{w}_{i}", dataset) for w in ("vision", "text", "prompts")
+            }
+            patches = features["vision"]
+        else:
+            features = {
+                w: job.feature_store(f"{w}_{i}", dataset) for w in ("vision", "text", "prompts")
+            }
+            patches = (
+                job.token_set(f"patches_{i}", dataset) if f"patches_{i}" in job.inputs else None
+            )
         inputs = SplitInputs(
             index=i,
             dataset=split["dataset"],
             split=split["split"],
             tasks=split.get("tasks"),
-            dataset_dir=Path(layout.dataset_of_manifest(job.input(f"dataset_{i}"))),
-            stores={
-                which: job.feature_store(f"{which}_{i}", f"dataset_{i}")
-                for which in ("vision", "text", "prompts")
-            },
+            dataset_dir=Path(layout.dataset_of_manifest(job.input(dataset))),
+            features=features,
+            tokens=tokens,
+            patches=patches,
         )
         for run in tqdm(runs, desc=f"evaluate {aligner_dir.parent.name}/{aligner_dir.name}"):
-            frames += evaluate_run(aligner_dir / run, inputs)
+            rows, kept = evaluate_run(aligner_dir / run, inputs, examples=run == keep)
+            frames += rows
+            examples += kept
     write_metrics(concat_metrics(frames), job.output("metrics"))
+    write_parquet(pl.DataFrame(examples, schema=EXAMPLE_SCHEMA), job.output("examples"))
 
 
 class SplitInputs:
-    """What an evaluation split provides, read once and shared by every run."""
+    """What an evaluation split provides, read once and shared by every run.
+
+    ``features``: the vision, text and prompts features: feature stores (pooled aligners) or
+    token sets (``tokens``: a token aligner); ``patches``: the vision token set segmentation
+    reads (None when the split has no segmentation task)."""
 
     def __init__(
         self,
@@ -64,14 +131,19 @@ class SplitInputs:
         split: str,
         tasks: list[str] | None,
         dataset_dir: Path,
-        stores: dict[str, FeatureStore],
+        features: dict[str, Any],
+        tokens: bool,
+        patches: TokenSet | None,
     ) -> None:
         self.dataset = dataset
         data = load_split(dataset_dir, split)
+        self.data = data
         self.images = data.images
         self.caption_image = pair_rows(data.images, data.captions).image_rows
-        self.stores = stores
-        self.prompts = load_prompts(dataset_dir)
+        self.features = features
+        self.tokens = tokens
+        self.patches = patches
+        self.prompts = load_prompts(dataset_dir).with_row_index("row")
         available = [t for t in load_tasks(dataset_dir) if t.split == split]
         if tasks is not None:
             unknown = sorted(set(tasks) - {t.name for t in available})
@@ -82,21 +154,53 @@ class SplitInputs:
                     f"(tasks: {sorted(t.name for t in available)})"
                 )
             available = [t for t in available if t.name in tasks]
+        if any(t.kind == SEGMENTATION for t in available) and patches is None:
+            raise ValueError(
+                f"{dataset}/{split} has a segmentation task but the job reads no vision token "
+                "set for it (the workflow plans one from pipeline.data.segmentation_tasks)"
+            )
         self.tasks = available
-        self._layers: dict[tuple[str, int], np.ndarray] = {}
+        self._layers: dict[tuple[str, int], Any] = {}
+        self._masks: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
 
-    def features(self, which: str, layer: int) -> np.ndarray:
-        """All rows of one layer of the vision, text or prompts store (cached per layer)."""
+    def source(self, which: str, layer: int) -> Any:
+        """All rows of one layer of the vision, text or prompts features: a float32 array read
+        once (pooled) or a token source read batch by batch (tokens)."""
         key = (which, layer)
         if key not in self._layers:
-            self._layers[key] = self.stores[which].read(layer)
+            if self.tokens:
+                self._layers[key] = StoreTokens(self.features[which].layer(layer))
+            else:
+                self._layers[key] = self.features[which].read(layer)
         return self._layers[key]
 
+    def masks(self, task: Task) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image rows of a segmentation task (those with a mask) and their masks, checked."""
+        if task.name not in self._masks:
+            paths = self.images[task.label_column]
+            rows = np.flatnonzero(paths.is_not_null().to_numpy())
+            masks = []
+            for row in rows.tolist():
+                mask = self.data.open_mask(row, task.label_column)
+                bad = (mask >= len(task.classnames)) & (mask != IGNORE_INDEX)
+                if bad.any():
+                    raise ValueError(
+                        f"{self.dataset} task {task.name!r}: the mask of image "
+                        f"{self.images['image_id'][row]!r} holds class {int(mask[bad].max())}, "
+                        f"but the task has {len(task.classnames)} classes (and {IGNORE_INDEX} "
+                        "= ignore)"
+                    )
+                masks.append(mask)
+            self._masks[task.name] = (rows, masks)
+        return self._masks[task.name]
 
-def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
-    """Metric rows of one aligner run on every task of one split."""
-    params = read_params(run_dir)
-    meta = params["meta"]
+
+def evaluate_run(
+    run_dir: Path, inputs: SplitInputs, examples: bool = False
+) -> tuple[list[pl.DataFrame], list[dict[str, Any]]]:
+    """Metric rows of one aligner run on every task of one split, and (``examples``) a few
+    predicted label maps of each segmentation task."""
+    meta = read_params(run_dir)["meta"]
     key = RunKey(
         vision_encoder=meta["vision_encoder"],
         text_encoder=meta["text_encoder"],
@@ -108,31 +212,69 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs) -> list[pl.DataFrame]:
         seed=meta["seed"],
     )
     aligner = load_aligner(run_dir)
-    images = inputs.features("vision", key.vision_layer)
-    dataset = inputs.dataset
-    rows = []
+    image_emb = aligner.embed_image(inputs.source("vision", key.vision_layer))
+    caption_emb = _once(lambda: aligner.embed_text(inputs.source("text", key.text_layer)))
+    prompt_emb = _once(lambda: aligner.embed_text(inputs.source("prompts", key.text_layer)))
+    rows, kept = [], []
     for task in inputs.tasks:
-        name = f"{dataset}.{task.name}"
+        name = f"{inputs.dataset}.{task.name}"
         if task.kind == RETRIEVAL:
-            captions = inputs.features("text", key.text_layer)
-            scores = retrieval_scores(aligner, images, captions)
-            rows.append(
-                metric_rows(key, name, RETRIEVAL, retrieval_metrics(scores, inputs.caption_image))
-            )
+            scores = aligner.similarity(image_emb, caption_emb())
+            metrics = retrieval_metrics(scores, inputs.caption_image)
         elif task.kind == CLASSIFICATION:
             labels = inputs.images[task.label_column].to_numpy()
             member = labels >= 0  # -1: the image is not part of this task
-            prompts = inputs.prompts.with_row_index("row").filter(pl.col("task") == task.name)
-            prompt_features = inputs.features("prompts", key.text_layer)[prompts["row"].to_numpy()]
-            metrics = zero_shot_classification(
-                aligner,
-                images[member],
-                labels[member],
-                prompt_features,
-                prompts["class_index"].to_numpy(),
-                len(task.classnames),
-            )
-            rows.append(metric_rows(key, name, CLASSIFICATION, metrics))
+            logits = logits_of(aligner, image_emb[member], _class_emb(inputs, task, prompt_emb()))
+            metrics = classification_metrics(logits, labels[member])
+        elif task.kind == SEGMENTATION:
+            images, masks = inputs.masks(task)
+            store = inputs.patches.layer(key.vision_layer)
+            class_emb = _class_emb(inputs, task, prompt_emb())
+            keep = EXAMPLES_PER_TASK if examples else 0
+            confusion, maps = segment(aligner, store, class_emb, images, masks, keep)
+            metrics = _finite(name, segmentation_metrics(confusion, background=BACKGROUND))
+            kept += [
+                {
+                    **{k: v for k, v in vars(key).items() if k in EXAMPLE_SCHEMA},
+                    "task": name,
+                    "image_row": int(row),
+                    "image_id": inputs.images["image_id"][int(row)],
+                    "height": labels.shape[0],
+                    "width": labels.shape[1],
+                    "labels": labels.tobytes(),
+                }
+                for row, labels in zip(images, maps, strict=False)
+            ]
         else:
             raise ValueError(f"{name}: task kind {task.kind!r} has no evaluation")
-    return rows
+        rows.append(metric_rows(key, name, task.kind, metrics))
+    return rows, kept
+
+
+def _class_emb(inputs: SplitInputs, task: Task, prompt_emb: np.ndarray) -> np.ndarray:
+    prompts = inputs.prompts.filter(pl.col("task") == task.name)
+    return class_embeddings_of(
+        prompt_emb[prompts["row"].to_numpy()],
+        prompts["class_index"].to_numpy(),
+        len(task.classnames),
+    )
+
+
+def _once(compute: Callable[[], np.ndarray]) -> Callable[[], np.ndarray]:
+    """``compute`` called on first use only (a split without captions never embeds them)."""
+    value: list[np.ndarray] = []
+
+    def get() -> np.ndarray:
+        if not value:
+            value.append(compute())
+        return value[0]
+
+    return get
+
+
+def _finite(task: str, metrics: dict[str, float]) -> dict[str, float]:
+    """The metrics that are defined (mIoU of no class at all is not), the others logged."""
+    undefined = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if undefined:
+        log.warning("%s: %s undefined (no class with a non-empty union), left out", task, undefined)
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}

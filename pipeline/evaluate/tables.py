@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from pipeline.atomic import write_parquet
 
-TASK_KINDS = ("classification", "retrieval")
+TASK_KINDS = ("classification", "retrieval", "segmentation")
 BASELINE = ("linear", "last")
 
 METRICS_SCHEMA = pa.schema(

@@ -44,8 +44,18 @@ def average_by_class(embeddings: np.ndarray, class_index: np.ndarray, n_classes:
 def class_embeddings(
     aligner: SharedSpace, prompt_features: np.ndarray, class_index: np.ndarray, n_classes: int
 ) -> np.ndarray:
-    """(n_classes, k) unit class embeddings; ``class_index[p]`` is the class of prompt ``p``."""
-    prompt_emb = l2_normalise(np.asarray(aligner.embed_text(prompt_features), np.float64), "error")
+    """(n_classes, k) unit class embeddings; ``class_index[p]`` is the class of prompt ``p``.
+    ``prompt_features`` is whatever the aligner's text side embeds (a token source for PAL)."""
+    prompt_emb = np.asarray(aligner.embed_text(prompt_features), np.float64)
+    return class_embeddings_of(prompt_emb, class_index, n_classes)
+
+
+def class_embeddings_of(
+    prompt_emb: np.ndarray, class_index: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """(n_classes, k) unit class embeddings from the prompts' text embeddings: each normalised,
+    averaged over the templates of its class, renormalised."""
+    prompt_emb = l2_normalise(np.asarray(prompt_emb, np.float64), "error")
     return l2_normalise(average_by_class(prompt_emb, class_index, n_classes), "error")
 
 
@@ -53,8 +63,12 @@ def zero_shot_logits(
     aligner: SharedSpace, image_features: np.ndarray, class_emb: np.ndarray
 ) -> np.ndarray:
     """(n_images, n_classes) logits: 100 x similarity of the aligned images and the classes."""
-    similarity = aligner.similarity(aligner.embed_image(image_features), class_emb)
-    return LOGIT_SCALE * np.asarray(similarity, dtype=np.float64)
+    return logits_of(aligner, aligner.embed_image(image_features), class_emb)
+
+
+def logits_of(aligner: SharedSpace, image_emb: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
+    """(n_images, n_classes) logits from image embeddings already in the shared space."""
+    return LOGIT_SCALE * np.asarray(aligner.similarity(image_emb, class_emb), dtype=np.float64)
 
 
 def class_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

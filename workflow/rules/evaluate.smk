@@ -1,9 +1,11 @@
 rule evaluate_aligners:
-    """Zero-shot classification and retrieval of every run of one align job."""
+    """Zero-shot classification, retrieval and segmentation of every run of one align job, and a
+    few predicted label maps of its example run."""
     input:
         unpack(inputs_of(jobs.evaluate_aligners)),
     output:
         metrics=layout.evaluation("{vision}", "{text}", "{method}", "{choice}"),
+        examples=layout.segmentation_examples("{vision}", "{text}", "{method}", "{choice}"),
     params:
         spec=spec_of(jobs.evaluate_aligners),
         inputs=lambda wildcards, input: cli_paths(input),
@@ -36,6 +38,7 @@ rule aggregate:
             caption="../report/plots.rst",
         ),
     params:
+        spec=json.dumps(jobs.aggregate(config).spec, sort_keys=True),
         inputs=lambda wildcards, input: cli_paths(input),
         outputs=lambda wildcards, output: cli_paths(output),
     conda:
@@ -48,8 +51,8 @@ rule aggregate:
         mem_mb=4000,
         runtime=30,
     shell:
-        "python -m pipeline aggregate --spec '{{}}' --in {params.inputs} --out {params.outputs}"
-        " --threads {threads} > {log} 2>&1"
+        "python -m pipeline aggregate --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
 rule evaluate:

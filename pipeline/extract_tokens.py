@@ -1,0 +1,244 @@
+"""The extract_tokens stage: the token features of the chosen layers only (docs/formats.md).
+
+One job per (dataset, split, encoder). The layers come from the ``layers.json`` of every
+encoder pair the encoder is in, read when the job runs: the union over the configured layer
+choices (and over the grid's runs when layers are chosen per run) of this encoder's side. So
+a layer chosen by two choices, two pairs or two methods is extracted once, and every layer of
+the job comes out of one forward pass over the split (which stops after the deepest chosen
+block where the encoder allows). Each layer goes to its own token store (``pipeline.tokens``),
+keyed by layer; the job's declared output is the token set's marker listing them.
+
+Fresh or resumed: while it works the job marks the set's folder ``.in_progress``. A job that
+finds the mark follows a killed one: finished layer stores with the expected fingerprint are
+kept and unfinished ones resume block by block. A job that finds no mark was asked to run
+again (forced, or its config slice or a ``layers.json`` changed) and extracts every layer from
+scratch, as a forced pooled extraction does. Stores of layers no longer chosen are removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipeline import atomic, layout, tokens
+from pipeline.encoders import Encoder, build_encoder
+from pipeline.extract import PRECISIONS, Rows, dataset_info, resolve_device, split_items
+from pipeline.jobs import Job
+from pipeline.similarity.selection import read_layer_choice
+from pipeline.versions import library_versions
+
+log = logging.getLogger(__name__)
+IN_PROGRESS = ".in_progress"
+
+
+def chosen_layers(
+    layer_files: Sequence[str | Path], side: str, choices: Sequence[str]
+) -> list[int]:
+    """The ``side`` ("vision" or "text") layers that ``choices`` pick in any of the
+    ``layers.json`` files, top level and per run (``scope: run``), ascending."""
+    found = set()
+    for path in layer_files:
+        layers = read_layer_choice(path)
+        sources = [layers, *layers.get("runs", {}).values()]
+        for choice in choices:
+            for source in sources:
+                if choice not in source["choices"]:
+                    raise ValueError(
+                        f"{path}: layer choice {choice!r} is not in it (has "
+                        f"{sorted(source['choices'])}); run compare_layers again"
+                    )
+                found.add(int(source["choices"][choice][f"{side}_layer"]))
+    return sorted(found)
+
+
+def extract_tokens(
+    *,
+    encoder_name: str,
+    encoder_spec: dict[str, Any],
+    dataset_dir: Path,
+    split: str,
+    layers: Sequence[int],
+    out_dir: Path,
+    runtime: dict[str, Any],
+    dtype: str = "float16",
+    shard_mb: float = tokens.DEFAULT_SHARD_MB,
+    fresh: bool = False,
+) -> dict[int, Path]:
+    """Extract the tokens of ``layers`` of ``encoder_name`` over ``split`` into one token store
+    per layer under ``out_dir``; returns the store of each layer. Finished stores with the
+    expected fingerprint are kept and unfinished ones resumed, unless ``fresh``."""
+    dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
+    dataset = dataset_info(dataset_dir)
+    encoder = build_encoder(encoder_name, encoder_spec)
+    for layer in layers:
+        if not 0 <= layer < len(encoder.layer_names):
+            raise ValueError(
+                f"encoder {encoder_name!r} has {len(encoder.layer_names)} layers, not {layer}"
+            )
+    provenance = encoder.provenance()
+    precision = runtime.get("precision", "float32")
+    sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
+    fixed = encoder.tokens_per_sample
+    if fixed is not None:
+        counts = np.full(len(sample_ids), fixed, dtype=np.int64)
+    else:
+        counts = np.asarray(
+            encoder.token_counts([load_item(i) for i in range(len(sample_ids))]), np.int64
+        )
+    request = tokens.request_hash(
+        encoder_name, encoder_spec, dataset["name"], split, precision, dtype
+    )
+    itemsize = np.dtype(dtype).itemsize
+    writers: dict[int, tokens.TokenStoreWriter] = {}
+    paths: dict[int, Path] = {}
+    for layer in layers:
+        path = Path(layout.token_store(str(out_dir), layer))
+        paths[layer] = path
+        key = tokens.fingerprint(provenance, dataset, split, precision, layer, dtype)
+        if not fresh:
+            try:
+                tokens.open_token_store(path, key)
+            except (OSError, RuntimeError, ValueError, KeyError):
+                pass
+            else:
+                log.info("%s: finished before this job was killed, kept", path)
+                continue
+        plan = tokens.plan_blocks(
+            counts, encoder.dims[layer], itemsize, int(shard_mb * 2**20), fixed is not None
+        )
+        writers[layer] = tokens.TokenStoreWriter.create_or_resume(
+            path,
+            fingerprint=key,
+            sample_ids=sample_ids,
+            plan=plan,
+            dim=encoder.dims[layer],
+            dtype=dtype,
+            on_stale=runtime.get("on_stale", "recompute"),
+            fresh=fresh,
+            attrs={
+                "encoder": {
+                    **provenance,
+                    "name": encoder_name,
+                    "model": provenance["name"],
+                    "modality": encoder.modality,
+                },
+                "dataset": {
+                    "name": dataset["name"],
+                    "split": split,
+                    "content_hash": dataset["content_hash"],
+                    "spec": dataset.get("spec"),
+                },
+                "layer": int(layer),
+                "layer_name": encoder.layer_names[layer],
+                "precision": precision,
+                "request": request,
+                "layout": encoder.token_layout(),
+                "versions": library_versions(),
+            },
+        )
+    _fill(encoder, writers, load_item, runtime, f"{encoder_name} {split}")
+    for writer in writers.values():
+        writer.finalize({"encoder": encoder_name, "split": split})
+    return paths
+
+
+def _fill(
+    encoder: Encoder,
+    writers: dict[int, tokens.TokenStoreWriter],
+    load_item: Callable[[int], Any],
+    runtime: dict[str, Any],
+    label: str,
+) -> None:
+    """One forward pass over every row some writer still needs, feeding each writer its rows."""
+    pending = {layer: writer.pending_rows() for layer, writer in writers.items()}
+    needs = {layer: set(rows.tolist()) for layer, rows in pending.items()}
+    rows = np.unique(np.concatenate([np.zeros(0, np.int64), *pending.values()]))
+    if not len(rows):
+        return
+    device = resolve_device(runtime.get("device", "auto"))
+    encoder.to(device)
+    dtype = PRECISIONS[runtime.get("precision", "float32")]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    batch_size = runtime.get("batch_size", 128)
+    loader = DataLoader(
+        Rows(rows.tolist(), load_item),
+        batch_size=batch_size,
+        num_workers=runtime.get("num_workers", 0),
+        collate_fn=encoder.collate,
+    )
+    active = sorted(writers)
+    log.info("%s: layers %s, %d rows to encode on %s", label, active, len(rows), device)
+    with torch.inference_mode(), autocast, tqdm(total=len(rows), unit="sample", desc=label) as bar:
+        for start, batch in zip(range(0, len(rows), batch_size), loader, strict=True):
+            batch_rows = rows[start : start + batch_size].tolist()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            outputs = encoder.token_layers(batch, active)
+            write_batch(writers, needs, dict(zip(active, outputs, strict=True)), batch_rows)
+            bar.update(len(batch_rows))
+
+
+def write_batch(
+    writers: dict[int, tokens.TokenStoreWriter],
+    needs: dict[int, set[int]],
+    outputs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    rows: list[int],
+) -> None:
+    """Hand each writer the real tokens of the batch rows it still needs (``outputs``: layer ->
+    (tokens (B, T, D), mask (B, T)) of the batch whose rows are ``rows``)."""
+    for layer, (values, mask) in outputs.items():
+        values, mask = values.float().cpu().numpy(), mask.cpu().numpy()
+        for b, row in enumerate(rows):
+            if row in needs[layer]:
+                writers[layer].add(row, values[b][mask[b]])
+
+
+def run_extract_tokens(job: Job) -> None:
+    """The ``extract_tokens`` stage (``pipeline.jobs.extract_tokens``)."""
+    spec = job.spec
+    marker = Path(job.output("tokens"))
+    out_dir = Path(layout.tokens_dir_of_marker(str(marker)))
+    layers = chosen_layers(job.input_list("layers"), spec["side"], spec["layer_choices"])
+    in_progress = out_dir / IN_PROGRESS
+    fresh = not in_progress.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(in_progress, "")
+    log.info("%s layers %s", "extracting" if fresh else "resuming", layers)
+    paths = extract_tokens(
+        encoder_name=spec["encoder_name"],
+        encoder_spec=spec["encoder"],
+        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
+        split=spec["split"],
+        layers=layers,
+        out_dir=out_dir,
+        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
+        dtype=spec["tokens"]["dtype"],
+        shard_mb=spec["tokens"]["shard_mb"],
+        fresh=fresh,
+    )
+    keep = {path.name for path in paths.values()}
+    for stale in out_dir.glob("layer_*.zarr*"):
+        if stale.name.removesuffix(".done") not in keep:
+            (shutil.rmtree if stale.is_dir() else Path.unlink)(stale)
+    atomic.write_json(
+        marker,
+        {
+            "encoder": spec["encoder_name"],
+            "split": spec["split"],
+            "layers": {
+                str(layer): tokens.open_token_store(path).fingerprint
+                for layer, path in paths.items()
+            },
+            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    in_progress.unlink()

@@ -1,0 +1,871 @@
+"""The token cache: one Zarr v3 store per (encoder, dataset, split, layer). This module owns its
+format (docs/formats.md, "Token store").
+
+A token store holds every token of one layer for every sample of a split: CLS, registers and
+patches of a ViT block (before the final norm, as the pooled stores read them), or every real
+token of a text hidden state (no padding). Layout of ``layer_<i>.zarr``::
+
+    tokens          float16 (n_slots, dim), dims ("token", "dim"): the tokens of all samples,
+                    flat: sample i owns slots token_start[i] .. token_start[i] + token_count[i]
+    token_start     int64 (n,), dims ("sample",)
+    token_count     int32 (n,), dims ("sample",)
+    sample          str (n,), dims ("sample",): the dataset's sample ids, the coordinate
+    block_rows      int64 (n_blocks + 1,): block b holds rows block_rows[b] .. block_rows[b + 1]
+    block_complete  bool (n_blocks,)
+
+Ragged, not padded: a caption takes as many slots as it has tokens, so a split's text costs
+its mean length, not its longest (PAL's reference layout pads every caption to the dataset's
+longest). Flat tokens + offsets beat per-chunk padding on both counts: no byte is spent on
+padding at all, and a batch of rows is one gather, padded only to the batch's own longest
+(``TokenStore.read``). Images all have the same token count, so a vision store is the same
+layout with ``token_count`` constant (``tokens.reshape(n, T, dim)`` is the (sample, token, dim)
+cube).
+
+Sharded: ``tokens`` has one shard file per *block* (a run of whole samples; the unit of
+writing and of resume) holding inner chunks of about 64 KiB (whole images for vision), each
+zstd-compressed and ending with a CRC-32C. A block starts at slot ``b * slots_per_block``;
+the few slots after its last sample are fill, never stored (empty inner chunks are not
+written). Zarr writes a shard file atomically, and a block's flag is set after its shard, so a
+killed extraction leaves whole blocks only and resumes from the first missing one, like the
+pooled stores (``pipeline.store``), whose fingerprint, completion marker, stale detection,
+provenance and verified reads this format shares.
+
+Opening with xarray / dask::
+
+    ds = xarray.open_zarr("layer_3.zarr")          # sample ids are the "sample" coordinate
+    n = ds.token_count.sel(sample="shapes-test-000007").item()
+    s = ds.token_start.sel(sample="shapes-test-000007").item()
+    one = ds.tokens.isel(token=slice(s, s + n))    # (n tokens, dim) of that sample
+    cube = dask.array.from_zarr(path, component="tokens").reshape(n_samples, T, dim)  # vision
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import warnings
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from pipeline import atomic
+from pipeline.fingerprint import spec_hash
+from pipeline.store import (
+    SHOWN_ROWS,
+    CorruptChunkError,
+    IncompleteStoreError,
+    MissingChunkError,
+    NonFiniteValuesError,
+    StaleStoreError,
+    StoreIntegrityError,
+    marker_path,
+)
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPES = ("float16", "float32")
+INNER_CHUNK_BYTES = 64 << 10  # target size of an inner chunk (one read unit inside a shard)
+DEFAULT_SHARD_MB = 64.0
+CACHE_BYTES = 512 << 20  # decoded blocks a reader keeps (per store)
+DENSE_READ = 4  # a read touching >= 1/DENSE_READ of a block's rows decodes (and caches) it all
+
+
+def fingerprint(
+    provenance: dict[str, Any],
+    dataset: dict[str, Any],
+    split: str,
+    precision: str,
+    layer: int,
+    dtype: str,
+) -> str:
+    """Everything that determines a token store's values (library versions are not keyed)."""
+    provenance = {k: v for k, v in provenance.items() if k != "versions"}
+    return spec_hash(
+        {
+            "format": "tokens",
+            "format_version": FORMAT_VERSION,
+            "encoder": provenance,
+            "dataset": dataset["name"],
+            "content_hash": dataset["content_hash"],
+            "split": split,
+            "precision": precision,
+            "layer": int(layer),
+            "dtype": dtype,
+        }
+    )
+
+
+def request_hash(
+    encoder_name: str,
+    encoder_spec: dict[str, Any],
+    dataset: str,
+    split: str,
+    precision: str,
+    dtype: str,
+) -> str:
+    """What a reading job expects of the token stores of one (encoder, dataset, split), from its
+    config alone (the layer is checked separately: it is chosen at run time)."""
+    return spec_hash(
+        {
+            "format": "tokens",
+            "format_version": FORMAT_VERSION,
+            "encoder_name": encoder_name,
+            "encoder": encoder_spec,
+            "dataset": dataset,
+            "split": split,
+            "precision": precision,
+            "dtype": dtype,
+        }
+    )
+
+
+# ---- block plan ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where every sample's tokens go: ``token_start`` / ``token_count`` per row, the rows of
+    each block (``block_rows``, n_blocks + 1 boundaries), slots per block (= one shard) and per
+    inner chunk."""
+
+    token_start: np.ndarray
+    token_count: np.ndarray
+    block_rows: np.ndarray
+    slots_per_block: int
+    chunk_slots: int
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_rows) - 1
+
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
+
+    @property
+    def n_slots(self) -> int:
+        return self.n_blocks * self.slots_per_block
+
+
+def plan_blocks(
+    counts: Sequence[int], dim: int, itemsize: int, shard_bytes: int, fixed: bool
+) -> Plan:
+    """Cut rows with ``counts`` tokens each into blocks of about ``shard_bytes``.
+
+    Inner chunks are about ``INNER_CHUNK_BYTES`` (at most ``shard_bytes``). With ``fixed``
+    (every sample has the same count T, e.g. images) they hold whole samples and blocks hold
+    a whole number of them, so no slot is wasted. A block is at least one inner chunk and never
+    smaller than the longest sample; rows are packed greedily in order, and the slots a block
+    cannot fill with whole samples stay empty (fewer than the longest sample's count)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if len(counts) and counts.min() < 1:
+        raise ValueError("every sample needs at least one token")
+    longest = int(counts.max()) if len(counts) else 1
+    token_bytes = dim * itemsize
+    chunk_bytes = min(INNER_CHUNK_BYTES, shard_bytes)
+    if fixed:
+        if len(counts) and counts.min() != longest:
+            raise ValueError(f"fixed token counts expected, got {counts.min()}..{longest}")
+        chunk = longest * max(1, chunk_bytes // (longest * token_bytes))
+    else:
+        chunk = max(1, chunk_bytes // token_bytes)
+    per_block = max(shard_bytes // token_bytes // chunk, math.ceil(longest / chunk), 1) * chunk
+    starts = np.empty(len(counts), dtype=np.int64)
+    boundaries = [0]
+    used = 0
+    for row, count in enumerate(counts.tolist()):
+        if used + count > per_block:
+            boundaries.append(row)
+            used = 0
+        starts[row] = (len(boundaries) - 1) * per_block + used
+        used += count
+    if len(counts):
+        boundaries.append(len(counts))
+    return Plan(starts, counts.astype(np.int32), np.asarray(boundaries, np.int64), per_block, chunk)
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+
+def _codecs() -> dict[str, Any]:
+    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+
+
+def _read_attrs(path: Path) -> dict[str, Any]:
+    try:
+        attrs = json.loads((path / "zarr.json").read_text())["attributes"]
+    except (OSError, KeyError, ValueError):
+        return {}
+    return attrs if isinstance(attrs, dict) else {}
+
+
+class TokenStoreWriter:
+    """Creates a token store, or resumes one with the same fingerprint, and fills it block by
+    block: ``add(row, tokens)`` in ascending row order writes each block once it is whole."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        dense = {"write_empty_chunks": True}
+        self.tokens = group["tokens"]
+        self.flags = group["block_complete"].with_config(dense)
+        self.block_rows = group["block_rows"][:]
+        self.token_start = group["token_start"][:]
+        self.token_count = group["token_count"][:].astype(np.int64)
+        self.slots_per_block = int(group.attrs["slots_per_block"])
+        self.dtype = np.dtype(group.attrs["dtype"])
+        self.dim = int(group.attrs["dim"])
+        self._buffer: dict[int, np.ndarray] = {}
+        self._block: int | None = None
+        self._filled = 0
+
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | Path,
+        *,
+        fingerprint: str,
+        sample_ids: Sequence[str],
+        plan: Plan,
+        dim: int,
+        dtype: str,
+        attrs: dict[str, Any],
+        on_stale: str = "recompute",
+        fresh: bool = False,
+    ) -> TokenStoreWriter:
+        """Open ``path`` for writing (its marker is removed first): as
+        ``pipeline.store.StoreWriter.create_or_resume``: a store of another fingerprint is
+        removed (``on_stale="recompute"``) or refused (``"error"``); one with this fingerprint
+        that a killed run left unfinished is resumed (after un-flagging blocks that no longer
+        verify); a finished one, or any with ``fresh=True``, is made again from scratch."""
+        path = Path(path)
+        if dtype not in DTYPES:
+            raise ValueError(f"token dtype {dtype!r} is not one of {DTYPES}")
+        marker_path(path).unlink(missing_ok=True)
+        if path.exists():
+            existing = _read_attrs(path)
+            if existing.get("fingerprint") == fingerprint:
+                same = existing.get("n_samples") == len(sample_ids) and existing.get(
+                    "n_tokens"
+                ) == int(plan.token_count.sum())
+                if fresh or existing.get("complete") or not same:
+                    log.info("%s: recomputing from scratch (fresh, or finished before)", path)
+                else:
+                    try:
+                        writer = cls(path, zarr.open_group(path, mode="r+"))
+                        if not np.array_equal(writer.token_start, plan.token_start):
+                            raise ValueError("another block plan")
+                        writer.unflag_damaged_blocks()
+                    except Exception as error:
+                        log.warning("%s cannot be resumed (%s): starting over", path, error)
+                    else:
+                        log.info("%s: resuming a killed run", path)
+                        return writer
+            elif on_stale == "error" and existing.get("fingerprint") is not None:
+                raise StaleStoreError(
+                    f"token store {path} was made from another configuration "
+                    f"(fingerprint {str(existing.get('fingerprint'))[:12]} != {fingerprint[:12]});"
+                    " remove it or set runtime.on_stale: recompute"
+                )
+            shutil.rmtree(path)
+        return cls(path, _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs))
+
+    @property
+    def n_samples(self) -> int:
+        return len(self.token_count)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_rows) - 1
+
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
+
+    def pending_blocks(self) -> list[int]:
+        done = self.flags[:]
+        return [b for b in range(self.n_blocks) if not done[b]]
+
+    def pending_rows(self) -> np.ndarray:
+        """Rows of every block not yet written, ascending."""
+        blocks = self.pending_blocks()
+        if not blocks:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate(
+            [np.arange(self.block_rows[b], self.block_rows[b + 1]) for b in blocks]
+        )
+
+    def add(self, row: int, tokens: np.ndarray) -> None:
+        """The tokens (count, dim) of one row of a pending block; rows must come in ascending
+        order. The block is written (then flagged) when its last row arrives."""
+        block = int(np.searchsorted(self.block_rows, row, side="right") - 1)
+        if self._block is not None and block != self._block:
+            raise RuntimeError(f"{self.path}: block {self._block} left unfinished at row {row}")
+        expected = (int(self.token_count[row]), self.dim)
+        if tokens.shape != expected:
+            raise ValueError(
+                f"{self.path}: row {row} has tokens {tokens.shape}, the plan says {expected} "
+                "(the tokenizer counted another length?)"
+            )
+        if self._block is None:
+            self._block = block
+            self._buffer = {}
+        self._buffer[row] = tokens
+        if len(self._buffer) == self.block_rows[block + 1] - self.block_rows[block]:
+            self.write_block(block, [self._buffer[r] for r in sorted(self._buffer)])
+            self._block, self._buffer = None, {}
+
+    def write_block(self, block: int, rows: Sequence[np.ndarray]) -> None:
+        """Write one block (the tokens of each of its rows, in order), then its flag. Values that
+        are not finite once stored in the store's dtype (float16 overflows above 65504) are
+        refused, naming the layer and the sample ids."""
+        first, end = int(self.block_rows[block]), int(self.block_rows[block + 1])
+        if len(rows) != end - first:
+            raise ValueError(f"{self.path}: block {block} has {end - first} rows, got {len(rows)}")
+        values = np.zeros((self.slots_per_block, self.dim), dtype=self.dtype)
+        offset = block * self.slots_per_block
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            for row, tokens in zip(range(first, end), rows, strict=True):
+                start = int(self.token_start[row]) - offset
+                values[start : start + len(tokens)] = tokens
+        if not np.isfinite(values).all():
+            bad = [
+                row
+                for row in range(first, end)
+                if not np.isfinite(
+                    values[_slots([self.token_start[row] - offset], [self.token_count[row]])]
+                ).all()
+            ]
+            self._refuse_nonfinite(np.asarray(bad))
+        self.tokens[offset : offset + self.slots_per_block] = values
+        self.flags[block] = True
+
+    def _refuse_nonfinite(self, rows: np.ndarray) -> None:
+        ids = np.asarray(self.group["sample"].oindex[rows[:SHOWN_ROWS]]).tolist()
+        layer = self.group.attrs.get("layer_name", self.group.attrs.get("layer"))
+        raise NonFiniteValuesError(
+            f"encoder {self.group.attrs['encoder'].get('name', '?')!r}, layer {layer}: NaN or "
+            f"infinite tokens as {self.dtype} for {len(rows)} samples, sample ids "
+            f"{', '.join(map(str, ids))}{' ...' if len(rows) > SHOWN_ROWS else ''}; refusing to "
+            f"write them to {self.path}"
+            + (
+                " (float16 holds at most 65504: set tokens.dtype: float32)"
+                if self.dtype == np.float16
+                else ""
+            ),
+            path=self.path,
+            array="tokens",
+            rows=range(int(rows[0]), int(rows[-1]) + 1),
+        )
+
+    def damaged_blocks(self) -> dict[int, StoreIntegrityError]:
+        """Flagged blocks whose shard is missing, does not decode, or holds non-finite values."""
+        reader = TokenStore(self.path, check_complete=False)
+        found = {}
+        for block in np.flatnonzero(self.flags[:]):
+            try:
+                reader.check_block(int(block))
+            except StoreIntegrityError as error:
+                found[int(block)] = error
+        return found
+
+    def unflag_damaged_blocks(self) -> list[int]:
+        damaged = self.damaged_blocks()
+        for block, error in sorted(damaged.items()):
+            log.warning("%s: block %d will be written again: %s", self.path, block, error)
+            self.flags[block] = False
+        return sorted(damaged)
+
+    def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
+        """Check every block is written and reads back intact, then write the marker (last)."""
+        if self._block is not None:
+            raise IncompleteStoreError(f"{self.path}: block {self._block} is half filled")
+        if pending := self.pending_blocks():
+            raise IncompleteStoreError(f"{self.path}: {len(pending)} blocks are still missing")
+        if verify and (damaged := self.unflag_damaged_blocks()):
+            raise StoreIntegrityError(
+                f"{self.path}: blocks {damaged} did not read back intact after writing; run "
+                "again to rewrite them",
+                path=self.path,
+            )
+        finished = datetime.now(UTC).isoformat(timespec="seconds")
+        self.group.attrs.update({"complete": True, "completed_at": finished})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(self.path)
+        atomic.write_json(
+            marker_path(self.path),
+            {
+                "fingerprint": self.group.attrs["fingerprint"],
+                "completed_at": finished,
+                "n_samples": self.n_samples,
+                "layer": self.group.attrs["layer"],
+                **(summary or {}),
+            },
+        )
+
+
+def _create(
+    path: Path,
+    fingerprint: str,
+    sample_ids: Sequence[str],
+    plan: Plan,
+    dim: int,
+    dtype: str,
+    attrs: dict[str, Any],
+) -> zarr.Group:
+    n = len(sample_ids)
+    if len(plan.token_count) != n:
+        raise ValueError(f"{path}: {n} sample ids but a plan of {len(plan.token_count)} rows")
+    group = zarr.open_group(path, mode="w")
+    dense = {"write_empty_chunks": True}
+    group.create_array(
+        "tokens",
+        shape=(plan.n_slots, dim),
+        chunks=(plan.chunk_slots, dim),
+        shards=(plan.slots_per_block, dim),
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=("token", "dim"),
+        config={"write_empty_chunks": False},  # a block's unused tail is not stored
+        **_codecs(),
+    )
+    for name, values, dims in (
+        ("token_start", plan.token_start, ("sample",)),
+        ("token_count", plan.token_count, ("sample",)),
+        ("block_rows", plan.block_rows, ("block_edge",)),
+    ):
+        array = group.create_array(
+            name,
+            shape=values.shape,
+            chunks=(max(len(values), 1),),
+            dtype=values.dtype,
+            dimension_names=dims,
+            config=dense,
+            **_codecs(),
+        )
+        array[:] = values
+    ids = group.create_array(
+        "sample",
+        shape=(n,),
+        chunks=(max(n, 1),),
+        dtype=str,
+        dimension_names=("sample",),
+        config=dense,
+        **_codecs(),
+    )
+    ids[:] = np.asarray(sample_ids, dtype=str)
+    group.create_array(
+        "block_complete",
+        shape=(plan.n_blocks,),
+        chunks=(1,),
+        dtype=bool,
+        fill_value=False,
+        dimension_names=("block",),
+        config=dense,
+        **_codecs(),
+    )
+    group.attrs.update(
+        {
+            **attrs,
+            "fingerprint": fingerprint,
+            "format": "tokens",
+            "format_version": FORMAT_VERSION,
+            "dim": int(dim),
+            "dtype": dtype,
+            "n_samples": n,
+            "n_tokens": int(plan.token_count.sum()),
+            "slots_per_block": plan.slots_per_block,
+            "complete": False,
+        }
+    )
+    return group
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+class TokenStore:
+    """Read access to a token store; every read is verified (shards present, decodable, finite).
+
+    ``read(rows)`` gives ``(tokens, mask)``: float32 (len(rows), T, dim) padded to the longest of
+    those rows, and bool (len(rows), T). Blocks are decoded whole and kept (up to
+    ``CACHE_BYTES``, least recently used dropped first) when the whole store fits that budget
+    or a read touches a block densely; other reads fetch just their inner chunks. Memory
+    stays bounded whatever the store's size."""
+
+    def __init__(self, path: str | Path, check_complete: bool = True) -> None:
+        self.path = Path(path)
+        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._cached_bytes = 0
+        if check_complete and not marker_path(self.path).exists():
+            raise IncompleteStoreError(
+                f"token store {self.path} is incomplete (no {marker_path(self.path).name}): "
+                "run its extract_tokens job"
+            )
+
+    @cached_property
+    def group(self) -> zarr.Group:
+        try:
+            return zarr.open_group(self.path, mode="r")
+        except Exception as error:
+            raise StoreIntegrityError(
+                f"token store {self.path} cannot be opened ({type(error).__name__}: {error})",
+                path=self.path,
+            ) from error
+
+    @cached_property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.attrs["fingerprint"]
+
+    @property
+    def layer(self) -> int:
+        return int(self.attrs["layer"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.attrs["dim"])
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.attrs["n_samples"])
+
+    def __len__(self) -> int:
+        return self.n_samples
+
+    @property
+    def where(self) -> str:
+        return f"token store {self.path} (layer {self.attrs.get('layer')})"
+
+    @cached_property
+    def tokens(self) -> zarr.Array:
+        return self.group["tokens"]
+
+    @cached_property
+    def token_start(self) -> np.ndarray:
+        return self._small("token_start").astype(np.int64)
+
+    @cached_property
+    def token_count(self) -> np.ndarray:
+        return self._small("token_count").astype(np.int64)
+
+    @cached_property
+    def block_rows(self) -> np.ndarray:
+        return self._small("block_rows").astype(np.int64)
+
+    @property
+    def slots_per_block(self) -> int:
+        return int(self.attrs["slots_per_block"])
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_rows) - 1
+
+    @cached_property
+    def fits_cache(self) -> bool:
+        """Whether every block fits the cache at once: then any read decodes whole blocks,
+        each once (a small store is read from memory after its first pass)."""
+        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
+
+    def sample_ids(self) -> np.ndarray:
+        return np.asarray(self._small("sample").tolist(), dtype=str)
+
+    def _small(self, name: str) -> np.ndarray:
+        try:
+            array = self.group[name]
+            key = array.metadata.encode_chunk_key((0,))
+            if array.shape[0] and not (self.path / name / key).is_file():
+                raise FileNotFoundError(f"chunk {name}/{key} is missing")
+            return array[:]
+        except Exception as error:
+            raise CorruptChunkError(
+                f"{self.where}: {name} cannot be read ({type(error).__name__}: {error}); "
+                f"extract it again (snakemake --force on its extract_tokens job)",
+                path=self.path,
+                array=name,
+            ) from error
+
+    # -- blocks --
+
+    def block_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.block_rows, rows, side="right") - 1
+
+    def _shard_file(self, block: int) -> Path:
+        return self.path / "tokens" / self.tokens.metadata.encode_chunk_key((block, 0))
+
+    def _fetch(self, block: int, selection: Any) -> np.ndarray:
+        """Read from ``tokens`` inside ``block``, verified: shard present, decodable, finite."""
+        rows = range(int(self.block_rows[block]), int(self.block_rows[block + 1]))
+        if len(rows) and not self._shard_file(block).is_file():
+            raise MissingChunkError(
+                f"{self.where}, rows {rows.start}-{rows.stop - 1}: shard "
+                f"{self._shard_file(block).relative_to(self.path)} is missing; extract it again "
+                "(snakemake --force on its extract_tokens job)",
+                path=self.path,
+                array="tokens",
+                rows=rows,
+            )
+        try:
+            values = selection()
+        except Exception as error:
+            raise CorruptChunkError(
+                f"{self.where}, rows {rows.start}-{rows.stop - 1}: block {block} cannot be decoded "
+                f"({type(error).__name__}: {error}); extract it again (snakemake --force on its "
+                "extract_tokens job)",
+                path=self.path,
+                array="tokens",
+                rows=rows,
+            ) from error
+        if not np.isfinite(values).all():
+            raise NonFiniteValuesError(
+                f"{self.where}, rows {rows.start}-{rows.stop - 1}: NaN or infinite tokens",
+                path=self.path,
+                array="tokens",
+                rows=rows,
+            )
+        return values
+
+    def _block_values(self, block: int) -> np.ndarray:
+        """The used slots of one block, decoded (cached, least recently used dropped first)."""
+        if block in self._cache:
+            self._cache.move_to_end(block)
+            return self._cache[block]
+        start = block * self.slots_per_block
+        first, end = self.block_rows[block], self.block_rows[block + 1]
+        used = (
+            int(self.token_start[end - 1] + self.token_count[end - 1] - start) if end > first else 0
+        )
+        values = self._fetch(block, lambda: self.tokens[start : start + used])
+        self._cache[block] = values
+        self._cached_bytes += values.nbytes
+        while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            self._cached_bytes -= dropped.nbytes
+        return values
+
+    def check_block(self, block: int) -> None:
+        """Raise a ``StoreIntegrityError`` unless block ``block`` is present, decodes, is finite."""
+        start = block * self.slots_per_block
+        self._fetch(block, lambda: self.tokens[start : start + self.slots_per_block])
+
+    # -- rows --
+
+    def flat(self, rows: np.ndarray) -> np.ndarray:
+        """The tokens of ``rows`` (any order, repeats allowed) one after the other, (sum, dim),
+        in the store's dtype."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.n_samples):
+            raise IndexError(f"{self.where}: rows outside 0..{self.n_samples - 1}")
+        unique, inverse = np.unique(rows, return_inverse=True)
+        counts = self.token_count[unique]
+        parts: list[np.ndarray] = []
+        blocks = self.block_of(unique)
+        for block in np.unique(blocks):
+            block = int(block)
+            in_block = unique[blocks == block]
+            n_rows = self.block_rows[block + 1] - self.block_rows[block]
+            if block in self._cache or self.fits_cache or len(in_block) * DENSE_READ >= n_rows:
+                values = self._block_values(block)
+                offset = block * self.slots_per_block
+                parts.append(
+                    values[_slots(self.token_start[in_block] - offset, self.token_count[in_block])]
+                )
+            else:
+                index = _slots(self.token_start[in_block], self.token_count[in_block])
+                parts.append(self._fetch(block, lambda index=index: self.tokens.oindex[index, :]))
+        tokens = np.concatenate(parts) if parts else np.zeros((0, self.dim), self.tokens.dtype)
+        if np.array_equal(unique, rows):
+            return tokens
+        ends = np.cumsum(counts)
+        return tokens[_slots(ends[inverse] - counts[inverse], counts[inverse])]
+
+    def read(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens float32 (len(rows), T, dim) zero-padded, mask bool (len(rows), T)), T the
+        longest of ``rows``."""
+        rows = np.asarray(rows, dtype=np.int64)
+        counts = self.token_count[rows] if len(rows) else np.zeros(0, np.int64)
+        longest = int(counts.max()) if len(counts) else 0
+        mask = np.arange(longest)[None, :] < counts[:, None]
+        flat = self.flat(rows)
+        if len(counts) and counts.min() == longest:  # images: no padding at all
+            return flat.reshape(len(rows), longest, self.dim).astype(np.float32), mask
+        tokens = np.zeros((len(rows) * longest, self.dim), dtype=np.float32)
+        tokens[_slots(np.arange(len(rows)) * longest, counts)] = flat
+        return tokens.reshape(len(rows), longest, self.dim), mask
+
+    def integrity_problems(self) -> list[StoreIntegrityError]:
+        """Everything wrong with the store: attributes, flags, index arrays, every block."""
+
+        def problem(text: str) -> StoreIntegrityError:
+            return StoreIntegrityError(f"{self.where}: {text}", path=self.path)
+
+        try:
+            attrs = self.attrs
+        except StoreIntegrityError as error:
+            return [error]
+        missing = [k for k in ("fingerprint", "layer", "dim", "n_samples") if k not in attrs]
+        if missing:
+            return [problem(f"attributes {missing} are missing")]
+        found = []
+        if attrs.get("format_version") != FORMAT_VERSION:
+            found.append(problem(f"format version {attrs.get('format_version')}"))
+        try:
+            for name in ("token_start", "token_count", "block_rows"):
+                getattr(self, name)
+            if len(self.sample_ids()) != self.n_samples:
+                found.append(problem(f"sample does not hold {self.n_samples} ids"))
+            flags = self.group["block_complete"][:]
+            if not flags.all():
+                found.append(problem(f"{int((~flags).sum())} blocks are not written"))
+        except StoreIntegrityError as error:
+            return [*found, error]
+        except Exception as error:
+            return [*found, problem(f"block_complete cannot be read ({error})")]
+        for block in range(len(self.block_rows) - 1):
+            try:
+                self.check_block(block)
+            except StoreIntegrityError as error:
+                found.append(error)
+        return found
+
+
+def _slots(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The concatenated ranges starts[i] .. starts[i] + counts[i] (vectorised)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    total = int(counts.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    offsets = np.repeat(np.asarray(starts, np.int64) - np.cumsum(counts) + counts, counts)
+    return offsets + np.arange(total, dtype=np.int64)
+
+
+def open_token_store(path: str | Path, fingerprint: str | None = None) -> TokenStore:
+    """A complete token store; refuse one unfinished, inconsistent with its marker, or (given
+    ``fingerprint``) made from another config."""
+    path = Path(path)
+    reader = TokenStore(path)
+    try:
+        marked = json.loads(marker_path(path).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError) as error:
+        raise StoreIntegrityError(
+            f"{marker_path(path)} cannot be read ({error})", path=path
+        ) from error
+    if marked != reader.attrs.get("fingerprint"):
+        raise StoreIntegrityError(
+            f"token store {path}: its marker and the store disagree on the fingerprint (the "
+            "store was replaced after it was finished); extract it again",
+            path=path,
+        )
+    if fingerprint is not None and reader.fingerprint != fingerprint:
+        raise StaleStoreError(
+            f"token store {path} has fingerprint {reader.fingerprint[:12]}, expected "
+            f"{fingerprint[:12]}: it is stale, rerun its extract_tokens job"
+        )
+    return reader
+
+
+def open_requested_tokens(
+    path: str | Path, request: str, content_hash: str, layer: int
+) -> TokenStore:
+    """A complete token store for a reading job that expects ``request`` (``request_hash``) of
+    the prepared dataset with ``content_hash``, at ``layer``."""
+    reader = open_token_store(path)
+    attrs = reader.attrs
+    rerun = "run its extract_tokens job again (snakemake --force on the token set's marker)"
+    if attrs.get("request") != request:
+        raise StaleStoreError(
+            f"token store {path} was extracted for another encoder spec, dataset, split, "
+            f"precision or token dtype than this job's config asks for: {rerun}"
+        )
+    if attrs["dataset"]["content_hash"] != content_hash:
+        raise StaleStoreError(
+            f"token store {path} holds dataset content {attrs['dataset']['content_hash'][:12]}, "
+            f"the prepared dataset is now {content_hash[:12]}: {rerun}"
+        )
+    if int(attrs["layer"]) != int(layer):
+        raise StaleStoreError(f"token store {path} holds layer {attrs['layer']}, not {layer}")
+    return reader
+
+
+# ---- token sources (pipeline.align.pal.TokenSource) ----------------------------------------------
+
+
+class StoreTokens:
+    """A ``TokenSource`` over a token store: source row i is store row ``rows[i]`` (all rows when
+    ``rows`` is None). Pairs index images by row, so one image row may appear many times."""
+
+    def __init__(self, store: TokenStore, rows: np.ndarray | None = None) -> None:
+        self.store = store
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return self.store.n_samples if self.rows is None else len(self.rows)
+
+    def __getitem__(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        index = np.asarray(index, dtype=np.int64)
+        return self.store.read(index if self.rows is None else self.rows[index])
+
+    def subset(self, index: np.ndarray) -> StoreTokens:
+        """The source of rows ``index`` of this one (sharing the store and its cache)."""
+        index = np.asarray(index, dtype=np.int64)
+        return StoreTokens(self.store, index if self.rows is None else self.rows[index])
+
+
+class TokenSet:
+    """The token stores one ``extract_tokens`` job wrote for a (dataset, split, encoder), opened
+    by layer and checked against what the reading job's config asks for (``request``)."""
+
+    def __init__(self, marker: str | Path, request: str, content_hash: str) -> None:
+        from pipeline import layout
+
+        self.marker = Path(marker)
+        self.directory = layout.tokens_dir_of_marker(str(marker))
+        self.request, self.content_hash = request, content_hash
+        self._stores: dict[int, TokenStore] = {}
+
+    @cached_property
+    def layers(self) -> list[int]:
+        try:
+            return sorted(int(layer) for layer in json.loads(self.marker.read_text())["layers"])
+        except (OSError, ValueError, KeyError) as error:
+            raise IncompleteStoreError(
+                f"token set marker {self.marker} cannot be read ({error}): run its extract_tokens "
+                "job"
+            ) from error
+
+    def layer(self, layer: int) -> TokenStore:
+        """The checked token store of ``layer``; an error says when the set lacks it."""
+        from pipeline import layout
+
+        layer = int(layer)
+        if layer not in self._stores:
+            if layer not in self.layers:
+                raise StaleStoreError(
+                    f"token set {self.directory} holds layers {self.layers}, not {layer}: its "
+                    "extract_tokens job ran with another layer choice; run it again "
+                    f"(snakemake --force {self.marker})"
+                )
+            path = layout.token_store(self.directory, layer)
+            self._stores[layer] = open_requested_tokens(
+                path, self.request, self.content_hash, layer
+            )
+        return self._stores[layer]
