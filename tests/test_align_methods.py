@@ -52,7 +52,7 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def test_registry_holds_every_kind() -> None:
-    kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge"}
+    kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge", "pal"}
     assert set(KIND_PARAMS) == set(ALIGNER_MODULES) == kinds
     for kind in kinds:
         aligner = build_aligner(kind, {})

@@ -35,6 +35,7 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
     assert set(STAGES) == {
         "prepare_dataset",
         "extract_features",
+        "extract_tokens",
         "compare_layers",
         "fit_aligners",
         "evaluate_aligners",
