@@ -11,7 +11,7 @@ export UV_LINK_MODE := copy
 # would otherwise compile torch's and transformers' sources again on import.
 export UV_COMPILE_BYTECODE := 1
 
-.PHONY: install run test lint report clean
+.PHONY: install run test test-cluster lint report verify clean
 
 $(UV):
 	python3 -m venv .tools
@@ -37,6 +37,17 @@ report: install
 
 test: install
 	$(UV) run --frozen pytest -n 2 --dist loadfile
+
+verify: install
+	$(UV) run --frozen python -m pipeline verify
+
+# A real single-node SLURM on this machine (as root; installs Debian's slurm-wlm and munge
+# if missing), the tiny workflow through workflow/profiles/slurm, checks, and the cluster
+# stopped again whatever happens. Not part of `make test`.
+test-cluster: install
+	trap 'workflow/scripts/slurm-cluster.sh stop' EXIT INT TERM; \
+	workflow/scripts/slurm-cluster.sh start && \
+	POSTALIGN_CLUSTER_TEST=1 $(UV) run --frozen pytest tests/cluster -p no:cacheprovider -v -s
 
 lint: install
 	$(UV) run --frozen ruff check .

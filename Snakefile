@@ -27,6 +27,11 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/verify.smk"
 
 
+onstart:
+    # Checks that import the model libraries (not needed to read the workflow), before any job.
+    preflight(config, local=workflow.local_exec)
+
+
 rule all:
     default_target: True
     input:

@@ -15,7 +15,7 @@ import jsonschema
 import yaml
 
 from pipeline.align.base import aligner_params
-from pipeline.data import validate_spec
+from pipeline.data import planned_counts, planned_tasks, validate_spec
 from pipeline.encoders.registry import sources_of, validate_encoder_spec
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "workflow" / "schemas" / "config.schema.yaml"
@@ -48,6 +48,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"config key '{_key(error.absolute_path)}': {error.message}")
     datasets = _check_components(config)
     _check_references(config, datasets)
+    _check_sizes(config, datasets)
     return config
 
 
@@ -130,6 +131,47 @@ def _check_references(config: dict[str, Any], datasets: dict[str, dict[str, Any]
             raise ConfigError(
                 f"config key 'experiment.evaluate.{i}': {ref['dataset']}/{ref['split']} is used "
                 "for training or early stopping, so it cannot be a test set"
+            )
+
+
+def _check_sizes(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> None:
+    """Sizes and names that depend on the data, checked wherever the spec alone tells (the
+    synthetic world); for other data the stage that first sees the data names the same key."""
+    experiment, similarity = config["experiment"], config["similarity"]
+    train = experiment["train"]
+    counts = planned_counts(datasets[train["dataset"]], train["split"])
+    if counts is not None:
+        images, pairs = counts
+        for n in config["align"]["n_pairs"]:
+            if n != "full" and n > pairs:
+                raise ConfigError(
+                    f"config key 'align.n_pairs': {n} pairs asked for, but "
+                    f"{train['dataset']}/{train['split']} has {pairs} ({images} images)"
+                )
+        pool = min(similarity["pool_size"], images)  # one caption per image
+        k = similarity["knn_k"]
+        if "mutual_knn" in similarity["metrics"] and isinstance(k, int) and k >= pool:
+            raise ConfigError(
+                f"config key 'similarity.knn_k': {k} neighbours need more than {k} scoring "
+                f"pairs, the pool has {pool} (similarity.pool_size, one caption per image)"
+            )
+    k = similarity["knn_k"]
+    if (
+        "mutual_knn" in similarity["metrics"]
+        and isinstance(k, int)
+        and k >= similarity["pool_size"]
+    ):
+        raise ConfigError(
+            f"config key 'similarity.knn_k': {k} must be below similarity.pool_size "
+            f"({similarity['pool_size']})"
+        )
+    for i, ref in enumerate(experiment["evaluate"]):
+        known = planned_tasks(datasets[ref["dataset"]], ref["split"])
+        unknown = sorted(set(ref.get("tasks") or ()) - set(known or ()))
+        if known is not None and unknown:
+            raise ConfigError(
+                f"config key 'experiment.evaluate.{i}.tasks': {ref['dataset']}/{ref['split']} "
+                f"has no task {unknown} (it has {known})"
             )
 
 

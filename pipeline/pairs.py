@@ -92,5 +92,8 @@ def grid_sizes(sizes: list[int | str | None], n_total: int) -> list[int]:
     resolved = list(dict.fromkeys(n_total if n in ("full", None) else int(n) for n in sizes))
     for n in resolved:
         if not 2 <= n <= n_total:
-            raise ValueError(f"n_pairs={n} is outside 2..{n_total} (the training pairs available)")
+            raise ValueError(
+                f"config key 'align.n_pairs': n_pairs={n} is outside 2..{n_total} "
+                "(the training pairs available)"
+            )
     return resolved

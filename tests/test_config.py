@@ -34,6 +34,36 @@ def broken(default, edit):
 
 
 CASES = [
+    (
+        "more pairs than the training split has",
+        lambda c: c["align"].update(n_pairs=[100, 5000]),
+        "align.n_pairs",
+        "4500",
+    ),
+    (
+        "a scoring pool too small",
+        lambda c: c["similarity"].update(pool_size=1),
+        "similarity.pool_size",
+        "minimum of 4",
+    ),
+    (
+        "more neighbours than the pool",
+        lambda c: c["similarity"].update(pool_size=50, knn_k=60),
+        "similarity.knn_k",
+        "60",
+    ),
+    (
+        "more neighbours than training images",
+        lambda c: c["similarity"].update(knn_k=1600),
+        "similarity.knn_k",
+        "1500",
+    ),
+    (
+        "an evaluation task the dataset lacks",
+        lambda c: c["experiment"]["evaluate"][0].update(tasks=["shape", "texture"]),
+        "experiment.evaluate.0.tasks",
+        "texture",
+    ),
     ("unknown top-level key", lambda c: c.update(extra=1), "<top level>", "extra"),
     (
         "unknown encoder source",
@@ -182,3 +212,56 @@ def test_reading_the_config_imports_no_model_code():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_preflight_names_an_unknown_timm_model_and_an_absent_device(default):
+    from pipeline.preflight import check_device, preflight
+
+    config = load_config(ROOT / "config.yaml")
+    preflight(config, local=True)  # the default: a real model name, device auto
+    typo = copy.deepcopy(config)
+    typo["encoders"]["vit_tiny"]["name"] = "vit_tiny_patch16_22"
+    with pytest.raises(ConfigError, match=r"'encoders\.vit_tiny\.name'.*vit_tiny_patch16_224"):
+        preflight(typo, local=True)
+    with pytest.raises(ConfigError, match=r"'runtime\.device': 'cuda:99'"):
+        check_device("cuda:99")  # no machine has a hundredth GPU
+    absent = {**config, "runtime": {**config["runtime"], "device": "cuda:99"}}
+    preflight(absent, local=False)  # a cluster's nodes are checked there, not here
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "mentions"),
+    [
+        ({"model_kwargs": {}}, "image_size", "fixed input size of 224 px"),
+        (
+            {
+                "model_kwargs": {
+                    "img_size": 64,
+                    "patch_size": 8,
+                    "class_token": False,
+                    "global_pool": "avg",
+                }
+            },
+            "pooling",
+            "no class token",
+        ),
+        ({"model_kwargs": {"img_size": 64, "no_such_argument": 1}}, "model_kwargs", "cannot"),
+    ],
+    ids=["fixed input size", "cls without a class token", "bad model_kwargs"],
+)
+def test_preflight_names_what_a_vision_model_cannot_do(edit, key, mentions):
+    from pipeline.preflight import preflight
+
+    config = load_config(ROOT / "config.yaml")
+    config["encoders"]["vit_tiny"].update(edit)
+    with pytest.raises(ConfigError, match=rf"'encoders\.vit_tiny\.{key}'.*{mentions}"):
+        preflight(config, local=False)
+
+
+def test_preflight_names_too_many_text_tokens():
+    from pipeline.preflight import preflight
+
+    config = load_config(ROOT / "config.yaml")
+    config["encoders"]["minilm"]["max_tokens"] = 1000
+    with pytest.raises(ConfigError, match=r"'encoders\.minilm\.max_tokens'.*512 positions"):
+        preflight(config, local=False)

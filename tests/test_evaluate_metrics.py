@@ -16,10 +16,10 @@ from pipeline.evaluate.zeroshot import (
     class_embeddings,
     class_ranks,
     classification_metrics,
-    l2_normalise,
     zero_shot_classification,
     zero_shot_logits,
 )
+from pipeline.linalg import l2_normalise
 
 
 class LinearAligner:
@@ -154,7 +154,7 @@ def test_classification_errors_name_the_problem() -> None:
     with pytest.raises(ValueError, match="2 labels for 1 rows"):
         classification_metrics(np.zeros((1, 2)), np.array([0, 1]))
     with pytest.raises(ValueError, match="zero rows"):
-        l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]))
+        l2_normalise(np.array([[1.0, 0.0], [0.0, 0.0]]), "error")
 
 
 # ---------------------------------------------------------------- retrieval

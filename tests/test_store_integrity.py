@@ -10,7 +10,8 @@ import xarray as xr
 import zarr
 
 from pipeline import store, verify
-from pipeline.align.grid import fit_grid
+from pipeline.align.grid import fit_runs
+from pipeline.pairs import grid_runs
 
 DIMS = [8, 12]
 N = 50  # four blocks of 16 rows: 0-15, 16-31, 32-47, 48-49
@@ -177,7 +178,7 @@ def test_layer_reads_like_a_zarr_array(complete):
 
 
 def test_the_similarity_stages_row_source_is_verified_too(complete):
-    from pipeline.similarity import StoreRows, open_layers
+    from pipeline.similarity.compute import StoreRows, open_layers
 
     path, values = complete
     rows = np.array([1, 5, 20, 40, 49])
@@ -224,7 +225,7 @@ def results(tmp_path):
     meta = {"feature_fingerprints": {"vision_train": "f1", "text_train": "f1"}}
     out = results / "aligners" / "vit" / "minilm" / "procrustes" / "last"
     x, y = values[0], values[0] @ rng.standard_normal((8, 6))
-    [run] = fit_grid("procrustes", {}, x, y, None, None, [20], [1], out, meta, progress=False)
+    [run] = fit_runs("procrustes", {}, (x, y, None, None), grid_runs([20], [1], len(x)), out, meta)
     (out / "runs.json").write_text(json.dumps({"runs": [run.name]}))
     return results, path, run
 

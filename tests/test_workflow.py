@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -139,6 +140,14 @@ def tiny_run(tmp_path_factory):
     write_config(workdir, TINY)
     result = snakemake(workdir)
     assert result.returncode == 0, result.output[-6000:]
+    return workdir
+
+
+@pytest.fixture
+def copy_of_run(tiny_run, tmp_path):
+    """A copy of the complete tiny run (timestamps and Snakemake's records kept) to damage."""
+    workdir = tmp_path / "copy"
+    shutil.copytree(tiny_run, workdir, symlinks=True)
     return workdir
 
 
@@ -279,9 +288,9 @@ def test_invalid_config_fails_before_any_job(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def test_a_stage_by_hand_gives_what_its_rule_gave(tiny_run, tmp_path):
+def test_a_stage_by_hand_gives_what_its_rule_gave(copy_of_run):
     """``python -m pipeline <stage> --config ... <wildcards>`` derives the rule's very job."""
-    output = tiny_run / layout.evaluation("vit", "minilm", "csa", "best")
+    output = copy_of_run / layout.evaluation("vit", "minilm", "csa", "best")
     from_rule = output.read_bytes()
     output.unlink()
     result = run(
@@ -298,11 +307,10 @@ def test_a_stage_by_hand_gives_what_its_rule_gave(tiny_run, tmp_path):
             "--choice",
             "best",
         ],
-        cwd=tiny_run,
+        cwd=copy_of_run,
     )
     assert result.returncode == 0, result.output[-3000:]
     assert output.read_bytes() == from_rule
-    assert "Nothing to be done" in snakemake(tiny_run).output
 
 
 def test_a_configfile_replaces_the_default_config(tmp_path):
@@ -316,3 +324,48 @@ def test_a_configfile_replaces_the_default_config(tmp_path):
     result = run(command, cwd=ROOT)
     assert result.returncode == 0, result.output[-3000:]
     assert re.search(r"^fit_aligners\s+4$", result.output, re.MULTILINE), result.output[-2000:]
+
+
+def test_a_missing_chunk_fails_the_stage_that_reads_it(copy_of_run):
+    store = "results/features/tiny/train/vit.zarr"
+    (copy_of_run / store / "layers/0/c/0/0").unlink()
+    result = snakemake(copy_of_run, "--forcerun", "compare_layers")
+    assert result.returncode != 0
+    log = (copy_of_run / layout.log("compare_layers", "vit", "minilm")).read_text()
+    assert "MissingChunkError" in log and store in log and "layers/0" in log
+
+
+def test_forcing_an_align_job_refits_its_runs(copy_of_run):
+    job = layout.aligner_runs("vit", "minilm", "csa", "best")
+    weights = copy_of_run / Path(job).parent / "n24_s0" / "weights.safetensors"
+    before = (weights.stat().st_mtime_ns, weights.read_bytes())
+    result = snakemake(copy_of_run, "--force", job)
+    assert result.returncode == 0, result.output[-3000:]
+    assert weights.stat().st_mtime_ns != before[0]  # rewritten...
+    assert weights.read_bytes() == before[1]  # ...to the same, deterministic weights
+
+
+def test_a_deleted_run_is_noticed(copy_of_run):
+    run = copy_of_run / layout.aligner_dir("vit", "minilm", "asif", "last") / "n96_s1"
+    (run / "done.json").unlink()
+    jobs = planned_jobs(copy_of_run, "align")
+    assert jobs == {"fit_aligners": 1, "align": 1}
+
+
+def test_an_absent_device_fails_before_any_job(copy_of_run):
+    config = copy.deepcopy(TINY)
+    config["runtime"]["device"] = "cuda:99"
+    write_config(copy_of_run, config)
+    marker = copy_of_run / layout.feature_marker("tiny", "train", "vit")
+    result = snakemake(copy_of_run)
+    assert result.returncode != 0
+    assert "config key 'runtime.device'" in result.output
+    assert marker.exists()  # nothing was deleted to make room for a job
+
+
+def test_settings_that_cannot_change_numbers_rerun_nothing(copy_of_run):
+    config = copy.deepcopy(TINY)
+    config["runtime"]["num_workers"] = 3  # image loaders only
+    config["align"]["threads"] = 2  # CPU threads only
+    write_config(copy_of_run, config)
+    assert planned_jobs(copy_of_run) == {}

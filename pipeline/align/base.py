@@ -146,15 +146,17 @@ class ClosedFormAligner(Aligner):
         return dict(self.fitted())
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """The named arrays of a saved state; a ValueError names a missing or unexpected key."""
-        keys = self.STATE_KEYS
-        missing, extra = set(keys) - set(state), set(state) - set(keys)
-        if missing or extra:
-            raise ValueError(
-                f"{self.kind} state: missing keys {sorted(missing)}, "
-                f"unexpected keys {sorted(extra)}"
-            )
-        self.arrays = {key: np.asarray(state[key]) for key in keys}
+        self.arrays = state_arrays(self.kind, state, self.STATE_KEYS)
+
+
+def state_arrays(kind: str, state: dict[str, np.ndarray], keys: tuple[str, ...]) -> dict:
+    """The named arrays of a saved state; a ValueError names a missing or unexpected key."""
+    missing, extra = set(keys) - set(state), set(state) - set(keys)
+    if missing or extra:
+        raise ValueError(
+            f"{kind} state: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}"
+        )
+    return {key: np.asarray(state[key]) for key in keys}
 
 
 ALIGNERS: dict[str, type[Aligner]] = {}

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, register
+from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, register, state_arrays
 from pipeline.align.losses import info_nce
 from pipeline.align.params import PAL_POOLINGS as POOLINGS
 from pipeline.align.params import PALParams
@@ -451,14 +451,7 @@ class PALAligner(Aligner):
         return {k: v.detach().numpy().copy() for k, v in self.anchors.state_dict().items()}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        keys = ("image_anchors", "text_anchors")
-        missing, extra = set(keys) - set(state), set(state) - set(keys)
-        if missing or extra:
-            raise ValueError(
-                f"{self.kind} state: missing keys {sorted(missing)}, "
-                f"unexpected keys {sorted(extra)}"
-            )
-        arrays = {key: np.asarray(state[key]) for key in keys}
+        arrays = state_arrays(self.kind, state, ("image_anchors", "text_anchors"))
         shapes = [a.shape for a in arrays.values()]
         if any(len(shape) != 2 or shape[0] != self.params.anchors for shape in shapes):
             raise ValueError(

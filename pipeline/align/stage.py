@@ -69,13 +69,15 @@ def run_align(job: Job) -> None:
     choice = spec["layer_choice"]
     runs = grid_runs(spec["grid"]["n_pairs"], spec["grid"]["seeds"], len(train_pairs))
 
-    by_layers: dict[tuple[int, int], list[GridRun]] = defaultdict(list)
-    scores = {}
+    # Runs on the same layer pair share one read of its features; with ``scope: run`` their
+    # choices may carry different scores, recorded per run.
+    by_layers: dict[tuple[int, int], dict[float, list[GridRun]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
     for run in runs:
         chosen = chosen_layers(layers, choice, run)
         key = (int(chosen["vision_layer"]), int(chosen["text_layer"]))
-        by_layers[key].append(run)
-        scores[key] = chosen["score"]
+        by_layers[key][chosen["score"]].append(run)
 
     out_dir = Path(job.output("runs")).parent
     in_progress = out_dir / IN_PROGRESS
@@ -83,7 +85,7 @@ def run_align(job: Job) -> None:
     atomic.write_text(in_progress, "")
     log.info("%s the grid's runs", "fitting" if fresh else "resuming")
     with tqdm(total=len(runs), desc=f"{spec['method']}/{choice}") as bar:
-        for key, layer_runs in by_layers.items():
+        for key, by_score in by_layers.items():
             if tokens:
                 train = paired_tokens(
                     stores["vision_train"], stores["text_train"], train_pairs, key
@@ -100,29 +102,31 @@ def run_align(job: Job) -> None:
                 features = ArrayPairs(*train, *val)
                 used = stores
                 provenance = {"feature_fingerprints": {r: s.fingerprint for r, s in stores.items()}}
-            meta = {
-                "vision_encoder": used["vision_train"].attrs["encoder"]["name"],
-                "text_encoder": used["text_train"].attrs["encoder"]["name"],
-                "method": spec["method"],
-                "layer_choice": choice,
-                "vision_layer": key[0],
-                "text_layer": key[1],
-                "layer_score": scores[key],
-                "selection_metric": layers["metric"],
-                **provenance,
-            }
-            log.info("%s/%s: layers %s, %d runs", spec["method"], choice, key, len(layer_runs))
-            fit_runs(
-                spec["aligner"],
-                spec["params"],
-                features,
-                layer_runs,
-                out_dir,
-                meta,
-                progress=bar.update,
-                threads=job.threads,
-                fresh=fresh,
-            )
+            count = sum(len(group) for group in by_score.values())
+            log.info("%s/%s: layers %s, %d runs", spec["method"], choice, key, count)
+            for score, layer_runs in by_score.items():
+                meta = {
+                    "vision_encoder": used["vision_train"].attrs["encoder"]["name"],
+                    "text_encoder": used["text_train"].attrs["encoder"]["name"],
+                    "method": spec["method"],
+                    "layer_choice": choice,
+                    "vision_layer": key[0],
+                    "text_layer": key[1],
+                    "layer_score": score,
+                    "selection_metric": layers["metric"],
+                    **provenance,
+                }
+                fit_runs(
+                    spec["aligner"],
+                    spec["params"],
+                    features,
+                    layer_runs,
+                    out_dir,
+                    meta,
+                    threads=job.threads,
+                    progress=bar.update,
+                    fresh=fresh,
+                )
     atomic.write_json(
         job.output("runs"),
         {

@@ -149,3 +149,21 @@ def run_prepare(job: Job) -> None:
     """The ``prepare_dataset`` stage (``pipeline.jobs.prepare_dataset``)."""
     out_dir = Path(layout.dataset_of_manifest(job.output("manifest")))
     prepare_dataset(job.spec["name"], job.spec["dataset"], out_dir)
+
+
+def planned_counts(spec: Mapping[str, Any], split: str) -> tuple[int, int] | None:
+    """(images, caption pairs) a normalized spec's split will hold, when the spec alone says
+    (the synthetic world); None when only the prepared data can tell."""
+    if spec["source"] != "synthetic" or split not in spec["splits"]:
+        return None
+    images = spec["splits"][split]
+    return images, images * spec["captions_per_image"]
+
+
+def planned_tasks(spec: Mapping[str, Any], split: str) -> list[str] | None:
+    """Names of the zero-shot tasks a normalized spec's split will have, when the spec alone
+    says (the synthetic world); None when only the prepared data can tell."""
+    if spec["source"] != "synthetic":
+        return None
+    holdout = synthetic.holdout_combinations(spec["seed"], spec["holdout_combinations"])
+    return [t.name for t in synthetic.world_tasks(holdout, spec["max_count"]) if t.split == split]

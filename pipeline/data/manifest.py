@@ -46,6 +46,7 @@ from pipeline.data.tasks import (
     Task,
 )
 from pipeline.data.tasks import prompts_frame as build_prompts_frame
+from pipeline.fingerprint import spec_hash
 from pipeline.versions import library_versions
 
 FORMAT_VERSION = 1
@@ -165,10 +166,9 @@ def spec_splits(
 # --- writing --------------------------------------------------------------------------------
 
 
-def spec_hash(name: str, spec: Mapping[str, Any]) -> str:
+def dataset_spec_hash(name: str, spec: Mapping[str, Any]) -> str:
     """Fingerprint of everything that determines a prepared dataset's files."""
-    key = {"name": name, "spec": spec, "format_version": FORMAT_VERSION}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return spec_hash({"name": name, "spec": spec, "format_version": FORMAT_VERSION})
 
 
 def sources_hash(paths: Iterable[Path]) -> str:
@@ -192,7 +192,7 @@ def is_prepared(out_dir: Path, name: str, spec: Mapping[str, Any], sources: str)
     """
     try:
         manifest = read_manifest(out_dir)
-        if manifest["spec_hash"] != spec_hash(name, spec):
+        if manifest["spec_hash"] != dataset_spec_hash(name, spec):
             return False
         if manifest.get("sources_hash") != sources:
             return False
@@ -281,7 +281,7 @@ def write_dataset(
     manifest = {
         "name": name,
         "spec": dict(spec),
-        "spec_hash": spec_hash(name, spec),
+        "spec_hash": dataset_spec_hash(name, spec),
         "format_version": FORMAT_VERSION,
         "splits": {
             s: {

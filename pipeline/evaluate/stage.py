@@ -99,6 +99,7 @@ def run_evaluate(job: Job) -> None:
                 job.token_set(f"patches_{i}", dataset) if f"patches_{i}" in job.inputs else None
             )
         inputs = SplitInputs(
+            index=i,
             dataset=split["dataset"],
             split=split["split"],
             tasks=split.get("tasks"),
@@ -125,6 +126,7 @@ class SplitInputs:
     def __init__(
         self,
         *,
+        index: int,
         dataset: str,
         split: str,
         tasks: list[str] | None,
@@ -147,6 +149,7 @@ class SplitInputs:
             unknown = sorted(set(tasks) - {t.name for t in available})
             if unknown:
                 raise ValueError(
+                    f"config key 'experiment.evaluate.{index}.tasks': "
                     f"{dataset}/{split} has no task {unknown} "
                     f"(tasks: {sorted(t.name for t in available)})"
                 )

@@ -31,6 +31,7 @@ from scipy.linalg import blas
 from tqdm.auto import tqdm
 
 from pipeline.similarity.metrics import (
+    ROUNDING_SLACK,
     cka_ratio,
     knn_indices,
     minibatch_indices,
@@ -277,11 +278,17 @@ def linear_cka_matrix(moments: CentredMoments) -> np.ndarray:
 def unbiased_hsic_centred(
     cross: np.ndarray, diag_dot: np.ndarray, trace_x: np.ndarray, trace_y: np.ndarray, n: int
 ) -> np.ndarray:
-    """Song et al.'s HSIC_1 from centred-feature sums (module docstring), elementwise."""
+    """Song et al.'s HSIC_1 from centred-feature sums (module docstring), elementwise; an
+    estimate within its terms' rounding error is 0, as in ``metrics.hsic_unbiased``."""
     if n < 4:
         raise ValueError(f"unbiased HSIC needs at least 4 samples, got {n}")
-    sums = trace_x * trace_y / ((n - 1) * (n - 2))
-    return (cross - n / (n - 2) * diag_dot + sums) / (n * (n - 3))
+    terms = np.broadcast_arrays(
+        cross, -n / (n - 2) * diag_dot, trace_x * trace_y / ((n - 1) * (n - 2))
+    )
+    total = sum(terms)
+    scale = np.max(np.abs(terms), axis=0)
+    noise = np.abs(total) <= ROUNDING_SLACK * n * np.finfo(np.float64).eps * scale
+    return np.where(noise, 0.0, total) / (n * (n - 3))
 
 
 def unbiased_hsic_terms(moments: CentredMoments) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -39,6 +39,11 @@ def run_similarity(job: Job) -> None:
     }
 
     def scores(pool, metrics, seed, progress=True):
+        if "mutual_knn" in metrics and spec["knn_k"] != "rice" and spec["knn_k"] >= len(pool):
+            raise ValueError(
+                f"config key 'similarity.knn_k': {spec['knn_k']} neighbours need more scoring "
+                f"pairs than the {len(pool)} this pool has (one caption per image)"
+            )
         return compute_similarity(
             vision.path,
             text.path,

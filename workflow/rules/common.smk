@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pipeline import jobs, layout
 from pipeline.config import validate_config
+from pipeline.preflight import preflight
 
 # Validate once at parse time: a bad key fails here, before any job runs.
 config.update(validate_config(config))
@@ -47,8 +48,8 @@ def inputs_of(make):
 
 def incomplete_runs(wildcards):
     """Runs an existing ``runs.json`` lists whose ``done.json`` is gone. As a param it is [] when
-    the job runs, so a run deleted later changes it and Snakemake reruns the job, which
-    refits just that run."""
+    the job runs, so a run deleted later changes it and Snakemake reruns the job (which, run
+    again rather than after a kill, refits its runs)."""
     runs_json = Path(layout.aligner_runs(**dict(wildcards.items())))
     if not runs_json.is_file():
         return []

@@ -1,0 +1,85 @@
+"""Job derivation (pipeline.jobs) and the paths it uses (pipeline.layout): what every rule
+and every by-hand stage invocation runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from pipeline import jobs, layout
+from pipeline.cli import STAGES, named_paths, parser
+from pipeline.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def config() -> dict:
+    return load_config(ROOT / "config.yaml")
+
+
+def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
+    extract = jobs.extract_features(config, "shapes", "train", "vit_tiny")
+    assert extract.output("marker") == layout.feature_marker("shapes", "train", "vit_tiny")
+    assert layout.store_of_marker(extract.output("marker")).endswith("vit_tiny.zarr")
+    assert extract.input("dataset") == layout.dataset_manifest("shapes")
+    assert "num_workers" not in extract.spec["runtime"]  # threads, not a result
+    align = jobs.fit_aligners(config, "vit_tiny", "minilm", "linear_structure", "best")
+    assert align.spec["method"] == "linear_structure" and align.spec["aligner"] == "linear"
+    assert "aligner" not in align.spec["params"]
+    assert set(align.spec["stores"]) == {"vision_train", "text_train", "vision_val", "text_val"}
+    cells = jobs.grid_cells(config)
+    assert len(cells) == 7 * 2 and len(jobs.aggregate(config).input_list("evaluations")) == 14
+    assert set(STAGES) == {
+        "prepare_dataset",
+        "extract_features",
+        "compare_layers",
+        "fit_aligners",
+        "evaluate_aligners",
+        "aggregate",
+    }
+
+
+def test_named_paths_and_help_on_every_stage():
+    assert named_paths(["a=x", "b=y", "b=z"]) == {"a": "x", "b": ["y", "z"]}
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        named_paths(["nameless"])
+    subcommands = parser()._subparsers._group_actions[0].choices
+    for name, sub in subcommands.items():
+        assert sub.description or sub.format_help(), name
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def write_image(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path)
+
+
+def test_a_datasets_source_files_are_its_jobs_inputs(config, tmp_path):
+    root = tmp_path / "pets"
+    write_image(root / "test" / "cat" / "a.png")
+    write_image(root / "test" / "dog" / "b.png")
+    config = {**config, "datasets": {**config["datasets"], "pets": {"source": "image_folder"}}}
+    config["datasets"]["pets"] = {"source": "image_folder", "root": str(root), "splits": ["test"]}
+    before = jobs.prepare_dataset(config, "pets").input_list("sources")
+    assert [Path(p).name for p in before] == ["a.png", "b.png"]
+    write_image(root / "test" / "dog" / "c.png")
+    (root / "test" / "cat" / "a.png").unlink()
+    write_image(root / "test" / "cat" / "d.png")
+    after = jobs.prepare_dataset(config, "pets").input_list("sources")
+    assert [Path(p).name for p in after] == ["d.png", "b.png", "c.png"]
+    assert jobs.prepare_dataset(config, "shapes").input_list("sources") == []  # synthetic
+
+
+def test_verify_command_on_empty_results(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "verify", "--results", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "no problems" in result.stdout
