@@ -6,6 +6,10 @@ UV := .tools/bin/uv
 CORES ?= 2
 SNAKEMAKE := $(UV) run --frozen snakemake --cores $(CORES) --workflow-profile workflow/profiles/default
 export UV_LINK_MODE := copy
+# Compile the environment's bytecode once at install: every job is a fresh interpreter, and
+# where bytecode is not written back (PYTHONDONTWRITEBYTECODE, read-only installs) each one
+# would otherwise compile torch's and transformers' sources again on import.
+export UV_COMPILE_BYTECODE := 1
 
 .PHONY: install run test test-cluster lint report verify clean
 

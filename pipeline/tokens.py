@@ -23,12 +23,12 @@ cube).
 
 Sharded: ``tokens`` has one shard file per *block* (a run of whole samples; the unit of
 writing and of resume) holding inner chunks of about 64 KiB (whole images for vision), each
-zstd-compressed and ending with a CRC-32C. A block starts at slot ``b * slots_per_block``;
-the few slots after its last sample are fill, never stored (empty inner chunks are not
-written). Zarr writes a shard file atomically, and a block's flag is set after its shard, so a
-killed extraction leaves whole blocks only and resumes from the first missing one, like the
-pooled stores (``pipeline.store``), whose fingerprint, completion marker, stale detection,
-provenance and verified reads this format shares.
+compressed losslessly (bit-shuffled LZ4) and ending with a CRC-32C. A block starts at slot
+``b * slots_per_block``; the few slots after its last sample are fill, never stored (empty
+inner chunks are not written). Zarr writes a shard file atomically, and a block's flag is
+set after its shard, so a killed extraction leaves whole blocks only and resumes from the
+first missing one, like the pooled stores (``pipeline.store``), whose fingerprint,
+completion marker, stale detection, provenance and verified reads this format shares.
 
 Opening with xarray / dask::
 
@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from pipeline import atomic
 from pipeline.fingerprint import spec_hash
@@ -202,6 +202,15 @@ def plan_blocks(
 
 def _codecs() -> dict[str, Any]:
     return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
+
+
+def _token_codecs(dtype: str) -> dict[str, Any]:
+    """Bit-shuffled LZ4 (Blosc), then a CRC-32C: lossless, ~0.87 of float16 activations
+    (a float's sign, exponent and mantissa bits compress apart), and fast enough (about 1 GB/s
+    each way) not to slow a GPU extraction, where zstd alone gives ~0.92 at a third of it."""
+    typesize = np.dtype(dtype).itemsize
+    blosc = BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle", typesize=typesize)
+    return {"compressors": [blosc, Crc32cCodec()]}
 
 
 def _read_attrs(path: Path) -> dict[str, Any]:
@@ -443,7 +452,7 @@ def _create(
         fill_value=0,
         dimension_names=("token", "dim"),
         config={"write_empty_chunks": False},  # a block's unused tail is not stored
-        **_codecs(),
+        **_token_codecs(dtype),
     )
     for name, values, dims in (
         ("token_start", plan.token_start, ("sample",)),

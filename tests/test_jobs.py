@@ -31,12 +31,23 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
     assert "aligner" not in align.spec["params"]
     assert set(align.spec["stores"]) == {"vision_train", "text_train", "vision_val", "text_val"}
     cells = jobs.grid_cells(config)
-    assert len(cells) == 7 * 2 and len(jobs.aggregate(config).input_list("evaluations")) == 14
+    assert len(cells) == 8 * 2 and len(jobs.aggregate(config).input_list("evaluations")) == 16
+    pal = jobs.fit_aligners(config, "vit_tiny", "minilm", "pal", "best")  # reads token sets
+    assert pal.input("vision_train") == layout.tokens_marker("shapes", "train", "vit_tiny")
+    assert set(pal.spec["tokens"]) == set(align.spec["stores"]) and "stores" not in pal.spec
+    tokens = jobs.extract_tokens(config, "shapes", "prompts", "minilm")
+    assert tokens.output("tokens") == layout.tokens_marker("shapes", "prompts", "minilm")
+    assert tokens.input_list("layers") == [layout.layers_json("vit_tiny", "minilm")]
+    assert tokens.spec["side"] == "text" and "num_workers" not in tokens.spec["runtime"]
+    assert len(jobs.token_markers(config)) == 7  # both encoders on 3 splits, text on prompts
+    evaluate = jobs.evaluate_aligners(config, "vit_tiny", "minilm", "csa", "last")
+    assert evaluate.input("patches_0") == layout.tokens_marker("shapes", "test", "vit_tiny")
     assert set(STAGES) == {
         "prepare_dataset",
         "extract_features",
         "extract_tokens",
         "compare_layers",
+        "extract_tokens",
         "fit_aligners",
         "evaluate_aligners",
         "aggregate",
