@@ -19,6 +19,7 @@ report: "workflow/report/workflow.rst"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/datasets.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/similarity.smk"
 include: "workflow/rules/tokens.smk"

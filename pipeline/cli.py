@@ -46,6 +46,13 @@ STAGES: dict[str, Stage] = {
         jobs.prepare_dataset,
         "prepare",
     ),
+    "pretrain_encoder": Stage(
+        "pipeline.pretrain.simclr:run_stage",
+        "train a timm encoder self-supervised on unpaired synthetic images (its pretrain block)",
+        ("encoder",),
+        jobs.pretrain_encoder,
+        "pretrain",
+    ),
     "extract_features": Stage(
         "pipeline.extract:run_extract",
         "pool every layer of one encoder over one dataset split into a Zarr feature store",

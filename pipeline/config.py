@@ -185,6 +185,8 @@ def _check_components(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         except ValueError as err:
             raise ConfigError(f"config key 'datasets.{name}': {err}") from err
     for name, spec in config["encoders"].items():
+        if "pretrain" in spec:
+            spec = _check_pretrain(name, spec, config["datasets"])
         try:
             validate_encoder_spec(name, spec)
         except ValueError as err:
@@ -196,3 +198,25 @@ def _check_components(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         except ValueError as err:
             raise ConfigError(f"config key 'align.methods.{name}': {err}") from err
     return datasets
+
+
+def _check_pretrain(name: str, spec: dict[str, Any], datasets: dict[str, Any]) -> dict[str, Any]:
+    """A ``pretrain`` block: a timm encoder without its own weights, a synthetic dataset of the
+    config; returns the spec it trains from (``pretrain.initial_spec``)."""
+    from pipeline import pretrain
+
+    key = f"config key 'encoders.{name}.pretrain'"
+    if spec["source"] != "timm":
+        raise ConfigError(f"{key}: only timm encoders are pretrained here, not {spec['source']}")
+    if "weights" in spec:
+        raise ConfigError(f"{key}: the weights come from pretraining; drop 'weights'")
+    try:
+        settings = pretrain.parse_settings(name, spec["pretrain"])
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}") from err
+    source = datasets.get(settings.dataset, {}).get("source")
+    if source != "synthetic":
+        raise ConfigError(
+            f"{key}.dataset': {settings.dataset!r} is not a synthetic dataset of the config"
+        )
+    return pretrain.initial_spec(spec)

@@ -19,6 +19,7 @@ PROMPTS_SPLIT = "prompts"  # the text-only pseudo-split of a dataset's zero-shot
 # Runtime settings an extraction job is told; ``num_workers`` is not one: it only sets how
 # many of the job's threads load images, so editing it reruns nothing.
 EXTRACT_RUNTIME = ("device", "precision", "batch_size", "chunk_mb", "on_stale")
+PRETRAIN_THREADS = 2  # torch threads of a pretraining job (recorded: they set rounding order)
 TOKEN_RUNTIME = ("device", "precision", "batch_size", "on_stale")  # chunks: the tokens section
 
 
@@ -95,7 +96,7 @@ def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str
     from pipeline.store import request_hash
 
     precision = config["runtime"]["precision"]
-    return request_hash(encoder, config["encoders"][encoder], dataset, split, precision)
+    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision)
 
 
 def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
@@ -103,7 +104,25 @@ def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str
     from pipeline.tokens import request_hash
 
     precision, dtype = config["runtime"]["precision"], config["tokens"]["dtype"]
-    return request_hash(encoder, config["encoders"][encoder], dataset, split, precision, dtype)
+    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision, dtype)
+
+
+def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
+    """The spec an encoder is built from: one with a ``pretrain`` block loads the weights its
+    ``pretrain_encoder`` job writes (the block stays, so editing it changes the spec)."""
+    spec = config["encoders"][encoder]
+    if "pretrain" not in spec:
+        return spec
+    from pipeline.pretrain import pretrained_spec
+
+    return pretrained_spec(spec, layout.pretrained_weights(encoder))
+
+
+def weights_input(config: dict[str, Any], encoder: str) -> dict[str, str]:
+    """``{"weights": path}`` for a pretrained encoder (so extraction waits for it), else {}."""
+    if "pretrain" not in config["encoders"][encoder]:
+        return {}
+    return {"weights": layout.pretrained_weights(encoder)}
 
 
 def modality(config: dict[str, Any], encoder: str) -> str:
@@ -139,6 +158,31 @@ def segmentation_tasks(config: dict[str, Any], ref: dict[str, Any]) -> list[str]
 # ---- jobs ------------------------------------------------------------------------------------
 
 
+def pretrain_encoder(config: dict[str, Any], encoder: str) -> Job:
+    """Self-supervised weights of a timm encoder with a ``pretrain`` block; the dataset's spec
+    is in the job's spec (the images are rendered from it, no prepared dataset is read)."""
+    spec = config["encoders"][encoder]
+    if "pretrain" not in spec:
+        raise KeyError(f"encoders.{encoder}.pretrain")
+    return Job(
+        "pretrain_encoder",
+        {
+            "encoder_name": encoder,
+            "encoder": spec,
+            "dataset": config["datasets"][spec["pretrain"]["dataset"]],
+        },
+        outputs={
+            "weights": layout.pretrained_weights(encoder),
+            "record": layout.pretrain_record(encoder),
+        },
+        threads=PRETRAIN_THREADS,
+    )
+
+
+def pretrained_encoders(config: dict[str, Any]) -> list[str]:
+    return [name for name, spec in config["encoders"].items() if "pretrain" in spec]
+
+
 def prepare_dataset(config: dict[str, Any], dataset: str) -> Job:
     """Inputs: the source files (JSON, class and template files, an image folder's images),
     so that editing, adding or removing one reruns exactly what depends on the dataset."""
@@ -157,14 +201,14 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
     runtime = config["runtime"]
     spec = {
         "encoder_name": encoder,
-        "encoder": config["encoders"][encoder],
+        "encoder": encoder_spec(config, encoder),
         "split": split,
         "runtime": {key: runtime[key] for key in EXTRACT_RUNTIME},
     }
     return Job(
         "extract_features",
         spec,
-        inputs={"dataset": layout.dataset_manifest(dataset)},
+        inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
         outputs={"marker": layout.feature_marker(dataset, split, encoder)},
         threads=extract_threads(config),
     )
@@ -182,7 +226,7 @@ def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: st
     runtime = config["runtime"]
     spec = {
         "encoder_name": encoder,
-        "encoder": config["encoders"][encoder],
+        "encoder": encoder_spec(config, encoder),
         "split": split,
         "side": side,
         "layer_choices": config["align"]["layer_choices"],
@@ -198,6 +242,7 @@ def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: st
         inputs={
             "dataset": layout.dataset_manifest(dataset),
             "layers": [layout.layers_json(vision, text) for vision, text in pairs],
+            **weights_input(config, encoder),
         },
         outputs={"tokens": layout.tokens_marker(dataset, split, encoder)},
         threads=extract_threads(config),

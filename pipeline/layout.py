@@ -30,6 +30,16 @@ def dataset_of_manifest(manifest: str) -> str:
     return manifest.rsplit("/", 1)[0]
 
 
+def pretrained_weights(encoder: str) -> str:
+    """An encoder's self-supervised weights (safetensors; ``pipeline/pretrain.py``)."""
+    return f"{RESULTS}/pretrained/{encoder}.safetensors"
+
+
+def pretrain_record(encoder: str) -> str:
+    """The pretraining's record: settings, loss curve, time, the weights' SHA-256."""
+    return f"{RESULTS}/pretrained/{encoder}.json"
+
+
 def feature_store(dataset: str, split: str, encoder: str) -> str:
     return f"{RESULTS}/features/{dataset}/{split}/{encoder}.zarr"
 

@@ -351,6 +351,22 @@ def generate_example(
     return Example(scene, image, mask, describe(rng, scene, spec["captions_per_image"]))
 
 
+def unpaired_image(
+    spec: Mapping[str, Any], split: str, index: int, holdout: tuple[tuple[str, str], ...]
+) -> np.ndarray:
+    """Image ``index`` of an unpaired ``split`` (a name outside SPLITS): no captions, no mask.
+
+    Drawn like ``train`` (no held-out combination); its own split name gives its own
+    random streams, so it never repeats an image of train, val or test.
+    """
+    if split in SPLITS:
+        raise ValueError(f"unpaired split {split!r} must not be one of {SPLITS}")
+    rng = image_rng(spec["seed"], split, index)
+    shape, colour = choose_combination(rng, TRAIN, index, holdout)
+    scene = sample_scene(rng, shape, colour, spec["image_size"], spec["max_count"])
+    return paint_image(rng, draw_mask(scene, spec["image_size"]), COLOURS[colour])
+
+
 # --- tasks ----------------------------------------------------------------------------------
 
 

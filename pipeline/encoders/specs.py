@@ -30,6 +30,7 @@ TIMM_KEYS = (
     "name",
     "pretrained",
     "weights",
+    "pretrain",
     "init_seed",
     "pooling",
     "image_size",
