@@ -152,9 +152,9 @@ def test_invalid_config_names_the_key(default, case, edit, key, mentions):
 def test_missing_weights_file_is_reported_before_any_work(default, tmp_path):
     config = broken(
         default,
-        lambda c: c["encoders"]["vit_tiny"].update(weights=str(tmp_path / "missing.safetensors")),
+        lambda c: c["encoders"]["vit_random"].update(weights=str(tmp_path / "missing.safetensors")),
     )
-    with pytest.raises(ConfigError, match=r"config key 'encoders\.vit_tiny'.*missing\.safetensors"):
+    with pytest.raises(ConfigError, match=r"config key 'encoders\.vit_random'.*missing\.safetensors"):
         validate_config(config)
 
 

@@ -44,10 +44,10 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
     assert evaluate.input("patches_0") == layout.tokens_marker("shapes", "test", "vit_tiny")
     assert set(STAGES) == {
         "prepare_dataset",
+        "pretrain_encoder",
         "extract_features",
         "extract_tokens",
         "compare_layers",
-        "extract_tokens",
         "fit_aligners",
         "evaluate_aligners",
         "aggregate",
