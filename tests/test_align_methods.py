@@ -181,6 +181,25 @@ def test_early_stopping_keeps_the_best_validation_epoch() -> None:
     assert info_nce(zi, zt, 0.05).item() == pytest.approx(curve["val_loss"][best - 1], rel=1e-5)
 
 
+def test_early_stopping_waits_for_the_structure_warmup() -> None:
+    """One step per epoch and a 30-step warm-up: the plain head stops within a few epochs,
+    the STRUCTURE head trains at least until lambda is at full weight and chooses an epoch
+    from then on."""
+    x, y = linear_world(40, seed=0, noise=1.0)
+    xv, yv = linear_world(200, seed=1, noise=1.0)
+    head = {"dim": 32, "lr": 0.05, "max_epochs": 300, "patience": 5, "batch_size": 256}
+    plain = build_aligner("linear", head).fit(x, y, xv, yv, seed=0)
+    assert len(plain.curve) < 30
+    structure = {"lambda": 1.0, "warmup_steps": 30}
+    report = build_aligner("linear", {**head, "structure": structure}).fit(x, y, xv, yv, seed=0)
+    curve = report.curve
+    assert report.chosen_epoch >= 31 and len(curve) >= 36
+    assert curve["structure_lambda"][report.chosen_epoch - 1] == pytest.approx(1.0)
+    after = curve.filter(pl.col("structure_lambda") == 1.0)
+    best = int(after["epoch"][int(np.argmin(after["val_loss"].to_numpy()))])
+    assert report.chosen_epoch == best and len(curve) == best + 5
+
+
 def test_without_validation_the_last_epoch_is_kept() -> None:
     x, y = linear_world(100, seed=0)
     report = build_aligner("linear", FAST_HEAD).fit(x, y, None, None, seed=0)

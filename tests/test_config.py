@@ -154,7 +154,7 @@ def test_missing_weights_file_is_reported_before_any_work(default, tmp_path):
         default,
         lambda c: c["encoders"]["vit_random"].update(weights=str(tmp_path / "missing.safetensors")),
     )
-    with pytest.raises(ConfigError, match=r"config key 'encoders\.vit_random'.*missing\.safetensors"):
+    with pytest.raises(ConfigError, match=r"'encoders\.vit_random'.*missing\.safetensors"):
         validate_config(config)
 
 

@@ -138,6 +138,15 @@ def train_epoch(
     return {**row, "step": step, "lr": schedule.get_last_lr()[0]}
 
 
+def regulariser_at_full_weight(config: TrainConfig, step: int) -> bool:
+    """Whether the last batch of an epoch that ended after ``step`` optimiser steps had the
+    full STRUCTURE weight (lambda_t at t = step - 1; ``losses.structure_weight``). Early
+    stopping only starts then, and only such epochs can be chosen: the warm-up counts steps,
+    so at small n (one step per epoch) patience would otherwise stop training, and choose a
+    model, before lambda ever ramped up (docs/methods.md)."""
+    return config.structure is None or step - 1 >= config.structure.warmup_steps
+
+
 def train_towers(
     towers: Towers,
     x: torch.Tensor,
@@ -166,7 +175,7 @@ def train_towers(
             val_loss = None if x_val is None else validation_loss(towers, x_val, y_val, config)
             seconds = time.perf_counter() - start
             rows.append({"epoch": epoch, **row, "val_loss": val_loss, "seconds": seconds})
-            if val_loss is None:
+            if val_loss is None or not regulariser_at_full_weight(config, row["step"]):
                 continue
             if val_loss < best_loss:
                 best_loss, best_epoch = val_loss, epoch
