@@ -1,7 +1,7 @@
 # postalign: post-hoc multimodal alignment with limited paired data.
 # Thin on purpose: all logic is in the `pipeline` package; rules call `python -m pipeline`.
-# Targets: extract, similarity, tokens, align, evaluate, report, verify; `all` (the default) is
-# everything but verify.
+# Targets: extract, similarity, sweep, tokens, align, evaluate, report, verify; `all` (the
+# default) is everything but verify.
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -22,6 +22,7 @@ include: "workflow/rules/datasets.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/similarity.smk"
+include: "workflow/rules/sweep.smk"
 include: "workflow/rules/tokens.smk"
 include: "workflow/rules/align.smk"
 include: "workflow/rules/evaluate.smk"

@@ -74,6 +74,13 @@ STAGES: dict[str, Stage] = {
         jobs.compare_layers,
         "similarity",
     ),
+    "sweep_layers": Stage(
+        "pipeline.sweep:run_sweep",
+        "fit the sweep method at every layer pair of one encoder pair and score each",
+        ("pair",),
+        jobs.sweep_layers,
+        "sweep",
+    ),
     "fit_aligners": Stage(
         "pipeline.align.stage:run_align",
         "fit one method at one layer choice over the whole (n_pairs x seeds) grid",

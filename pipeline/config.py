@@ -15,6 +15,7 @@ import jsonschema
 import yaml
 
 from pipeline.align.base import aligner_params
+from pipeline.align.params import uses_tokens
 from pipeline.data import planned_counts, planned_tasks, validate_spec
 from pipeline.encoders.registry import sources_of, validate_encoder_spec
 
@@ -49,6 +50,7 @@ def validate_config(config: dict[str, Any]) -> dict[str, Any]:
     datasets = _check_components(config)
     _check_references(config, datasets)
     _check_sizes(config, datasets)
+    _check_sweep(config, datasets)
     return config
 
 
@@ -173,6 +175,36 @@ def _check_sizes(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) ->
                 f"config key 'experiment.evaluate.{i}.tasks': {ref['dataset']}/{ref['split']} "
                 f"has no task {unknown} (it has {known})"
             )
+
+
+def _check_sweep(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> None:
+    """The sweep's method exists and fits on pooled features; its run fits the training split
+    (where the spec alone tells: the synthetic world)."""
+    sweep = config.get("sweep")
+    if sweep is None:
+        return
+    methods = config["align"]["methods"]
+    method = sweep["method"]
+    if method not in methods:
+        raise ConfigError(
+            f"config key 'sweep.method': method {method!r} is not defined under 'align.methods' "
+            f"(defined: {', '.join(sorted(methods))})"
+        )
+    kind = methods[method]["aligner"]
+    if uses_tokens(kind):
+        raise ConfigError(
+            f"config key 'sweep.method': method {method!r} is of kind {kind!r}, which trains on "
+            "token sets, and tokens are cached only for the chosen layers, not for every layer "
+            "pair the sweep fits; choose a method on pooled features (e.g. ridge or procrustes)"
+        )
+    train = config["experiment"]["train"]
+    counts = planned_counts(datasets[train["dataset"]], train["split"])
+    n_pairs = sweep["n_pairs"]
+    if counts is not None and n_pairs != "full" and n_pairs > counts[1]:
+        raise ConfigError(
+            f"config key 'sweep.n_pairs': {n_pairs} pairs asked for, but "
+            f"{train['dataset']}/{train['split']} has {counts[1]} ({counts[0]} images)"
+        )
 
 
 def _check_components(config: dict[str, Any]) -> dict[str, dict[str, Any]]:

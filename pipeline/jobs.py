@@ -288,23 +288,15 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         "grid": grid_spec(config),
     }
     tokens = method_uses_tokens(config, method)
-    marker = layout.tokens_marker if tokens else layout.feature_marker
-    request = token_request if tokens else store_request
+    markers, requests = _training_features(config, vision, text, tokens)
     inputs = {
-        "vision_train": marker(train["dataset"], train["split"], vision),
-        "text_train": marker(train["dataset"], train["split"], text),
-        "vision_val": marker(val["dataset"], val["split"], vision),
-        "text_val": marker(val["dataset"], val["split"], text),
+        **markers,
         "layers": layout.layers_json(vision, text),
         "train": layout.dataset_manifest(train["dataset"]),
         "val": layout.dataset_manifest(val["dataset"]),
     }
     spec["splits"] = {"train": train["split"], "val": val["split"]}
-    spec["tokens" if tokens else "stores"] = {
-        f"{side}_{role}": request(config, ref["dataset"], ref["split"], encoder)
-        for role, ref in (("train", train), ("val", val))
-        for side, encoder in (("vision", vision), ("text", text))
-    }
+    spec["tokens" if tokens else "stores"] = requests
     return Job(
         "fit_aligners",
         spec,
@@ -329,23 +321,15 @@ def evaluate_aligners(
     for i, ref in enumerate(refs):
         dataset, split = ref["dataset"], ref["split"]
         inputs[f"dataset_{i}"] = layout.dataset_manifest(dataset)
-        for which, part, encoder in (
-            ("vision", split, vision),
-            ("text", split, text),
-            ("prompts", PROMPTS_SPLIT, text),
-        ):
-            if tokens:
-                inputs[f"{which}_{i}"] = layout.tokens_marker(dataset, part, encoder)
-                token_sets[f"{which}_{i}"] = token_request(config, dataset, part, encoder)
-            else:
-                inputs[f"{which}_{i}"] = layout.feature_marker(dataset, part, encoder)
-                stores[f"{which}_{i}"] = store_request(config, dataset, part, encoder)
+        markers, requests = _evaluation_features(config, i, ref, vision, text, tokens)
+        inputs |= markers
+        (token_sets if tokens else stores).update(requests)
         if not tokens and segmentation_tasks(config, ref):
             inputs[f"patches_{i}"] = layout.tokens_marker(dataset, split, vision)
             token_sets[f"patches_{i}"] = token_request(config, dataset, split, vision)
     spec = {
         "aligner": aligner_kind(config, method),
-        "splits": [{key: ref.get(key) for key in ("dataset", "split", "tasks")} for ref in refs],
+        "splits": _evaluation_splits(refs),
         "stores": stores,
         "tokens": token_sets,
     }
@@ -360,25 +344,113 @@ def evaluate_aligners(
     )
 
 
+def sweep_layers(config: dict[str, Any], vision: str, text: str) -> Job:
+    """The layer sweep of one encoder pair: the ``sweep.method`` aligner fitted on the training
+    run of ``sweep.n_pairs``/``sweep.seed`` at every layer pair of the sweep grid (read from the
+    stores when the job runs) and scored on every evaluate split's classification and retrieval
+    tasks. Reads what a pooled method's align and evaluate jobs read, ``layers.json`` aside."""
+    sweep = config["sweep"]
+    entry = dict(config["align"]["methods"][sweep["method"]])
+    exp = experiment(config)
+    markers, stores = _training_features(config, vision, text, tokens=False)
+    inputs: dict[str, str | list[str]] = {
+        **markers,
+        "train": layout.dataset_manifest(exp["train"]["dataset"]),
+        "val": layout.dataset_manifest(exp["val"]["dataset"]),
+    }
+    for i, ref in enumerate(exp["evaluate"]):
+        inputs[f"dataset_{i}"] = layout.dataset_manifest(ref["dataset"])
+        markers, requests = _evaluation_features(config, i, ref, vision, text, tokens=False)
+        inputs |= markers
+        stores |= requests
+    spec = {
+        "method": sweep["method"],
+        "aligner": entry.pop("aligner"),
+        "params": entry,
+        "run": {key: sweep[key] for key in ("n_pairs", "seed")},
+        "stride": sweep["stride"],
+        "splits": {"train": exp["train"]["split"], "val": exp["val"]["split"]},
+        "evaluate": _evaluation_splits(exp["evaluate"]),
+        "stores": stores,
+    }
+    return Job(
+        "sweep_layers",
+        spec,
+        inputs=inputs,
+        outputs={"sweep": layout.sweep_table(vision, text)},
+        threads=config["align"]["threads"],
+    )
+
+
 def aggregate(config: dict[str, Any]) -> Job:
+    """With a ``sweep`` section it also reads every sweep table and writes the sweep's tables."""
     methods = config["align"]["methods"]
+    inputs: dict[str, str | list[str]] = {
+        "evaluations": [layout.evaluation(*cell) for cell in grid_cells(config)],
+        "examples": [layout.segmentation_examples(*cell) for cell in grid_cells(config)],
+        "similarities": [layout.similarity_table(v, t) for v, t in encoder_pairs(config)],
+        "datasets": sorted(
+            {layout.dataset_manifest(ref["dataset"]) for ref in experiment(config)["evaluate"]}
+        ),
+    }
+    outputs: dict[str, str | list[str]] = {
+        "metrics": layout.METRICS_TABLE,
+        "summary": layout.SUMMARY_TABLE,
+        "plots": layout.PLOTS_DIR,
+    }
+    if has_sweep(config):
+        inputs["sweeps"] = sweep_tables(config)
+        outputs |= {"sweep": layout.SWEEP_TABLE, "sweep_rho": layout.SWEEP_RHO_TABLE}
     return Job(
         "aggregate",
         {"token_methods": sorted(m for m in methods if method_uses_tokens(config, m))},
-        inputs={
-            "evaluations": [layout.evaluation(*cell) for cell in grid_cells(config)],
-            "examples": [layout.segmentation_examples(*cell) for cell in grid_cells(config)],
-            "similarities": [layout.similarity_table(v, t) for v, t in encoder_pairs(config)],
-            "datasets": sorted(
-                {layout.dataset_manifest(ref["dataset"]) for ref in experiment(config)["evaluate"]}
-            ),
-        },
-        outputs={
-            "metrics": layout.METRICS_TABLE,
-            "summary": layout.SUMMARY_TABLE,
-            "plots": layout.PLOTS_DIR,
-        },
+        inputs=inputs,
+        outputs=outputs,
     )
+
+
+def _training_features(
+    config: dict[str, Any], vision: str, text: str, tokens: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Markers and requests of both encoders' train and val features, in this order (the rule's
+    ``inputs`` param): ``vision_train``, ``text_train``, ``vision_val``, ``text_val``; token sets
+    (``tokens``) or feature stores."""
+    exp = experiment(config)
+    marker = layout.tokens_marker if tokens else layout.feature_marker
+    request = token_request if tokens else store_request
+    roles = [
+        (f"{side}_{role}", ref["dataset"], ref["split"], encoder)
+        for role, ref in (("train", exp["train"]), ("val", exp["val"]))
+        for side, encoder in (("vision", vision), ("text", text))
+    ]
+    markers = {name: marker(*where) for name, *where in roles}
+    requests = {name: request(config, *where) for name, *where in roles}
+    return markers, requests
+
+
+def _evaluation_features(
+    config: dict[str, Any], i: int, ref: dict[str, Any], vision: str, text: str, tokens: bool
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Markers and requests of evaluate split ``i``'s vision, text and prompts features
+    (``vision_<i>``, ``text_<i>``, ``prompts_<i>``): token sets (``tokens``) or feature stores."""
+    marker = layout.tokens_marker if tokens else layout.feature_marker
+    request = token_request if tokens else store_request
+    dataset, split = ref["dataset"], ref["split"]
+    parts = [
+        (f"{which}_{i}", dataset, part, encoder)
+        for which, part, encoder in (
+            ("vision", split, vision),
+            ("text", split, text),
+            ("prompts", PROMPTS_SPLIT, text),
+        )
+    ]
+    markers = {name: marker(*where) for name, *where in parts}
+    requests = {name: request(config, *where) for name, *where in parts}
+    return markers, requests
+
+
+def _evaluation_splits(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: ref.get(key) for key in ("dataset", "split", "tasks")} for ref in refs]
 
 
 # ---- what the experiment consists of ----------------------------------------------------------
@@ -386,6 +458,18 @@ def aggregate(config: dict[str, Any]) -> Job:
 
 def encoder_pairs(config: dict[str, Any]) -> list[tuple[str, str]]:
     return [(pair["vision"], pair["text"]) for pair in experiment(config)["pairs"]]
+
+
+def has_sweep(config: dict[str, Any]) -> bool:
+    """Whether the config asks for a layer sweep (a ``sweep`` section)."""
+    return config.get("sweep") is not None
+
+
+def sweep_tables(config: dict[str, Any]) -> list[str]:
+    """The sweep table of every encoder pair; none without a ``sweep`` section."""
+    if not has_sweep(config):
+        return []
+    return [layout.sweep_table(vision, text) for vision, text in encoder_pairs(config)]
 
 
 def grid_cells(config: dict[str, Any]) -> list[tuple[str, str, str, str]]:

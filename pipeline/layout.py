@@ -12,6 +12,8 @@ MARKER_SUFFIX = ".done"  # a feature store's completion marker sits beside it (p
 
 METRICS_TABLE = f"{RESULTS}/tables/metrics.parquet"
 SUMMARY_TABLE = f"{RESULTS}/tables/summary.parquet"
+SWEEP_TABLE = f"{RESULTS}/tables/sweep.parquet"  # every sweep row with its layer pair's similarity
+SWEEP_RHO_TABLE = f"{RESULTS}/tables/sweep_rho.parquet"  # Spearman's rho of the sweep
 PLOTS_DIR = f"{RESULTS}/plots"
 REPORT = f"{RESULTS}/report.html"
 
@@ -92,6 +94,11 @@ def layers_json(vision: str, text: str) -> str:
 
 def heatmap(vision: str, text: str, metric: str) -> str:
     return f"{similarity_dir(vision, text)}/heatmaps/{metric}.png"
+
+
+def sweep_table(vision: str, text: str) -> str:
+    """The layer sweep's metric rows of one encoder pair (``pipeline.sweep``)."""
+    return f"{similarity_dir(vision, text)}/sweep.parquet"
 
 
 def aligner_dir(vision: str, text: str, method: str, choice: str) -> str:

@@ -27,6 +27,13 @@ def test_default_config_is_valid_and_gets_defaults(default):
     assert validate_config(without_runtime)["runtime"]["batch_size"] == 128
 
 
+def test_the_sweep_is_optional_and_gets_defaults(default):
+    without = validate_config({k: v for k, v in default.items() if k != "sweep"})
+    assert "sweep" not in without
+    config = validate_config({**default, "sweep": {"method": "procrustes"}})
+    assert config["sweep"] == {"method": "procrustes", "n_pairs": "full", "seed": 0, "stride": 1}
+
+
 def broken(default, edit):
     config = copy.deepcopy(default)
     edit(config)
@@ -131,6 +138,27 @@ CASES = [
         "experiment.evaluate.0",
         "cannot be a test set",
     ),
+    (
+        "a sweep method not under align.methods",
+        lambda c: c["sweep"].update(method="svd"),
+        "sweep.method",
+        "'svd' is not defined under 'align.methods'",
+    ),
+    (
+        "a sweep of a token method",
+        lambda c: c["sweep"].update(method="pal"),
+        "sweep.method",
+        "trains on token sets",
+    ),
+    (
+        "a sweep run larger than the training split",
+        lambda c: c["sweep"].update(n_pairs=5000),
+        "sweep.n_pairs",
+        "4500",
+    ),
+    ("a sweep stride of zero", lambda c: c["sweep"].update(stride=0), "sweep.stride", "minimum"),
+    ("a sweep without a method", lambda c: c["sweep"].pop("method"), "sweep", "'method'"),
+    ("a misspelt sweep key", lambda c: c["sweep"].update(seeds=[1]), "sweep", "seeds"),
     (
         "name unusable in paths",
         lambda c: c["encoders"].update({"vit/tiny": c["encoders"]["vit_tiny"]}),

@@ -11,6 +11,8 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from pipeline.evaluate import plots
+from pipeline.evaluate.aggregate import sweep_plots, sweep_rho
 from pipeline.evaluate.plots import (
     layer_pair_points,
     plot_all,
@@ -22,14 +24,19 @@ from pipeline.evaluate.plots import (
 from pipeline.evaluate.tables import (
     METRICS_SCHEMA,
     SUMMARY_SCHEMA,
+    SWEEP_RHO_SCHEMA,
+    SWEEP_SCHEMA,
     RunKey,
     concat_metrics,
     metric_rows,
     read_metrics,
     read_summary,
     summarise,
+    sweep_with_similarity,
     write_metrics,
     write_summary,
+    write_sweep,
+    write_sweep_rho,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -304,3 +311,69 @@ def test_spearman_rho_known_values() -> None:
     # ranks (1, 3, 2, 4) vs (2, 1, 4, 3): 1 - 6 * sum(d^2) / (n (n^2 - 1)) = 1 - 6 * 10 / 60
     assert spearman_rho(x, np.array([2.0, 1.0, 4.0, 3.0])) == pytest.approx(0.0)
     assert math.isnan(spearman_rho(x, np.ones(4)))
+
+
+def planted_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A 3 x 3 layer sweep whose top-1 grows with CKA (and falls with the kNN score), and whose
+    top-5 is constant; CKA has a second, smaller sample that must not count."""
+    sim_rows, frames = [], []
+    for v in (0, 3, 6):
+        for t in (0, 2, 4):
+            cka = 0.05 * v + 0.01 * t
+            sim_rows.append(("vit", "minilm", v, t, "cka", cka, 500, 0))
+            sim_rows.append(("vit", "minilm", v, t, "cka", 1.0 - cka, 50, 0))
+            sim_rows.append(("vit", "minilm", v, t, "mutual_knn", -(cka**3), 500, 0))
+            key = run("ridge", "sweep", n_pairs=1000, seed=0, vision_layer=v, text_layer=t)
+            frames.append(
+                metric_rows(key, "shapes", "classification", {"top1": 0.2 + cka, "top5": 0.9})
+            )
+    similarity = pl.DataFrame(sim_rows, schema=SIMILARITY_COLUMNS, orient="row")
+    return similarity, concat_metrics(frames)
+
+
+def test_sweep_rho_is_one_where_similarity_and_accuracy_are_monotone(tmp_path: Path) -> None:
+    similarity, sweep = planted_sweep()
+    rho = sweep_rho(plots, similarity, sweep)
+    assert rho.columns == SWEEP_RHO_SCHEMA.names
+    by_key = {(r["similarity_metric"], r["metric"]): r for r in rho.iter_rows(named=True)}
+    assert set(by_key) == {(s, m) for s in ("cka", "mutual_knn") for m in ("top1", "top5")}
+    assert by_key["cka", "top1"]["rho"] == pytest.approx(1.0, abs=1e-12)
+    assert by_key["mutual_knn", "top1"]["rho"] == pytest.approx(-1.0, abs=1e-12)
+    assert by_key["cka", "top5"]["rho"] is None  # constant accuracy: rho undefined
+    assert {r["layer_pairs"] for r in by_key.values()} == {9}
+    assert rho.select("method", "n_pairs", "seed", "task_kind").unique().rows() == [
+        ("ridge", 1000, 0, "classification")
+    ]
+    write_sweep_rho(rho, tmp_path / "rho.parquet")
+    assert pq.read_schema(tmp_path / "rho.parquet").equals(SWEEP_RHO_SCHEMA)
+
+
+def test_sweep_table_joins_each_rows_similarity_once_per_metric(tmp_path: Path) -> None:
+    similarity, sweep = planted_sweep()
+    table = sweep_with_similarity(sweep, similarity)
+    assert table.columns == SWEEP_SCHEMA.names and len(table) == 2 * len(sweep)
+    cka = table.filter((pl.col("similarity_metric") == "cka") & (pl.col("metric") == "top1"))
+    np.testing.assert_allclose(cka["similarity"], cka["value"] - 0.2)  # the largest sample
+    assert (
+        table.drop("similarity_metric", "similarity")
+        .unique()
+        .sort(pl.all())
+        .equals(sweep.sort(pl.all()))
+    )
+    write_sweep(table, tmp_path / "sweep.parquet")
+    assert pq.read_schema(tmp_path / "sweep.parquet").equals(SWEEP_SCHEMA)
+    missing = similarity.filter(~((pl.col("vision_layer") == 6) & (pl.col("text_layer") == 4)))
+    with pytest.raises(ValueError, match=r"layer pair \(6, 4\) of the sweep has no 'cka'"):
+        sweep_with_similarity(sweep, missing)
+
+
+def test_sweep_plots_one_per_similarity_metric_task_and_metric(tmp_path: Path) -> None:
+    similarity, sweep = planted_sweep()
+    paths = sweep_plots(plots, similarity, sweep, tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in paths) == [
+        f"layers/sweep__vit__minilm__shapes__{metric}__vs_{sim}.png"
+        for metric in ("top1", "top5")
+        for sim in ("cka", "mutual_knn")
+    ]
+    for path in paths:
+        assert_png(path)

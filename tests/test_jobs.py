@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
 from pipeline import jobs, layout
-from pipeline.cli import STAGES, named_paths, parser
+from pipeline.cli import STAGES, job_from_args, named_paths, parser
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,10 +49,59 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
         "extract_features",
         "extract_tokens",
         "compare_layers",
+        "sweep_layers",
         "fit_aligners",
         "evaluate_aligners",
         "aggregate",
     }
+
+
+def test_the_sweep_job_reads_what_a_pooled_methods_align_and_evaluate_jobs_read(config):
+    sweep = jobs.sweep_layers(config, "vit_tiny", "minilm")
+    assert sweep.output("sweep") == "results/similarity/vit_tiny/minilm/sweep.parquet"
+    assert sweep.output("sweep") == layout.sweep_table("vit_tiny", "minilm")
+    fit = jobs.fit_aligners(config, "vit_tiny", "minilm", "ridge", "last")
+    evaluate = jobs.evaluate_aligners(config, "vit_tiny", "minilm", "ridge", "last")
+    # every store and manifest those jobs read, but no layer choice, aligner run or token set
+    read = {**fit.inputs, **evaluate.inputs}
+    unread = ("layers", "runs", "patches_0")
+    assert sweep.inputs == {name: path for name, path in read.items() if name not in unread}
+    assert sweep.spec["stores"] == {**fit.spec["stores"], **evaluate.spec["stores"]}
+    assert (sweep.spec["method"], sweep.spec["aligner"]) == ("ridge", "ridge")
+    assert sweep.spec["params"] == fit.spec["params"] == {"alpha": 1.0}
+    assert sweep.spec["run"] == {"n_pairs": 1000, "seed": 0} and sweep.spec["stride"] == 1
+    assert sweep.spec["splits"] == fit.spec["splits"]
+    assert sweep.spec["evaluate"] == evaluate.spec["splits"]
+    assert sweep.threads == config["align"]["threads"] and "threads" not in str(sweep.spec)
+    aggregate = jobs.aggregate(config)
+    assert aggregate.input_list("sweeps") == jobs.sweep_tables(config) == [sweep.output("sweep")]
+    assert aggregate.output("sweep") == layout.SWEEP_TABLE
+    assert aggregate.output("sweep_rho") == layout.SWEEP_RHO_TABLE
+
+
+def test_without_a_sweep_section_there_is_no_sweep(config, tmp_path):
+    without = {key: value for key, value in config.items() if key != "sweep"}
+    assert not jobs.has_sweep(without) and jobs.sweep_tables(without) == []
+    aggregate = jobs.aggregate(without)
+    assert "sweeps" not in aggregate.inputs and set(aggregate.outputs) == {
+        "metrics",
+        "summary",
+        "plots",
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(without))
+    args = parser().parse_args(["sweep", "--config", str(path), "--pair", "vit_tiny/minilm"])
+    with pytest.raises(SystemExit, match="'sweep' is not defined"):
+        job_from_args("sweep_layers", STAGES["sweep_layers"], args)
+
+
+def test_the_sweep_by_hand_is_the_rules_job(config):
+    args = parser().parse_args(
+        ["sweep", "--config", str(ROOT / "config.yaml"), "--pair", "vit_tiny/minilm"]
+    )
+    assert job_from_args("sweep_layers", STAGES["sweep_layers"], args) == jobs.sweep_layers(
+        config, "vit_tiny", "minilm"
+    )
 
 
 def test_named_paths_and_help_on_every_stage():

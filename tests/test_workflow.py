@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 import yaml
@@ -78,6 +79,8 @@ TINY = {
             },
         },
     },
+    # the run of the grid's n24_s0: its `last` layer pair must give procrustes/last's numbers
+    "sweep": {"method": "procrustes", "n_pairs": 24, "seed": 0},
 }
 METHODS = sorted(TINY["align"]["methods"])
 TOKEN_SETS = 7  # vit on train/val/test, minilm on train/val/test/prompts
@@ -203,6 +206,33 @@ def test_every_artefact_of_the_dag(tiny_run):
     assert summary["count"].max() == 2  # two seeds
     baseline = summary.filter((pl.col("method") == "linear") & (pl.col("layer_choice") == "last"))
     assert (baseline["relative_improvement"].fill_null(0) == 0).all()
+    sweep = read_metrics(results / "similarity/vit/minilm/sweep.parquet")
+    assert sweep.select("vision_layer", "text_layer").unique().height == 3 * 7  # every pair
+    assert set(sweep["task_kind"]) == {"classification", "retrieval"}
+    assert sweep.select("method", "layer_choice", "n_pairs", "seed").unique().rows() == [
+        ("procrustes", "sweep", 24, 0)
+    ]
+    last = metrics.filter(
+        (pl.col("method") == "procrustes")
+        & (pl.col("layer_choice") == "last")
+        & (pl.col("n_pairs") == 24)
+        & (pl.col("seed") == 0)
+        & (pl.col("task_kind") != "segmentation")
+    )
+    [(vision_layer, text_layer)] = last.select("vision_layer", "text_layer").unique().rows()
+    swept = sweep.filter(
+        (pl.col("vision_layer") == vision_layer) & (pl.col("text_layer") == text_layer)
+    )
+    key = ["task", "metric"]
+    assert swept.sort(key).select(key).equals(last.sort(key).select(key))
+    np.testing.assert_allclose(swept.sort(key)["value"], last.sort(key)["value"], atol=1e-9)
+    joined = pl.read_parquet(results / "tables/sweep.parquet")
+    assert len(joined) == 2 * len(sweep)  # once per similarity metric
+    rho = pl.read_parquet(results / "tables/sweep_rho.parquet")
+    assert set(rho["similarity_metric"]) == {"linear_cka", "mutual_knn"}
+    assert (rho["layer_pairs"] == 3 * 7).all()
+    figures = list((results / "plots/layers").glob("sweep__vit__minilm__*.png"))
+    assert len(figures) == len(rho)
     query = f"select count(*) from '{results / 'tables/metrics.parquet'}'"
     assert duckdb.sql(query).fetchall() == [(len(metrics),)]
     assert list((results / "plots").glob("*__vs_n_pairs.png"))
@@ -250,6 +280,7 @@ def test_html_report(tiny_run):
     result = snakemake(tiny_run, "--report", "results/report.html")
     assert result.returncode == 0, result.output[-3000:]
     assert (tiny_run / "results/report.html").stat().st_size > 10_000
+    assert "sweep__vit__minilm__" in (tiny_run / "results/report.html").read_text()
 
 
 def test_forcerun_of_a_stage_reruns_only_what_depends_on_it(tiny_run):
@@ -318,12 +349,14 @@ def test_a_configfile_replaces_the_default_config(tmp_path):
     run, not the default's seven merged in (a dry run: nothing is written)."""
     config = copy.deepcopy(TINY)
     config["align"]["methods"] = {m: TINY["align"]["methods"][m] for m in ("linear", "csa")}
+    config["sweep"]["method"] = "csa"
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump(config))
     command = ["-m", "snakemake", "--dry-run", "--cores", "1", "--configfile", str(other)]
     result = run(command, cwd=ROOT)
     assert result.returncode == 0, result.output[-3000:]
     assert re.search(r"^fit_aligners\s+4$", result.output, re.MULTILINE), result.output[-2000:]
+    assert re.search(r"^sweep_layers\s+1$", result.output, re.MULTILINE), result.output[-2000:]
 
 
 def test_a_missing_chunk_fails_the_stage_that_reads_it(copy_of_run):

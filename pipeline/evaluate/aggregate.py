@@ -6,6 +6,10 @@ similarity against the downstream metric for every layer pair an encoder pair's 
 figure per similarity metric, method and n_pairs with more than two points), and, per
 segmentation task, a few predicted label maps of PAL and of the best global method
 (``plots/segmentation/``).
+
+With a layer sweep (the job's ``sweeps`` inputs) it also writes the ``sweep`` table (every sweep
+row with its layer pair's similarity), the ``sweep_rho`` table (Spearman's rho per encoder pair,
+similarity metric, task and metric) and the matching figures (``plots/layers/sweep__*.png``).
 """
 
 from __future__ import annotations
@@ -13,14 +17,31 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import polars as pl
 
 from pipeline import layout
 from pipeline.data import load_split, load_tasks, read_manifest
-from pipeline.evaluate.tables import concat_metrics, summarise, write_metrics, write_summary
+from pipeline.evaluate.tables import (
+    SWEEP_RHO_KEY,
+    SWEEP_RHO_SCHEMA,
+    concat_metrics,
+    polars_schema,
+    read_metrics,
+    similarity_metrics,
+    summarise,
+    sweep_with_similarity,
+    validate,
+    write_metrics,
+    write_summary,
+    write_sweep,
+    write_sweep_rho,
+)
 from pipeline.jobs import Job
 
 log = logging.getLogger(__name__)
@@ -40,6 +61,11 @@ def run_aggregate(job: Job) -> None:
     written = plots.plot_all(summary, plots_dir)
     similarity = pl.concat([pl.read_parquet(path) for path in similarities], how="diagonal")
     written += similarity_plots(plots, similarity, metrics, plots_dir)
+    if "sweeps" in job.inputs:
+        sweep = concat_metrics(read_metrics(path) for path in job.input_list("sweeps"))
+        write_sweep(sweep_with_similarity(sweep, similarity), job.output("sweep"))
+        write_sweep_rho(sweep_rho(plots, similarity, sweep), job.output("sweep_rho"))
+        written += sweep_plots(plots, similarity, sweep, plots_dir)
     examples = pl.concat([pl.read_parquet(path) for path in job.input_list("examples")])
     datasets = {
         read_manifest(Path(layout.dataset_of_manifest(m)))["name"]: layout.dataset_of_manifest(m)
@@ -84,6 +110,69 @@ def similarity_plots(
                     plots_dir / "layers" / f"{name}.png",
                 )
             )
+    return written
+
+
+SWEEP_GROUP = [key for key in SWEEP_RHO_KEY if key != "similarity_metric"]
+
+
+def sweep_groups(
+    similarity: pl.DataFrame, sweep: pl.DataFrame
+) -> Iterator[tuple[dict[str, Any], pl.DataFrame, str]]:
+    """(key, rows, similarity metric) per encoder pair, method, run, task, metric of the sweep
+    and similarity metric of that encoder pair; ``key`` maps ``SWEEP_GROUP`` to its values."""
+    for values, rows in sweep.sort(SWEEP_GROUP).group_by(SWEEP_GROUP, maintain_order=True):
+        key = dict(zip(SWEEP_GROUP, values, strict=True))
+        for similarity_metric in similarity_metrics(
+            similarity, key["vision_encoder"], key["text_encoder"]
+        ):
+            yield key, rows, similarity_metric
+
+
+def sweep_rho(plots: ModuleType, similarity: pl.DataFrame, sweep: pl.DataFrame) -> pl.DataFrame:
+    """Spearman's rho between layer-pair similarity and the metric over the swept layer pairs
+    (``plots.layer_pair_points``), one row per ``SWEEP_RHO_KEY``; null where either is constant."""
+    rows = []
+    for key, runs, similarity_metric in sweep_groups(similarity, sweep):
+        points = plots.layer_pair_points(
+            similarity, runs, similarity_metric, key["task"], key["metric"]
+        )
+        rho = plots.spearman_rho(points["similarity"].to_numpy(), points["value"].to_numpy())
+        rows.append(
+            {
+                **key,
+                "similarity_metric": similarity_metric,
+                "rho": rho if np.isfinite(rho) else None,
+                "layer_pairs": len(points),
+            }
+        )
+    frame = pl.DataFrame(rows, schema=polars_schema(SWEEP_RHO_SCHEMA))
+    return validate(frame, SWEEP_RHO_SCHEMA).sort(SWEEP_RHO_KEY)
+
+
+def sweep_plots(
+    plots: ModuleType, similarity: pl.DataFrame, sweep: pl.DataFrame, plots_dir: Path
+) -> list[Path]:
+    """Layer-pair similarity against each metric of the sweep, one figure per encoder pair,
+    similarity metric, task and metric (Spearman's rho in the title)."""
+    written = []
+    for key, runs, similarity_metric in sweep_groups(similarity, sweep):
+        name = re.sub(
+            r"[^A-Za-z0-9_.-]+",
+            "_",
+            f"sweep__{key['vision_encoder']}__{key['text_encoder']}__{key['task']}__"
+            f"{key['metric']}__vs_{similarity_metric}",
+        )
+        written.append(
+            plots.plot_similarity_vs_metric(
+                similarity,
+                runs,
+                similarity_metric,
+                key["task"],
+                key["metric"],
+                plots_dir / "layers" / f"{name}.png",
+            )
+        )
     return written
 
 

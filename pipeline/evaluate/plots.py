@@ -19,11 +19,9 @@ from matplotlib.patches import Patch
 from scipy.stats import spearmanr
 
 from pipeline.atomic import atomic_path
-from pipeline.evaluate.tables import BASELINE
+from pipeline.evaluate.tables import BASELINE, ENCODER_PAIR, LAYER_PAIR, layer_pair_similarity
 
-ENCODER_PAIR = ["vision_encoder", "text_encoder"]
 SERIES = ["method", "layer_choice"]
-LAYER_PAIR = ["vision_layer", "text_layer"]
 RUN_GROUP = [*ENCODER_PAIR, "method", "n_pairs"]
 PANEL_SIZE = (5.5, 4.0)
 DPI = 120
@@ -145,7 +143,7 @@ def layer_pair_points(
     points = (
         runs.group_by([*RUN_GROUP, *LAYER_PAIR])
         .agg(pl.col("value").mean())
-        .join(_layer_pair_similarity(similarity, similarity_metric, vision, text), on=LAYER_PAIR)
+        .join(layer_pair_similarity(similarity, similarity_metric, vision, text), on=LAYER_PAIR)
         .select([*RUN_GROUP, *LAYER_PAIR, "similarity", "value"])
         .sort(LAYER_PAIR)
     )
@@ -206,20 +204,6 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
-
-
-def _layer_pair_similarity(
-    similarity: pl.DataFrame, similarity_metric: str, vision: str, text: str
-) -> pl.DataFrame:
-    rows = similarity.filter(
-        (pl.col("metric") == similarity_metric)
-        & (pl.col("vision_encoder") == vision)
-        & (pl.col("text_encoder") == text)
-    )
-    if rows.is_empty():
-        raise ValueError(f"similarity table has no {similarity_metric!r} rows for {vision}+{text}")
-    largest = rows.filter(pl.col("n_samples") == pl.col("n_samples").max())
-    return largest.group_by(LAYER_PAIR).agg(similarity=pl.col("value").mean())
 
 
 def _is_baseline(baseline: tuple[str, str]) -> pl.Expr:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +121,8 @@ class SplitInputs:
 
     ``features``: the vision, text and prompts features: feature stores (pooled aligners) or
     token sets (``tokens``: a token aligner); ``patches``: the vision token set segmentation
-    reads (None when the split has no segmentation task)."""
+    reads (None when the split has no segmentation task); ``kinds``: the task kinds to score
+    (default: every kind)."""
 
     def __init__(
         self,
@@ -134,6 +135,7 @@ class SplitInputs:
         features: dict[str, Any],
         tokens: bool,
         patches: TokenSet | None,
+        kinds: Collection[str] | None = None,
     ) -> None:
         self.dataset = dataset
         data = load_split(dataset_dir, split)
@@ -154,6 +156,8 @@ class SplitInputs:
                     f"(tasks: {sorted(t.name for t in available)})"
                 )
             available = [t for t in available if t.name in tasks]
+        if kinds is not None:
+            available = [t for t in available if t.kind in kinds]
         if any(t.kind == SEGMENTATION for t in available) and patches is None:
             raise ValueError(
                 f"{dataset}/{split} has a segmentation task but the job reads no vision token "
@@ -173,6 +177,10 @@ class SplitInputs:
             else:
                 self._layers[key] = self.features[which].read(layer)
         return self._layers[key]
+
+    def forget(self, which: str) -> None:
+        """Drop the layers of the vision, text or prompts features read so far (memory)."""
+        self._layers = {key: value for key, value in self._layers.items() if key[0] != which}
 
     def masks(self, task: Task) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image rows of a segmentation task (those with a mask) and their masks, checked."""
@@ -211,7 +219,14 @@ def evaluate_run(
         n_pairs=meta["n_pairs"],
         seed=meta["seed"],
     )
-    aligner = load_aligner(run_dir)
+    return evaluate_aligner(load_aligner(run_dir), key, inputs, examples)
+
+
+def evaluate_aligner(
+    aligner: Any, key: RunKey, inputs: SplitInputs, examples: bool = False
+) -> tuple[list[pl.DataFrame], list[dict[str, Any]]]:
+    """Metric rows of a fitted aligner (the run ``key`` names, whose layers it reads) on every
+    task of one split, and (``examples``) a few predicted label maps of each segmentation task."""
     image_emb = aligner.embed_image(inputs.source("vision", key.vision_layer))
     caption_emb = _once(lambda: aligner.embed_text(inputs.source("text", key.text_layer)))
     prompt_emb = _once(lambda: aligner.embed_text(inputs.source("prompts", key.text_layer)))

@@ -9,7 +9,11 @@ baseline of the same encoder pair, n_pairs, task and metric (null when that base
 absent or its mean is zero; 0.5 means +50%). Layers are not a summary key: a layer choice
 such as ``best`` may pick different layers for different seeds.
 
-Both tables are written with an explicit pyarrow schema and read back validated.
+The layer sweep's tables (``pipeline.sweep``): ``sweep.parquet`` repeats every sweep row (a
+metrics row) once per similarity metric of its encoder pair, with that layer pair's similarity;
+``sweep_rho.parquet`` holds Spearman's rho between the two over the swept layer pairs.
+
+Every table is written with an explicit pyarrow schema and read back validated.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pipeline.atomic import write_parquet
 
 TASK_KINDS = ("classification", "retrieval", "segmentation")
 BASELINE = ("linear", "last")
+ENCODER_PAIR = ["vision_encoder", "text_encoder"]
+LAYER_PAIR = ["vision_layer", "text_layer"]
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -66,6 +72,26 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("count", pa.int64(), nullable=False),
         pa.field("relative_improvement", pa.float64()),
     ]
+)
+
+SWEEP_SCHEMA = METRICS_SCHEMA.append(
+    pa.field("similarity_metric", pa.string(), nullable=False)
+).append(pa.field("similarity", pa.float64(), nullable=False))
+SWEEP_KEY = [*METRICS_KEY, "similarity_metric"]
+SWEEP_RHO_KEY = [
+    "vision_encoder",
+    "text_encoder",
+    "method",
+    "n_pairs",
+    "seed",
+    "similarity_metric",
+    "task",
+    "task_kind",
+    "metric",
+]
+SWEEP_RHO_SCHEMA = pa.schema(
+    [SWEEP_SCHEMA.field(name) for name in SWEEP_RHO_KEY]
+    + [pa.field("rho", pa.float64()), pa.field("layer_pairs", pa.int64(), nullable=False)]
 )
 
 
@@ -135,9 +161,55 @@ def summarise(metrics: pl.DataFrame, baseline: tuple[str, str] = BASELINE) -> pl
     return validate(summary.drop("baseline_mean").sort(SUMMARY_KEY), SUMMARY_SCHEMA)
 
 
+def layer_pair_similarity(
+    similarity: pl.DataFrame, similarity_metric: str, vision: str, text: str
+) -> pl.DataFrame:
+    """``vision_layer, text_layer, similarity`` of one encoder pair and similarity metric: the
+    score at the table's largest ``n_samples``, averaged over its sample seeds."""
+    rows = similarity.filter(
+        (pl.col("metric") == similarity_metric)
+        & (pl.col("vision_encoder") == vision)
+        & (pl.col("text_encoder") == text)
+    )
+    if rows.is_empty():
+        raise ValueError(f"similarity table has no {similarity_metric!r} rows for {vision}+{text}")
+    largest = rows.filter(pl.col("n_samples") == pl.col("n_samples").max())
+    return largest.group_by(LAYER_PAIR).agg(similarity=pl.col("value").mean())
+
+
+def similarity_metrics(similarity: pl.DataFrame, vision: str, text: str) -> list[str]:
+    """The similarity metrics the table holds for one encoder pair, sorted."""
+    pair = (pl.col("vision_encoder") == vision) & (pl.col("text_encoder") == text)
+    return similarity.filter(pair)["metric"].unique().sort().to_list()
+
+
+def sweep_with_similarity(sweep: pl.DataFrame, similarity: pl.DataFrame) -> pl.DataFrame:
+    """The ``sweep.parquet`` table: every sweep row once per similarity metric of its encoder
+    pair, with its layer pair's similarity (``layer_pair_similarity``)."""
+    sweep = validate(sweep, METRICS_SCHEMA)
+    frames = []
+    for (vision, text), rows in sweep.group_by(ENCODER_PAIR, maintain_order=True):
+        metrics = similarity_metrics(similarity, vision, text)
+        if not metrics:
+            raise ValueError(f"the similarity tables have no rows for {vision}+{text}")
+        for metric in metrics:
+            scores = layer_pair_similarity(similarity, metric, vision, text)
+            joined = rows.join(scores, on=LAYER_PAIR, how="left")
+            unscored = joined.filter(pl.col("similarity").is_null())
+            if len(unscored):
+                raise ValueError(
+                    f"{vision}+{text}: layer pair {unscored.select(LAYER_PAIR).row(0)} of the "
+                    f"sweep has no {metric!r} similarity"
+                )
+            frames.append(joined.with_columns(similarity_metric=pl.lit(metric)))
+    if not frames:
+        raise ValueError("no sweep rows to join")
+    return validate(pl.concat(frames), SWEEP_SCHEMA).sort(SWEEP_KEY)
+
+
 def validate(frame: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:
     """The frame with columns in schema order, or an error naming the offending column."""
-    expected = _polars_schema(schema)
+    expected = polars_schema(schema)
     missing = [name for name in expected if name not in frame.columns]
     extra = [name for name in frame.columns if name not in expected]
     if missing or extra:
@@ -168,6 +240,16 @@ def write_summary(summary: pl.DataFrame, path: str | os.PathLike[str]) -> None:
     _write(validate(summary, SUMMARY_SCHEMA), SUMMARY_SCHEMA, path)
 
 
+def write_sweep(sweep: pl.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write the sweep table (``sweep_with_similarity``) atomically with ``SWEEP_SCHEMA``."""
+    _write(validate(sweep, SWEEP_SCHEMA), SWEEP_SCHEMA, path)
+
+
+def write_sweep_rho(rho: pl.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write the sweep's rho table atomically with ``SWEEP_RHO_SCHEMA``."""
+    _write(validate(rho, SWEEP_RHO_SCHEMA), SWEEP_RHO_SCHEMA, path)
+
+
 def read_metrics(path: str | os.PathLike[str]) -> pl.DataFrame:
     """The metrics table at ``path``, validated against ``METRICS_SCHEMA``."""
     return validate(pl.read_parquet(path), METRICS_SCHEMA)
@@ -182,6 +264,6 @@ def _write(frame: pl.DataFrame, schema: pa.Schema, path: str | os.PathLike[str])
     write_parquet(frame.to_arrow().cast(schema), path)
 
 
-def _polars_schema(schema: pa.Schema) -> dict[str, pl.DataType]:
+def polars_schema(schema: pa.Schema) -> dict[str, pl.DataType]:
     empty = pl.from_arrow(schema.empty_table())
     return dict(empty.schema)

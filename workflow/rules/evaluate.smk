@@ -24,8 +24,17 @@ rule evaluate_aligners:
         " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
+# The sweep's tables, only with a `sweep` section (jobs.aggregate lists them then).
+SWEEP_TABLES = {
+    name: report(path, category="Tables", caption=f"../report/{name}.rst")
+    for name, path in jobs.aggregate(config).outputs.items()
+    if name in ("sweep", "sweep_rho")
+}
+
+
 rule aggregate:
-    """One metrics table, its summary over seeds, and the plots drawn from them."""
+    """One metrics table, its summary over seeds, and the plots drawn from them; with a layer
+    sweep, its tables and similarity-against-accuracy plots too."""
     input:
         **jobs.aggregate(config).inputs,
     output:
@@ -37,6 +46,7 @@ rule aggregate:
             category="Results",
             caption="../report/plots.rst",
         ),
+        **SWEEP_TABLES,
     params:
         spec=json.dumps(jobs.aggregate(config).spec, sort_keys=True),
         inputs=lambda wildcards, input: cli_paths(input),
@@ -66,3 +76,4 @@ rule report:
     input:
         rules.aggregate.output,
         rules.similarity.input,
+        rules.sweep.input,
