@@ -324,13 +324,7 @@ class FeatureStore:
 
     @cached_property
     def group(self) -> zarr.Group:
-        try:
-            return zarr.open_group(self.path, mode="r")
-        except Exception as error:
-            raise StoreIntegrityError(
-                f"feature store {self.path} cannot be opened ({type(error).__name__}: {error})",
-                path=self.path,
-            ) from error
+        return open_group_checked(self.path, "feature store")
 
     @property
     def attrs(self) -> dict[str, Any]:
@@ -528,7 +522,122 @@ def open_store(path: str | Path, fingerprint: str | None = None) -> FeatureStore
     return store
 
 
-class StoreWriter:
+class BlockStoreWriter:
+    """What a feature-store and a token-store writer share: per-block completion flags
+    (``block_complete``), resume after a kill, and the checked finish that writes the marker.
+
+    A subclass sets ``path``, ``group`` and ``flags`` and defines ``n_samples`` and
+    ``damaged_blocks()`` (finished blocks that no longer verify)."""
+
+    path: Path
+    group: zarr.Group
+    flags: zarr.Array
+
+    @property
+    def n_samples(self) -> int:
+        raise NotImplementedError
+
+    def damaged_blocks(self) -> dict[int, StoreIntegrityError]:
+        raise NotImplementedError
+
+    def unflag_damaged_blocks(self) -> list[int]:
+        """Clear the flag of every finished block that no longer verifies; returns them."""
+        damaged = self.damaged_blocks()
+        for block, error in sorted(damaged.items()):
+            log.warning("%s: block %d will be written again: %s", self.path, block, error)
+            self.flags[block] = False
+        return sorted(damaged)
+
+    def _unfinished(self) -> str | None:
+        """Why the store cannot be finished yet (None: every block is written)."""
+        pending = self.pending_blocks()
+        return f"{len(pending)} blocks are still missing" if pending else None
+
+    def pending_blocks(self) -> list[Any]:
+        raise NotImplementedError
+
+    def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
+        """Check every block is written and (``verify``) reads back intact, then write the
+        completion marker (last). Blocks that do not verify are un-flagged before the error,
+        so the next run rewrites them."""
+        if problem := self._unfinished():
+            raise IncompleteStoreError(f"{self.path}: {problem}")
+        if verify and (damaged := self.unflag_damaged_blocks()):
+            raise StoreIntegrityError(
+                f"{self.path}: blocks {damaged} did not read back intact after writing (disk "
+                "or file-system trouble?); run again to rewrite them",
+                path=self.path,
+            )
+        finished = datetime.now(UTC).isoformat(timespec="seconds")
+        self.group.attrs.update({"complete": True, "completed_at": finished})
+        with warnings.catch_warnings():  # consolidated metadata is a zarr-python v3 extension
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            zarr.consolidate_metadata(self.path)  # xarray.open_zarr reads it in one go
+        atomic.write_json(
+            marker_path(self.path),
+            {
+                "fingerprint": self.group.attrs["fingerprint"],
+                "completed_at": finished,
+                "n_samples": self.n_samples,
+                **self._marker_fields(),
+                **(summary or {}),
+            },
+        )
+
+    def _marker_fields(self) -> dict[str, Any]:
+        return {}
+
+
+def resume_or_clear(
+    path: Path,
+    writer: Callable[[Path, zarr.Group], BlockStoreWriter],
+    kind: str,
+    fingerprint: str,
+    same_shape: Callable[[dict[str, Any]], bool],
+    *,
+    on_stale: str,
+    fresh: bool,
+    check: Callable[[Any], None] | None = None,
+) -> Any:
+    """The writer of a killed run of this very store, resumed; or None after removing
+    whatever stands at ``path`` (its marker always goes first).
+
+    - another fingerprint: removed (``on_stale="recompute"``) or refused (``"error"``); one
+      without any (its creation was killed) is removed;
+    - same fingerprint, unfinished, ``same_shape(attrs)``: resumed (``check(writer)`` may
+      refuse it), finished blocks that no longer verify un-flagged;
+    - same fingerprint, finished before (``complete``: its job runs again, e.g. forced) or
+      ``fresh``: removed, to start from scratch.
+    """
+    marker_path(path).unlink(missing_ok=True)
+    if not path.exists():
+        return None
+    existing = read_attrs(path)
+    if existing.get("fingerprint") == fingerprint:
+        if fresh or existing.get("complete") or not same_shape(existing):
+            log.info("%s: recomputing from scratch (fresh, or finished before)", path)
+        else:
+            try:
+                resumed = writer(path, zarr.open_group(path, mode="r+"))
+                if check is not None:
+                    check(resumed)
+                resumed.unflag_damaged_blocks()
+            except Exception as error:  # flags or metadata unreadable: start over
+                log.warning("%s cannot be resumed (%s): starting over", path, error)
+            else:
+                log.info("%s: resuming a killed run", path)
+                return resumed
+    elif on_stale == "error" and existing.get("fingerprint") is not None:
+        raise StaleStoreError(
+            f"{kind} {path} was made from another configuration "
+            f"(fingerprint {str(existing.get('fingerprint'))[:12]} != "
+            f"{fingerprint[:12]}); remove it or set runtime.on_stale: recompute"
+        )
+    shutil.rmtree(path)
+    return None
+
+
+class StoreWriter(BlockStoreWriter):
     """Creates a store, or resumes one with the same fingerprint, and writes it block by block."""
 
     def __init__(self, path: Path, group: zarr.Group) -> None:
@@ -566,31 +675,16 @@ class StoreWriter:
           ``fresh=True``: remove it and start from scratch.
         """
         path = Path(path)
-        marker_path(path).unlink(missing_ok=True)
-        if path.exists():
-            existing = _read_attrs(path)
-            if existing.get("fingerprint") == fingerprint:
-                same_shape = existing.get("n_samples") == len(sample_ids) and existing.get(
-                    "dims"
-                ) == [int(d) for d in dims]
-                if fresh or existing.get("complete") or not same_shape:
-                    log.info("%s: recomputing from scratch (fresh, or finished before)", path)
-                else:
-                    try:
-                        writer = cls(path, zarr.open_group(path, mode="r+"))
-                        writer.unflag_damaged_blocks()
-                    except Exception as error:  # flags or metadata unreadable: start over
-                        log.warning("%s cannot be resumed (%s): starting over", path, error)
-                    else:
-                        log.info("%s: resuming a killed run", path)
-                        return writer
-            elif on_stale == "error" and existing.get("fingerprint") is not None:
-                raise StaleStoreError(
-                    f"feature store {path} was made from another configuration "
-                    f"(fingerprint {str(existing.get('fingerprint'))[:12]} != "
-                    f"{fingerprint[:12]}); remove it or set runtime.on_stale: recompute"
-                )
-            shutil.rmtree(path)
+
+        def same_shape(existing: dict[str, Any]) -> bool:
+            dims_now = [int(d) for d in dims]
+            return existing.get("n_samples") == len(sample_ids) and existing.get("dims") == dims_now
+
+        resumed = resume_or_clear(
+            path, cls, "feature store", fingerprint, same_shape, on_stale=on_stale, fresh=fresh
+        )
+        if resumed is not None:
+            return resumed
         rows = rows_per_chunk(len(sample_ids), dims, chunk_bytes)
         return cls(path, _create(path, fingerprint, sample_ids, layer_names, dims, rows, attrs))
 
@@ -657,43 +751,19 @@ class StoreWriter:
                     damaged[int(block)] = error
         return damaged
 
-    def unflag_damaged_blocks(self) -> list[int]:
-        """Clear the flag of every finished block that no longer verifies; returns them."""
-        damaged = self.damaged_blocks()
-        for block, error in sorted(damaged.items()):
-            log.warning("%s: block %d will be written again: %s", self.path, block, error)
-            self.flags[block] = False
-        return sorted(damaged)
 
-    def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
-        """Check every block is written and (``verify``) reads back intact, then write the
-        completion marker (last). Blocks that do not verify are un-flagged before the error,
-        so the next run rewrites them."""
-        if pending := self.pending_blocks():
-            raise IncompleteStoreError(f"{self.path}: {len(pending)} blocks are still missing")
-        if verify and (damaged := self.unflag_damaged_blocks()):
-            raise StoreIntegrityError(
-                f"{self.path}: blocks {damaged} did not read back intact after writing (disk "
-                "or file-system trouble?); run again to rewrite them",
-                path=self.path,
-            )
-        finished = datetime.now(UTC).isoformat(timespec="seconds")
-        self.group.attrs.update({"complete": True, "completed_at": finished})
-        with warnings.catch_warnings():  # consolidated metadata is a zarr-python v3 extension
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            zarr.consolidate_metadata(self.path)  # xarray.open_zarr reads it in one go
-        atomic.write_json(
-            marker_path(self.path),
-            {
-                "fingerprint": self.group.attrs["fingerprint"],
-                "completed_at": finished,
-                "n_samples": self.n_samples,
-                **(summary or {}),
-            },
-        )
+def open_group_checked(path: Path, kind: str) -> zarr.Group:
+    """The store's root group, read-only; a store that does not open is a named error."""
+    try:
+        return zarr.open_group(path, mode="r")
+    except Exception as error:
+        raise StoreIntegrityError(
+            f"{kind} {path} cannot be opened ({type(error).__name__}: {error})", path=path
+        ) from error
 
 
-def _read_attrs(path: Path) -> dict[str, Any]:
+def read_attrs(path: Path) -> dict[str, Any]:
+    """A store's attributes from its ``zarr.json``; {} when there is no readable store."""
     try:
         attrs = json.loads((path / "zarr.json").read_text())["attributes"]
     except (OSError, KeyError, ValueError):
@@ -701,7 +771,7 @@ def _read_attrs(path: Path) -> dict[str, Any]:
     return attrs if isinstance(attrs, dict) else {}
 
 
-def _codecs() -> dict[str, Any]:
+def chunk_codecs() -> dict[str, Any]:
     """Compression, then a CRC-32C of the stored bytes (last, so it covers what is on disk)."""
     return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
 
@@ -730,7 +800,7 @@ def _create(
             dimension_names=("sample", "dim" if same_width else f"dim_{i}"),
             fill_value=np.nan,
             config=dense,
-            **_codecs(),
+            **chunk_codecs(),
         )
     ids = group.create_array(
         "sample_id",
@@ -739,7 +809,7 @@ def _create(
         dtype=str,
         dimension_names=("sample",),
         config=dense,
-        **_codecs(),
+        **chunk_codecs(),
     )
     ids[:] = np.asarray(sample_ids, dtype=str)
     # The same ids beside the layers, named after their dimension: xarray opens the "layers"
@@ -751,7 +821,7 @@ def _create(
         dtype=str,
         dimension_names=("sample",),
         config=dense,
-        **_codecs(),
+        **chunk_codecs(),
     )
     coordinate[:] = np.asarray(sample_ids, dtype=str)
     group.create_array(
@@ -762,7 +832,7 @@ def _create(
         fill_value=False,
         dimension_names=("block",),
         config=dense,
-        **_codecs(),
+        **chunk_codecs(),
     )
     group.attrs.update(
         {

@@ -44,31 +44,31 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline import atomic
 from pipeline.fingerprint import spec_hash
 from pipeline.store import (
     SHOWN_ROWS,
+    BlockStoreWriter,
     CorruptChunkError,
     IncompleteStoreError,
     MissingChunkError,
     NonFiniteValuesError,
     StaleStoreError,
     StoreIntegrityError,
+    chunk_codecs,
     marker_path,
+    open_group_checked,
+    resume_or_clear,
 )
 
 log = logging.getLogger(__name__)
@@ -149,12 +149,6 @@ class Plan:
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
 
-    @cached_property
-    def fits_cache(self) -> bool:
-        """Whether every block fits the cache at once: then any read decodes whole blocks,
-        each once (a small store is read from memory after its first pass)."""
-        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
-
     @property
     def n_slots(self) -> int:
         return self.n_blocks * self.slots_per_block
@@ -200,10 +194,6 @@ def plan_blocks(
 # ---- writing ------------------------------------------------------------------------------------
 
 
-def _codecs() -> dict[str, Any]:
-    return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
-
-
 def _token_codecs(dtype: str) -> dict[str, Any]:
     """Bit-shuffled LZ4 (Blosc), then a CRC-32C: lossless, ~0.87 of float16 activations
     (a float's sign, exponent and mantissa bits compress apart), and fast enough (about 1 GB/s
@@ -213,15 +203,7 @@ def _token_codecs(dtype: str) -> dict[str, Any]:
     return {"compressors": [blosc, Crc32cCodec()]}
 
 
-def _read_attrs(path: Path) -> dict[str, Any]:
-    try:
-        attrs = json.loads((path / "zarr.json").read_text())["attributes"]
-    except (OSError, KeyError, ValueError):
-        return {}
-    return attrs if isinstance(attrs, dict) else {}
-
-
-class TokenStoreWriter:
+class TokenStoreWriter(BlockStoreWriter):
     """Creates a token store, or resumes one with the same fingerprint, and fills it block by
     block: ``add(row, tokens)`` in ascending row order writes each block once it is whole."""
 
@@ -263,33 +245,30 @@ class TokenStoreWriter:
         path = Path(path)
         if dtype not in DTYPES:
             raise ValueError(f"token dtype {dtype!r} is not one of {DTYPES}")
-        marker_path(path).unlink(missing_ok=True)
-        if path.exists():
-            existing = _read_attrs(path)
-            if existing.get("fingerprint") == fingerprint:
-                same = existing.get("n_samples") == len(sample_ids) and existing.get(
-                    "n_tokens"
-                ) == int(plan.token_count.sum())
-                if fresh or existing.get("complete") or not same:
-                    log.info("%s: recomputing from scratch (fresh, or finished before)", path)
-                else:
-                    try:
-                        writer = cls(path, zarr.open_group(path, mode="r+"))
-                        if not np.array_equal(writer.token_start, plan.token_start):
-                            raise ValueError("another block plan")
-                        writer.unflag_damaged_blocks()
-                    except Exception as error:
-                        log.warning("%s cannot be resumed (%s): starting over", path, error)
-                    else:
-                        log.info("%s: resuming a killed run", path)
-                        return writer
-            elif on_stale == "error" and existing.get("fingerprint") is not None:
-                raise StaleStoreError(
-                    f"token store {path} was made from another configuration "
-                    f"(fingerprint {str(existing.get('fingerprint'))[:12]} != {fingerprint[:12]});"
-                    " remove it or set runtime.on_stale: recompute"
-                )
-            shutil.rmtree(path)
+
+        def same_shape(existing: dict[str, Any]) -> bool:
+            n_tokens = int(plan.token_count.sum())
+            return (
+                existing.get("n_samples") == len(sample_ids)
+                and existing.get("n_tokens") == n_tokens
+            )
+
+        def same_plan(writer: TokenStoreWriter) -> None:
+            if not np.array_equal(writer.token_start, plan.token_start):
+                raise ValueError("another block plan")
+
+        resumed = resume_or_clear(
+            path,
+            cls,
+            "token store",
+            fingerprint,
+            same_shape,
+            on_stale=on_stale,
+            fresh=fresh,
+            check=same_plan,
+        )
+        if resumed is not None:
+            return resumed
         return cls(path, _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs))
 
     @property
@@ -299,12 +278,6 @@ class TokenStoreWriter:
     @property
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
-
-    @cached_property
-    def fits_cache(self) -> bool:
-        """Whether every block fits the cache at once: then any read decodes whole blocks,
-        each once (a small store is read from memory after its first pass)."""
-        return int(self.attrs["n_tokens"]) * self.dim * self.tokens.dtype.itemsize <= CACHE_BYTES
 
     def pending_blocks(self) -> list[int]:
         done = self.flags[:]
@@ -393,40 +366,13 @@ class TokenStoreWriter:
                 found[int(block)] = error
         return found
 
-    def unflag_damaged_blocks(self) -> list[int]:
-        damaged = self.damaged_blocks()
-        for block, error in sorted(damaged.items()):
-            log.warning("%s: block %d will be written again: %s", self.path, block, error)
-            self.flags[block] = False
-        return sorted(damaged)
-
-    def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
-        """Check every block is written and reads back intact, then write the marker (last)."""
+    def _unfinished(self) -> str | None:
         if self._block is not None:
-            raise IncompleteStoreError(f"{self.path}: block {self._block} is half filled")
-        if pending := self.pending_blocks():
-            raise IncompleteStoreError(f"{self.path}: {len(pending)} blocks are still missing")
-        if verify and (damaged := self.unflag_damaged_blocks()):
-            raise StoreIntegrityError(
-                f"{self.path}: blocks {damaged} did not read back intact after writing; run "
-                "again to rewrite them",
-                path=self.path,
-            )
-        finished = datetime.now(UTC).isoformat(timespec="seconds")
-        self.group.attrs.update({"complete": True, "completed_at": finished})
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            zarr.consolidate_metadata(self.path)
-        atomic.write_json(
-            marker_path(self.path),
-            {
-                "fingerprint": self.group.attrs["fingerprint"],
-                "completed_at": finished,
-                "n_samples": self.n_samples,
-                "layer": self.group.attrs["layer"],
-                **(summary or {}),
-            },
-        )
+            return f"block {self._block} is half filled"
+        return super()._unfinished()
+
+    def _marker_fields(self) -> dict[str, Any]:
+        return {"layer": self.group.attrs["layer"]}
 
 
 def _create(
@@ -466,7 +412,7 @@ def _create(
             dtype=values.dtype,
             dimension_names=dims,
             config=dense,
-            **_codecs(),
+            **chunk_codecs(),
         )
         array[:] = values
     ids = group.create_array(
@@ -476,7 +422,7 @@ def _create(
         dtype=str,
         dimension_names=("sample",),
         config=dense,
-        **_codecs(),
+        **chunk_codecs(),
     )
     ids[:] = np.asarray(sample_ids, dtype=str)
     group.create_array(
@@ -487,7 +433,7 @@ def _create(
         fill_value=False,
         dimension_names=("block",),
         config=dense,
-        **_codecs(),
+        **chunk_codecs(),
     )
     group.attrs.update(
         {
@@ -530,13 +476,7 @@ class TokenStore:
 
     @cached_property
     def group(self) -> zarr.Group:
-        try:
-            return zarr.open_group(self.path, mode="r")
-        except Exception as error:
-            raise StoreIntegrityError(
-                f"token store {self.path} cannot be opened ({type(error).__name__}: {error})",
-                path=self.path,
-            ) from error
+        return open_group_checked(self.path, "token store")
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
