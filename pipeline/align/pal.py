@@ -28,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any, Protocol
 
 import numpy as np
-import polars as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,9 +38,10 @@ from pipeline.align.params import PAL_POOLINGS as POOLINGS
 from pipeline.align.params import PALParams
 from pipeline.align.params import PalPooling as Pooling
 from pipeline.align.training import (
+    EarlyStopping,
+    adamw_with_schedule,
     batches_per_epoch,
     flushed_denormals,
-    lr_factor,
     near_equal_batches,
 )
 
@@ -307,15 +307,17 @@ def train_anchors(
     """Train ``model`` in place on (image, text) pairs; leaves it holding the chosen epoch."""
     n = len(train[0])
     total_steps = batches_per_epoch(n, params.batch_size) * params.max_epochs
-    optimiser = torch.optim.AdamW(
-        model.parameters(), lr=params.lr, betas=params.betas, weight_decay=params.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: lr_factor(step, params.warmup_steps, total_steps)
+    optimiser, schedule = adamw_with_schedule(
+        model.parameters(),
+        params.lr,
+        params.betas,
+        params.weight_decay,
+        params.warmup_steps,
+        total_steps,
     )
     shuffle = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    best_loss, best_epoch, best_state, step = math.inf, 0, None, 0
+    stopping, step = EarlyStopping(params.patience), 0
     with flushed_denormals():
         for epoch in range(1, params.max_epochs + 1):
             start = time.perf_counter()
@@ -334,25 +336,9 @@ def train_anchors(
                     "seconds": time.perf_counter() - start,
                 }
             )
-            if val_loss is None:
-                continue
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            elif epoch - best_epoch >= params.patience:
+            if val_loss is not None and stopping.should_stop(model, epoch, val_loss):
                 break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitReport(
-        chosen_epoch=best_epoch if val is not None else len(rows),
-        curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
-        extra={
-            "epochs_run": len(rows),
-            "steps": step,
-            "stopped_early": len(rows) < params.max_epochs,
-            "best_val_loss": None if best_state is None else best_loss,
-        },
-    )
+    return stopping.report(model, rows, val is not None, params.max_epochs)
 
 
 def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None:

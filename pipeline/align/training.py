@@ -49,6 +49,57 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def adamw_with_schedule(
+    parameters: Any,
+    lr: float,
+    betas: tuple[float, float],
+    weight_decay: float,
+    warmup_steps: int,
+    total_steps: int,
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW and its ``lr_factor`` schedule, stepped after every optimiser step."""
+    optimiser = torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda step: lr_factor(step, warmup_steps, total_steps)
+    )
+    return optimiser, schedule
+
+
+class EarlyStopping:
+    """Keeps a copy of the weights of the epoch with the lowest validation loss and says when
+    ``patience`` epochs have passed without a strictly lower one."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best_loss, self.best_epoch = math.inf, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def should_stop(self, module: nn.Module, epoch: int, val_loss: float) -> bool:
+        if val_loss < self.best_loss:
+            self.best_loss, self.best_epoch = val_loss, epoch
+            self.best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return False
+        return epoch - self.best_epoch >= self.patience
+
+    def report(
+        self, module: nn.Module, rows: list[dict[str, Any]], validated: bool, max_epochs: int
+    ) -> FitReport:
+        """Restore the best epoch's weights (if any was chosen); the fit's curve and summary.
+        Without validation the last epoch is kept."""
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+        return FitReport(
+            chosen_epoch=self.best_epoch if validated else len(rows),
+            curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
+            extra={
+                "epochs_run": len(rows),
+                "steps": rows[-1]["step"],
+                "stopped_early": len(rows) < max_epochs,
+                "best_val_loss": None if self.best_state is None else self.best_loss,
+            },
+        )
+
+
 class Towers(nn.Module):
     """An image head and a text head; ``forward`` gives L2-normalised embeddings of both."""
 
@@ -158,15 +209,17 @@ def train_towers(
 ) -> FitReport:
     """Train ``towers`` in place on pairs (x[i], y[i]); leaves it holding the chosen epoch."""
     total_steps = batches_per_epoch(len(x), config.batch_size) * config.max_epochs
-    optimiser = torch.optim.AdamW(
-        towers.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: lr_factor(step, config.warmup_steps, total_steps)
+    optimiser, schedule = adamw_with_schedule(
+        towers.parameters(),
+        config.lr,
+        config.betas,
+        config.weight_decay,
+        config.warmup_steps,
+        total_steps,
     )
     shuffle = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
-    best_loss, best_epoch, best_weights = math.inf, 0, None
+    stopping = EarlyStopping(config.patience)
     with flushed_denormals():
         for epoch in range(1, config.max_epochs + 1):
             start = time.perf_counter()
@@ -177,21 +230,8 @@ def train_towers(
             rows.append({"epoch": epoch, **row, "val_loss": val_loss, "seconds": seconds})
             if val_loss is None or not regulariser_at_full_weight(config, row["step"]):
                 continue
-            if val_loss < best_loss:
-                best_loss, best_epoch = val_loss, epoch
-                best_weights = {k: v.detach().clone() for k, v in towers.state_dict().items()}
-            elif epoch - best_epoch >= config.patience:
+            if stopping.should_stop(towers, epoch, val_loss):
                 break
-    if best_weights is not None:
-        towers.load_state_dict(best_weights)
+    report = stopping.report(towers, rows, x_val is not None, config.max_epochs)
     towers.eval()
-    return FitReport(
-        chosen_epoch=best_epoch if x_val is not None else len(rows),
-        curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
-        extra={
-            "epochs_run": len(rows),
-            "steps": rows[-1]["step"],
-            "stopped_early": len(rows) < config.max_epochs,
-            "best_val_loss": None if best_weights is None else best_loss,
-        },
-    )
+    return report

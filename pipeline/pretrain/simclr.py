@@ -18,10 +18,8 @@ same machine and software.
 
 from __future__ import annotations
 
-import math
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +33,8 @@ from torch import nn
 from tqdm import tqdm
 
 from pipeline import atomic
+from pipeline.align.grid import compute_threads
+from pipeline.align.training import adamw_with_schedule
 from pipeline.data import synthetic
 from pipeline.encoders.base import package_versions, sha256_files
 from pipeline.fingerprint import spec_hash
@@ -93,24 +93,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(logits, targets)
 
 
-def learning_rate(step: int, settings: PretrainSettings) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < settings.warmup_steps:
-        return settings.lr * (step + 1) / settings.warmup_steps
-    progress = (step - settings.warmup_steps) / max(1, settings.steps - settings.warmup_steps)
-    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 @dataclass
 class PretrainResult:
     model: nn.Module
@@ -139,25 +121,29 @@ def pretrain(
         nn.Linear(width, width), nn.GELU(), nn.Linear(width, settings.projection_dim)
     )
     parameters = [*model.parameters(), *head.parameters()]
-    optimiser = torch.optim.AdamW(
-        parameters, lr=settings.lr, betas=(0.9, 0.95), weight_decay=settings.weight_decay
+    optimiser, schedule = adamw_with_schedule(
+        parameters,
+        settings.lr,
+        (0.9, 0.95),
+        settings.weight_decay,
+        settings.warmup_steps,
+        settings.steps,
     )
     losses: list[float] = []
     model.train()
-    with torch_threads(threads), tqdm(total=settings.steps, desc="pretrain", unit="step") as bar:
-        for step in range(settings.steps):
+    with compute_threads(threads), tqdm(total=settings.steps, desc="pretrain", unit="step") as bar:
+        for _ in range(settings.steps):
             batch = rng.choice(len(images), size=settings.batch_size, replace=False)
             views = [Image.fromarray(object_view(images[i], rng)) for _ in range(2) for i in batch]
             pixels = encoder.collate(views)["pixel_values"]
             pooled = encoder.pooled_layers({"pixel_values": pixels})[-1]
             z1, z2 = head(pooled).chunk(2)
             loss = nt_xent(z1, z2, settings.temperature)
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate(step, settings)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
             optimiser.step()
+            schedule.step()
             losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             bar.update()
