@@ -60,11 +60,8 @@ class StructureConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings shared by the trained heads (config keys = field names).
-
-    ``structure``: None (off) or a ``StructureConfig`` / its config dict.
-    """
+class Optimisation:
+    """Optimisation settings of every trained aligner (config keys = field names)."""
 
     lr: float = 5e-3
     weight_decay: float = 1e-4
@@ -75,7 +72,6 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     tau: float = 0.05
-    structure: StructureConfig | None = None
 
     def __post_init__(self) -> None:
         require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
@@ -87,6 +83,17 @@ class TrainConfig:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
         require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Optimisation):
+    """The trained heads' settings: ``Optimisation`` plus ``structure``, None (off) or a
+    ``StructureConfig`` / its config dict."""
+
+    structure: StructureConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if isinstance(self.structure, dict):
             object.__setattr__(self, "structure", StructureConfig.from_dict(self.structure))
         require(
@@ -170,8 +177,8 @@ class RidgeParams:
 
 
 @dataclass(frozen=True)
-class PALParams:
-    """``pal`` config (keys = field names; the optimisation keys are ``TrainConfig``'s).
+class PALParams(Optimisation):
+    """``pal`` config (keys = field names; the optimisation keys are ``Optimisation``'s).
 
     ``anchors``: K per modality; ``tau_p``: CAP temperature; ``pooling``: cap, mean or cls;
     ``tau``: the fixed InfoNCE temperature (docs/pal.md).
@@ -180,29 +187,12 @@ class PALParams:
     anchors: int = 512
     tau_p: float = 0.03
     pooling: str = "cap"
-    lr: float = 5e-3
-    weight_decay: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    batch_size: int = 4096
-    max_epochs: int = 100
-    patience: int = 10
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    tau: float = 0.05
 
     def __post_init__(self) -> None:
         require(self.anchors >= 1, "anchors", f"must be >= 1, got {self.anchors}")
         require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
         require(self.pooling in PAL_POOLINGS, "pooling", f"must be one of {PAL_POOLINGS}")
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
-        require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
-        require(self.max_epochs >= 1, "max_epochs", f"must be >= 1, got {self.max_epochs}")
-        require(self.patience >= 1, "patience", f"must be >= 1, got {self.patience}")
-        require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
-        require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
-        require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        super().__post_init__()
 
 
 KIND_PARAMS: dict[str, type] = {
