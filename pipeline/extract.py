@@ -93,6 +93,32 @@ def dataset_info(dataset_dir: Path) -> dict[str, Any]:
     return {"name": manifest.get("name", Path(dataset_dir).name), **manifest}
 
 
+def provenance_attrs(
+    encoder_name: str,
+    encoder: Encoder,
+    provenance: dict[str, Any],
+    dataset: dict[str, Any],
+    split: str,
+) -> dict[str, Any]:
+    """What a feature or token store records of where its values came from: the encoder
+    (config name, architecture under ``model``), the dataset split and library versions."""
+    return {
+        "encoder": {
+            **provenance,
+            "name": encoder_name,  # the config's name; the architecture is under "model"
+            "model": provenance["name"],
+            "modality": encoder.modality,
+        },
+        "dataset": {
+            "name": dataset["name"],
+            "split": split,
+            "content_hash": dataset["content_hash"],
+            "spec": dataset.get("spec"),
+        },
+        "versions": library_versions(),
+    }
+
+
 def expected_fingerprint(
     *,
     encoder_name: str,
@@ -140,23 +166,11 @@ def extract(
         chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
         fresh=fresh,
         attrs={
-            "encoder": {
-                **provenance,
-                "name": encoder_name,  # the config's name; the architecture is under "model"
-                "model": provenance["name"],
-                "modality": encoder.modality,
-            },
-            "dataset": {
-                "name": dataset["name"],
-                "split": split,
-                "content_hash": dataset["content_hash"],
-                "spec": dataset.get("spec"),
-            },
+            **provenance_attrs(encoder_name, encoder, provenance, dataset, split),
             "precision": precision,
             "request": store.request_hash(
                 encoder_name, encoder_spec, dataset["name"], split, precision
             ),
-            "versions": library_versions(),
         },
     )
     pending = writer.pending_blocks()

@@ -32,10 +32,16 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic, layout, tokens
 from pipeline.encoders import Encoder, build_encoder
-from pipeline.extract import PRECISIONS, Rows, dataset_info, resolve_device, split_items
+from pipeline.extract import (
+    PRECISIONS,
+    Rows,
+    dataset_info,
+    provenance_attrs,
+    resolve_device,
+    split_items,
+)
 from pipeline.jobs import Job
 from pipeline.similarity.selection import read_layer_choice
-from pipeline.versions import library_versions
 
 log = logging.getLogger(__name__)
 IN_PROGRESS = ".in_progress"
@@ -126,24 +132,12 @@ def extract_tokens(
             on_stale=runtime.get("on_stale", "recompute"),
             fresh=fresh,
             attrs={
-                "encoder": {
-                    **provenance,
-                    "name": encoder_name,
-                    "model": provenance["name"],
-                    "modality": encoder.modality,
-                },
-                "dataset": {
-                    "name": dataset["name"],
-                    "split": split,
-                    "content_hash": dataset["content_hash"],
-                    "spec": dataset.get("spec"),
-                },
+                **provenance_attrs(encoder_name, encoder, provenance, dataset, split),
                 "layer": int(layer),
                 "layer_name": encoder.layer_names[layer],
                 "precision": precision,
                 "request": request,
                 "layout": encoder.token_layout(),
-                "versions": library_versions(),
             },
         )
     _fill(encoder, writers, load_item, runtime, f"{encoder_name} {split}")
