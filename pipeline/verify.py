@@ -87,28 +87,26 @@ def print_report(problems: list[Problem], file: TextIO | None = None) -> int:
     return 1
 
 
-def feature_stores(results_dir: Path) -> list[Path]:
-    """Every ``*.zarr`` store under ``results/features``, and stores of orphan markers."""
+def zarr_stores(folder: Path) -> list[Path]:
+    """Every ``*.zarr`` store under ``folder``, and the stores of orphan ``*.zarr.done``
+    markers (the chunks inside a store are not walked)."""
     found: set[Path] = set()
-    for root, dirs, files in os.walk(results_dir / "features"):
-        for name in list(dirs):
-            if name.endswith(".zarr"):
-                found.add(Path(root) / name)
-                dirs.remove(name)  # do not walk the chunks
-        found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
-    return sorted(found)
-
-
-def token_stores(results_dir: Path) -> list[Path]:
-    """Every ``layer_<i>.zarr`` token store under ``results/tokens`` (and orphan markers')."""
-    found: set[Path] = set()
-    for root, dirs, files in os.walk(results_dir / "tokens"):
+    for root, dirs, files in os.walk(folder):
         for name in list(dirs):
             if name.endswith(".zarr"):
                 found.add(Path(root) / name)
                 dirs.remove(name)
         found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
     return sorted(found)
+
+
+def feature_stores(results_dir: Path) -> list[Path]:
+    return zarr_stores(results_dir / "features")
+
+
+def token_stores(results_dir: Path) -> list[Path]:
+    """Every ``layer_<i>.zarr`` token store under ``results/tokens`` (and orphan markers')."""
+    return zarr_stores(results_dir / "tokens")
 
 
 def check_token_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | None]:
