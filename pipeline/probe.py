@@ -93,20 +93,3 @@ def probe_layers(
     return pl.DataFrame(
         rows, schema={"layer": pl.Int64, "attribute": pl.String, "accuracy": pl.Float64}
     )
-
-
-def probe_encoder(
-    encoder: Encoder,
-    dataset: Mapping[str, Any],
-    n_train: int,
-    n_test: int,
-    attributes: Sequence[str] = ATTRIBUTES,
-    splits: tuple[str, str] = ("train", "test"),
-    batch_size: int = 128,
-) -> pl.DataFrame:
-    """Probe every layer of ``encoder`` on a normalized synthetic ``dataset`` spec."""
-    images, train_y = world_split(dataset, splits[0], n_train)
-    train_x = encode_layers(encoder, images, batch_size)
-    images, test_y = world_split(dataset, splits[1], n_test)
-    test_x = encode_layers(encoder, images, batch_size)
-    return probe_layers((train_x, train_y), (test_x, test_y), attributes)

@@ -20,6 +20,7 @@ from pipeline.data import synthetic
 from pipeline.encoders import build_encoder
 from pipeline.pretrain import PretrainSpecError, initial_spec, parse_settings, pretrained_spec
 from pipeline.pretrain.simclr import SATURATION, nt_xent, object_view, run_pretrain
+from pipeline.probe import probe_layers
 
 ROOT = Path(__file__).resolve().parent.parent
 DATASET = {
@@ -182,3 +183,16 @@ def test_extraction_of_a_pretrained_encoder_waits_for_and_loads_its_weights() ->
     assert "weights" not in jobs.extract_features(config, "shapes", "test", "minilm").inputs
     with pytest.raises(KeyError):
         jobs.pretrain_encoder(config, "minilm")
+
+
+def test_probes_score_a_linearly_coded_layer_high_and_a_noise_layer_at_chance() -> None:
+    rng = np.random.default_rng(0)
+    labels = {"shape": rng.integers(0, 4, size=600)}
+    coded = np.eye(4)[labels["shape"]] * 3.0 + rng.normal(size=(600, 4)) * 0.3
+    noise = rng.normal(size=(600, 4))
+    train = ([coded[:400], noise[:400]], {"shape": labels["shape"][:400]})
+    test = ([coded[400:], noise[400:]], {"shape": labels["shape"][400:]})
+    table = probe_layers(train, test, ("shape",))
+    assert table["layer"].to_list() == [0, 1] and table["attribute"].to_list() == ["shape"] * 2
+    coded_accuracy, noise_accuracy = table["accuracy"].to_list()
+    assert coded_accuracy > 0.95 and noise_accuracy < 0.45  # chance is 0.25
