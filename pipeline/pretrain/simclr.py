@@ -36,6 +36,7 @@ from pipeline import atomic
 from pipeline.align.grid import compute_threads
 from pipeline.align.training import adamw_with_schedule
 from pipeline.data import synthetic
+from pipeline.encoders import build_encoder
 from pipeline.encoders.base import package_versions, sha256_files
 from pipeline.fingerprint import spec_hash
 from pipeline.jobs import Job
@@ -108,8 +109,6 @@ def pretrain(
     threads: int = 1,
 ) -> PretrainResult:
     """Train the timm model of ``encoder_spec`` from its seeded random init (see module doc)."""
-    from pipeline.encoders import build_encoder
-
     start = time.perf_counter()
     encoder = build_encoder(encoder_name, initial_spec(encoder_spec))
     model = encoder.model
@@ -135,8 +134,7 @@ def pretrain(
         for _ in range(settings.steps):
             batch = rng.choice(len(images), size=settings.batch_size, replace=False)
             views = [Image.fromarray(object_view(images[i], rng)) for _ in range(2) for i in batch]
-            pixels = encoder.collate(views)["pixel_values"]
-            pooled = encoder.pooled_layers({"pixel_values": pixels})[-1]
+            pooled = encoder.pooled_layers(encoder.collate(views))[-1]
             z1, z2 = head(pooled).chunk(2)
             loss = nt_xent(z1, z2, settings.temperature)
             optimiser.zero_grad(set_to_none=True)
