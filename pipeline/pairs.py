@@ -87,13 +87,16 @@ def grid_runs(sizes: list[int | str | None], seeds: list[int], n_total: int) -> 
     return [GridRun(n, seed) for n in grid_sizes(sizes, n_total) for seed in seeds]
 
 
-def grid_sizes(sizes: list[int | str | None], n_total: int) -> list[int]:
-    """Data-size grid as pair counts, in order, without repeats; ``"full"``/None is every pair."""
+def grid_sizes(
+    sizes: list[int | str | None], n_total: int, key: str = "align.n_pairs"
+) -> list[int]:
+    """Data-size grid as pair counts, in order, without repeats; ``"full"``/None is every pair.
+    A size outside 2..n_total is an error naming the config ``key``."""
     resolved = list(dict.fromkeys(n_total if n in ("full", None) else int(n) for n in sizes))
     for n in resolved:
         if not 2 <= n <= n_total:
             raise ValueError(
-                f"config key 'align.n_pairs': n_pairs={n} is outside 2..{n_total} "
+                f"config key '{key}': n_pairs={n} is outside 2..{n_total} "
                 "(the training pairs available)"
             )
     return resolved

@@ -36,7 +36,7 @@ from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
 from pipeline.evaluate.stage import SplitInputs, evaluate_aligner
 from pipeline.evaluate.tables import RunKey, concat_metrics, write_metrics
 from pipeline.jobs import Job
-from pipeline.pairs import GridRun
+from pipeline.pairs import GridRun, grid_sizes
 
 log = logging.getLogger(__name__)
 SWEEP_CHOICE = "sweep"  # the layer_choice of every sweep row
@@ -52,12 +52,7 @@ def sweep_grid(n_layers: int, stride: int) -> list[int]:
 
 def training_run(run: dict[str, Any], n_total: int) -> GridRun:
     """The run the sweep fits on (``run``: the spec's ``n_pairs`` and ``seed``)."""
-    n_pairs = n_total if run["n_pairs"] == "full" else int(run["n_pairs"])
-    if not 2 <= n_pairs <= n_total:
-        raise ValueError(
-            f"config key 'sweep.n_pairs': n_pairs={n_pairs} is outside 2..{n_total} "
-            "(the training pairs available)"
-        )
+    (n_pairs,) = grid_sizes([run["n_pairs"]], n_total, key="sweep.n_pairs")
     return GridRun(n_pairs, int(run["seed"]))
 
 
