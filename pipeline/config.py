@@ -141,7 +141,7 @@ def _check_sizes(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) ->
     synthetic world); for other data the stage that first sees the data names the same key."""
     experiment, similarity = config["experiment"], config["similarity"]
     train = experiment["train"]
-    counts = planned_counts(datasets[train["dataset"]], train["split"])
+    counts = training_counts(train, datasets)
     if counts is not None:
         images, pairs = counts
         for n in config["align"]["n_pairs"]:
@@ -177,6 +177,17 @@ def _check_sizes(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) ->
             )
 
 
+def training_counts(
+    train: dict[str, Any], datasets: dict[str, dict[str, Any]]
+) -> tuple[int, int] | None:
+    """(images, training pairs) of ``experiment.train`` when the spec alone says: one pair per
+    image under ``captions: first``."""
+    counts = planned_counts(datasets[train["dataset"]], train["split"])
+    if counts is None or train["captions"] == "all":
+        return counts
+    return counts[0], counts[0]
+
+
 def _check_sweep(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) -> None:
     """The sweep's method exists and fits on pooled features; its run fits the training split
     (where the spec alone tells: the synthetic world)."""
@@ -198,7 +209,7 @@ def _check_sweep(config: dict[str, Any], datasets: dict[str, dict[str, Any]]) ->
             "pair the sweep fits; choose a method on pooled features (e.g. ridge or procrustes)"
         )
     train = config["experiment"]["train"]
-    counts = planned_counts(datasets[train["dataset"]], train["split"])
+    counts = training_counts(train, datasets)
     n_pairs = sweep["n_pairs"]
     if counts is not None and n_pairs != "full" and n_pairs > counts[1]:
         raise ConfigError(

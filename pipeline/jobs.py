@@ -295,7 +295,7 @@ def fit_aligners(config: dict[str, Any], vision: str, text: str, method: str, ch
         "train": layout.dataset_manifest(train["dataset"]),
         "val": layout.dataset_manifest(val["dataset"]),
     }
-    spec["splits"] = {"train": train["split"], "val": val["split"]}
+    spec["splits"] = train_val_splits(config)
     spec["tokens" if tokens else "stores"] = requests
     return Job(
         "fit_aligners",
@@ -369,7 +369,7 @@ def sweep_layers(config: dict[str, Any], vision: str, text: str) -> Job:
         "params": entry,
         "run": {key: sweep[key] for key in ("n_pairs", "seed")},
         "stride": sweep["stride"],
-        "splits": {"train": exp["train"]["split"], "val": exp["val"]["split"]},
+        "splits": train_val_splits(config),
         "evaluate": _evaluation_splits(exp["evaluate"]),
         "stores": stores,
     }
@@ -447,6 +447,13 @@ def _evaluation_features(
     markers = {name: marker(*where) for name, *where in parts}
     requests = {name: request(config, *where) for name, *where in parts}
     return markers, requests
+
+
+def train_val_splits(config: dict[str, Any]) -> dict[str, str]:
+    """The training and validation splits of a fitting job, with the training captions policy
+    (``experiment.train.captions``); validation always keeps one caption per image."""
+    train, val = experiment(config)["train"], experiment(config)["val"]
+    return {"train": train["split"], "train_captions": train["captions"], "val": val["split"]}
 
 
 def _evaluation_splits(refs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -47,6 +47,19 @@ def pair_rows(images: pl.DataFrame, captions: pl.DataFrame) -> Pairs:
     return Pairs(image_rows, np.arange(len(captions), dtype=np.int64))
 
 
+TRAIN_CAPTIONS = ("all", "first")
+"""Which captions of a training image become pairs (config ``experiment.train.captions``):
+every one, or the first of each image (the STRUCTURE authors' training set)."""
+
+
+def split_pairs(images: pl.DataFrame, captions: pl.DataFrame, policy: str = "all") -> Pairs:
+    """The pairs of a split under a captions ``policy`` (``TRAIN_CAPTIONS``)."""
+    if policy not in TRAIN_CAPTIONS:
+        raise ValueError(f"captions policy must be one of {TRAIN_CAPTIONS}, got {policy!r}")
+    pairs = pair_rows(images, captions)
+    return pairs.one_caption_per_image() if policy == "first" else pairs
+
+
 def subset_order(n_total: int, seed: int) -> np.ndarray:
     """The seeded permutation whose prefixes are the nested training subsets."""
     return np.random.default_rng(seed).permutation(n_total)

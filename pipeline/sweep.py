@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from pipeline import layout
 from pipeline.align.base import build_aligner
 from pipeline.align.grid import compute_threads
-from pipeline.align.stage import STORE_ROLES, split_pairs
+from pipeline.align.stage import STORE_ROLES, train_val_pairs
 from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
 from pipeline.evaluate.stage import SplitInputs, evaluate_aligner
 from pipeline.evaluate.tables import RunKey, concat_metrics, write_metrics
@@ -59,9 +59,8 @@ def training_run(run: dict[str, Any], n_total: int) -> GridRun:
 def run_sweep(job: Job) -> None:
     spec = job.spec
     stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
-    train = split_pairs(job.input("train"), spec["splits"]["train"])
+    train, val = train_val_pairs(job)
     run = training_run(spec["run"], len(train))
-    val = split_pairs(job.input("val"), spec["splits"]["val"])
     pairs = {"train": train.take(run.rows(len(train))), "val": val}
     splits = [split_inputs(job, i, split) for i, split in enumerate(spec["evaluate"])]
     if not any(inputs.tasks for inputs in splits):

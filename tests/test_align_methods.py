@@ -200,6 +200,13 @@ def test_early_stopping_waits_for_the_structure_warmup() -> None:
     assert report.chosen_epoch == best and len(curve) == best + 5
 
 
+def test_training_that_ends_inside_the_warmup_keeps_and_reports_the_last_epoch() -> None:
+    x, y = linear_world(40, seed=0)
+    params = {**FAST_HEAD, "max_epochs": 3, "structure": {"lambda": 1.0, "warmup_steps": 1000}}
+    report = build_aligner("linear", params).fit(x, y, *linear_world(40, seed=1), seed=0)
+    assert report.chosen_epoch == 3 == len(report.curve)
+
+
 def test_without_validation_the_last_epoch_is_kept() -> None:
     x, y = linear_world(100, seed=0)
     report = build_aligner("linear", FAST_HEAD).fit(x, y, None, None, seed=0)

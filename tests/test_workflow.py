@@ -121,9 +121,9 @@ def snakemake(workdir: Path, *args: str, configfile: Path | None = None):
     )
 
 
-def planned_jobs(workdir: Path, *args: str) -> dict[str, int]:
+def planned_jobs(workdir: Path, *args: str, configfile: Path | None = None) -> dict[str, int]:
     """Job counts per rule of a dry run."""
-    result = snakemake(workdir, "--dry-run", *args)
+    result = snakemake(workdir, "--dry-run", *args, configfile=configfile)
     assert result.returncode == 0, result.output[-3000:]
     stats = result.output.split("Job stats:")[-1] if "Job stats:" in result.output else ""
     return {

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from pipeline import atomic, layout
+from pipeline import atomic, layout, pairs
 from pipeline.align.grid import ArrayPairs, TokenPairs, fit_runs
 from pipeline.align.params import uses_tokens
 from pipeline.data import load_split
 from pipeline.jobs import Job
-from pipeline.pairs import GridRun, Pairs, grid_runs, pair_rows
+from pipeline.pairs import GridRun, Pairs, grid_runs
 from pipeline.similarity.selection import chosen_layers, read_layer_choice
 from pipeline.store import FeatureStore
 from pipeline.tokens import StoreTokens, TokenSet
@@ -34,9 +34,21 @@ STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
 IN_PROGRESS = ".in_progress"
 
 
-def split_pairs(manifest: str, split: str) -> Pairs:
+def split_pairs(manifest: str, split: str, captions: str) -> Pairs:
+    """The pairs of a prepared split under a captions policy (``pairs.TRAIN_CAPTIONS``)."""
     data = load_split(Path(layout.dataset_of_manifest(manifest)), split)
-    return pair_rows(data.images, data.captions)
+    return pairs.split_pairs(data.images, data.captions, captions)
+
+
+def train_val_pairs(job: Job) -> tuple[Pairs, Pairs]:
+    """Training pairs under ``experiment.train.captions``; validation pairs one caption per
+    image, so a validation batch never holds an image's sibling captions as false negatives
+    (docs/protocols.md)."""
+    splits = job.spec["splits"]
+    return (
+        split_pairs(job.input("train"), splits["train"], splits["train_captions"]),
+        split_pairs(job.input("val"), splits["val"], "first"),
+    )
 
 
 def paired_features(
@@ -63,8 +75,7 @@ def run_align(job: Job) -> None:
         stores = {role: job.token_set(role, role.split("_")[1]) for role in STORE_ROLES}
     else:
         stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
-    train_pairs = split_pairs(job.input("train"), spec["splits"]["train"])
-    val_pairs = split_pairs(job.input("val"), spec["splits"]["val"])
+    train_pairs, val_pairs = train_val_pairs(job)
     layers = read_layer_choice(job.input("layers"))
     choice = spec["layer_choice"]
     runs = grid_runs(spec["grid"]["n_pairs"], spec["grid"]["seeds"], len(train_pairs))

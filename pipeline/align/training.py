@@ -85,11 +85,13 @@ class EarlyStopping:
         self, module: nn.Module, rows: list[dict[str, Any]], validated: bool, max_epochs: int
     ) -> FitReport:
         """Restore the best epoch's weights (if any was chosen); the fit's curve and summary.
-        Without validation the last epoch is kept."""
+        Without validation, or when no epoch could be chosen (training ended before the
+        STRUCTURE warm-up did: ``regulariser_at_full_weight``), the last epoch is kept."""
         if self.best_state is not None:
             module.load_state_dict(self.best_state)
+        chosen = validated and self.best_state is not None
         return FitReport(
-            chosen_epoch=self.best_epoch if validated else len(rows),
+            chosen_epoch=self.best_epoch if chosen else len(rows),
             curve=pl.DataFrame(rows, schema=CURVE_SCHEMA),
             extra={
                 "epochs_run": len(rows),

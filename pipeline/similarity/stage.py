@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline import atomic, layout
 from pipeline.data import load_split
 from pipeline.jobs import Job
-from pipeline.pairs import grid_runs, pair_rows
+from pipeline.pairs import grid_runs, split_pairs
 from pipeline.similarity.compute import compute_similarity
 from pipeline.similarity.plots import write_heatmap
 from pipeline.similarity.selection import scoring_pairs, select_layers, write_layer_choice
@@ -32,7 +32,7 @@ def run_similarity(job: Job) -> None:
     data = load_split(
         Path(layout.dataset_of_manifest(job.input("train"))), job.spec["train"]["split"]
     )
-    pairs = pair_rows(data.images, data.captions)
+    pairs = split_pairs(data.images, data.captions, job.spec["train"]["captions"])
     names = {
         "vision_encoder": vision.attrs["encoder"]["name"],
         "text_encoder": text.attrs["encoder"]["name"],
