@@ -182,12 +182,14 @@ def require(condition: bool, key: str, message: str) -> None:
 
 def coerce_param(key: str, value: Any, hint: Any) -> Any:
     """A config value checked against its params field's type hint; ints are accepted as
-    floats, numeric strings (YAML reads ``1e-3`` as one) parsed as floats, lists as tuples."""
+    floats, numeric strings (YAML reads ``1e-3`` as one) parsed as floats, lists as tuples.
+    In a union (``float | str``) the first type is tried first, then the value as it is."""
     options = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
     if value is None:
         require(type(None) in options, key, "must not be null")
         return None
-    kind = next(option for option in options if option is not type(None))
+    kinds = [option for option in options if option is not type(None)]
+    kind = kinds[0]
     if dataclasses.is_dataclass(kind):  # a nested section, converted by the params class
         require(isinstance(value, dict | kind), key, f"must be a mapping, got {value!r}")
         return value
@@ -207,8 +209,11 @@ def coerce_param(key: str, value: Any, hint: Any) -> Any:
             return float(value)
         except (TypeError, ValueError):
             pass
-    ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
-    require(ok, key, f"must be of type {kind.__name__}, got {value!r}")
+    ok = any(
+        isinstance(value, k) and not (k is not bool and isinstance(value, bool)) for k in kinds
+    )
+    names = " or ".join(k.__name__ for k in kinds)
+    require(ok, key, f"must be of type {names}, got {value!r}")
     return value
 
 

@@ -9,11 +9,12 @@ anchor, a softmax over the valid tokens of ``s / tau_p`` weights ``s``. ``mean``
 and ``cls`` (first token) are ablations.
 
 Training is symmetric InfoNCE on the profiles (fixed tau 0.05) with the heads' optimisation
-(``pipeline.align.training``): AdamW (0.9, 0.95), weight decay 1e-4, gradient-norm clipping,
-linear warm-up then cosine decay, early stopping on the validation InfoNCE keeping the best
-epoch's anchors. After every optimiser step the anchors are projected back onto the unit sphere
-(rows renormalised), so they are unit rows at every forward and in ``state()``; the weight
-decay therefore only damps the steps' radial part.
+(``pipeline.align.training``, the same ``lr`` / ``schedule`` / ``clip`` options): AdamW (0.9,
+0.95), weight decay 1e-4, gradient-norm clipping, linear warm-up then cosine decay, early
+stopping on the validation InfoNCE keeping the best epoch's anchors. After every optimiser step
+the anchors are projected back onto the unit sphere (rows renormalised), so they are unit rows
+at every forward and in ``state()``; the weight decay therefore only damps the steps' radial
+part.
 
 Tokens are read in batches from a ``TokenSource`` (rows -> tokens, mask), so neither training
 nor embedding ever holds a whole token cache in memory. Fits are deterministic for a seed: the
@@ -34,15 +35,16 @@ from torch import nn
 
 from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, register, state_arrays
 from pipeline.align.losses import info_nce
+from pipeline.align.lr_finder import resolve_lr
 from pipeline.align.params import PAL_POOLINGS as POOLINGS
 from pipeline.align.params import PALParams
 from pipeline.align.params import PalPooling as Pooling
 from pipeline.align.training import (
     EarlyStopping,
-    adamw_with_schedule,
-    batches_per_epoch,
+    clip_gradients,
     flushed_denormals,
     near_equal_batches,
+    optimiser_for,
 )
 
 PROFILE_ELEMENTS = 1 << 24
@@ -288,7 +290,7 @@ def train_epoch(
             raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), params.grad_clip)
+        clip_gradients(model, params)
         optimiser.step()
         schedule.step()
         model.renormalise()
@@ -306,15 +308,15 @@ def train_anchors(
 ) -> FitReport:
     """Train ``model`` in place on (image, text) pairs; leaves it holding the chosen epoch."""
     n = len(train[0])
-    total_steps = batches_per_epoch(n, params.batch_size) * params.max_epochs
-    optimiser, schedule = adamw_with_schedule(
-        model.parameters(),
-        params.lr,
-        params.betas,
-        params.weight_decay,
-        params.warmup_steps,
-        total_steps,
-    )
+
+    def sweep_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> torch.Tensor:
+        sorted_rows = torch.sort(rows).values.numpy()
+        batch = (*read_batch(train[0], sorted_rows), *read_batch(train[1], sorted_rows))
+        return batch_loss(probe, batch, params)
+
+    with flushed_denormals():
+        lr, lr_facts = resolve_lr(model, sweep_loss, n, params, seed, Anchors.renormalise)
+    optimiser, schedule = optimiser_for(model.parameters(), params, n, lr)
     shuffle = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     stopping, step = EarlyStopping(params.patience), 0
@@ -338,7 +340,9 @@ def train_anchors(
             )
             if val_loss is not None and stopping.should_stop(model, epoch, val_loss):
                 break
-    return stopping.report(model, rows, val is not None, params.max_epochs)
+    report = stopping.report(model, rows, val is not None, params.max_epochs)
+    report.extra |= lr_facts
+    return report
 
 
 def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None:

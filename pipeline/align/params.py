@@ -17,6 +17,11 @@ Divergence = Literal["js", "reference"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 PalPooling = Literal["cap", "mean", "cls"]
 PAL_POOLINGS: tuple[str, ...] = get_args(PalPooling)
+Schedule = Literal["cosine", "reference"]
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
+Clip = Literal["global", "per_tower", "per_tensor"]
+CLIPS: tuple[str, ...] = get_args(Clip)
+AUTO_LR = "auto"
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,19 @@ class StructureConfig:
 
 @dataclass(frozen=True)
 class Optimisation:
-    """Optimisation settings of every trained aligner (config keys = field names)."""
+    """Optimisation settings of every trained aligner (config keys = field names).
 
-    lr: float = 5e-3
+    ``lr``: the AdamW learning rate, or ``"auto"``: chosen per fit by the learning-rate
+    finder (``pipeline.align.lr_finder``). ``schedule``: ``"cosine"`` (linear warm-up over
+    ``warmup_steps``, then cosine decay to 0 over ``max_epochs``) or ``"reference"`` (the
+    STRUCTURE code's periodic ``CosineAnnealingLR``, no warm-up, T_max = ``schedule_t_max``
+    epochs of floor(n / batch_size) optimiser steps). ``clip``: gradient-norm clipping at
+    ``grad_clip`` over all parameters (``"global"``), over each modality's parameters
+    separately (``"per_tower"``, the reference code's) or over each tensor (``"per_tensor"``).
+    Definitions: docs/methods.md.
+    """
+
+    lr: float | str = 5e-3
     weight_decay: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     batch_size: int = 4096
@@ -72,9 +87,14 @@ class Optimisation:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     tau: float = 0.05
+    schedule: str = "cosine"
+    schedule_t_max: int = 50
+    clip: str = "global"
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        auto = self.lr == AUTO_LR
+        number = isinstance(self.lr, int | float) and not isinstance(self.lr, bool)
+        require(auto or (number and self.lr > 0), "lr", f"must be > 0 or 'auto', got {self.lr!r}")
         require(self.weight_decay >= 0, "weight_decay", "must be >= 0")
         require(all(0 <= b < 1 for b in self.betas), "betas", "must lie in [0, 1)")
         require(self.batch_size >= 2, "batch_size", f"must be >= 2, got {self.batch_size}")
@@ -83,6 +103,20 @@ class Optimisation:
         require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         require(self.grad_clip > 0, "grad_clip", f"must be > 0, got {self.grad_clip}")
         require(self.tau > 0, "tau", f"must be > 0, got {self.tau}")
+        require(
+            self.schedule in SCHEDULES,
+            "schedule",
+            f"must be one of {SCHEDULES}, got {self.schedule!r}",
+        )
+        require(
+            self.schedule_t_max >= 1, "schedule_t_max", f"must be >= 1, got {self.schedule_t_max}"
+        )
+        require(
+            self.schedule == "cosine" or self.warmup_steps == 0,
+            "warmup_steps",
+            "must be 0 with schedule 'reference' (that schedule has no warm-up)",
+        )
+        require(self.clip in CLIPS, "clip", f"must be one of {CLIPS}, got {self.clip!r}")
 
 
 @dataclass(frozen=True)

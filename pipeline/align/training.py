@@ -2,8 +2,11 @@
 
 The configuration follows STRUCTURE's reference settings (docs/methods.md): AdamW with betas
 (0.9, 0.95) and weight decay 1e-4, batch 4096 capped at n, an optional linear learning-rate
-warm-up followed by a cosine decay to zero over ``max_epochs``, gradient-norm clipping at 1.0,
-and early stopping on the validation InfoNCE with a patience in epochs, keeping the best epoch's
+warm-up followed by a cosine decay to zero over ``max_epochs`` (or, with ``schedule:
+reference``, the reference code's periodic cosine annealing), gradient-norm clipping at 1.0
+(``clip``: global, per tower or per tensor), a fixed learning rate or one chosen by the finder
+(``lr: auto``, ``pipeline.align.lr_finder``), and early stopping on the validation InfoNCE
+with a patience in epochs, keeping the best epoch's
 weights. The validation criterion is InfoNCE alone: the regulariser's weight ramps up during its
 warm-up, so a total including it would not be comparable across epochs. Without validation
 pairs the last epoch is kept.
@@ -15,6 +18,7 @@ batches of near-equal size (no tiny last batch). The caller seeds torch's global
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
@@ -27,7 +31,8 @@ from torch import nn
 
 from pipeline.align.base import CURVE_SCHEMA, FitReport
 from pipeline.align.losses import info_nce, structure_regulariser, structure_weight
-from pipeline.align.params import TrainConfig
+from pipeline.align.lr_finder import resolve_lr
+from pipeline.align.params import Optimisation, TrainConfig
 
 
 @contextmanager
@@ -49,6 +54,18 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def reference_lr_factor(step: int, t_max: int) -> float:
+    """The reference schedule: torch's ``CosineAnnealingLR`` (eta_min 0) in closed form,
+    0.5 * (1 + cos(pi * step / t_max)); periodic, it rises again after ``t_max`` steps."""
+    return 0.5 * (1.0 + math.cos(math.pi * step / t_max))
+
+
+def reference_t_max(n: int, batch_size: int, epochs: int) -> int:
+    """The reference code's T_max in scheduler (= optimiser) steps: ``epochs`` cycles of
+    max(n // batch_size, 1) steps (floor, while an epoch takes ceil(n / batch) steps)."""
+    return epochs * max(n // batch_size, 1)
+
+
 def adamw_with_schedule(
     parameters: Any,
     lr: float,
@@ -56,13 +73,50 @@ def adamw_with_schedule(
     weight_decay: float,
     warmup_steps: int,
     total_steps: int,
+    schedule: str = "cosine",
+    t_max: int = 1,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW and its ``lr_factor`` schedule, stepped after every optimiser step."""
+    """AdamW and its schedule, stepped after every optimiser step: ``"cosine"``
+    (``lr_factor``) or ``"reference"`` (``reference_lr_factor`` with ``t_max`` steps)."""
     optimiser = torch.optim.AdamW(parameters, lr=lr, betas=betas, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda step: lr_factor(step, warmup_steps, total_steps)
+    if schedule == "reference":
+        factor = functools.partial(reference_lr_factor, t_max=t_max)
+    elif schedule == "cosine":
+        factor = functools.partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}")
+    return optimiser, torch.optim.lr_scheduler.LambdaLR(optimiser, factor)
+
+
+def optimiser_for(
+    parameters: Any, config: Optimisation, n: int, lr: float
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """``adamw_with_schedule`` for a trained aligner's settings on n training pairs."""
+    return adamw_with_schedule(
+        parameters,
+        lr,
+        config.betas,
+        config.weight_decay,
+        config.warmup_steps,
+        batches_per_epoch(n, config.batch_size) * config.max_epochs,
+        config.schedule,
+        reference_t_max(n, config.batch_size, config.schedule_t_max),
     )
-    return optimiser, schedule
+
+
+def clip_gradients(model: nn.Module, config: Optimisation) -> None:
+    """Gradient-norm clipping at ``config.grad_clip``: over all parameters (``global``), over
+    each top-level submodule's or parameter's tensors, i.e. each modality (``per_tower``), or
+    over each tensor alone (``per_tensor``)."""
+    if config.clip == "global":
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        return
+    groups: dict[str, list[nn.Parameter]] = {}
+    for name, parameter in model.named_parameters():
+        key = name if config.clip == "per_tensor" else name.split(".")[0]
+        groups.setdefault(key, []).append(parameter)
+    for parameters in groups.values():
+        nn.utils.clip_grad_norm_(parameters, config.grad_clip)
 
 
 class EarlyStopping:
@@ -136,6 +190,17 @@ def batch_losses(
     return contrastive, regulariser
 
 
+def objective(
+    contrastive: torch.Tensor, regulariser: torch.Tensor | None, config: TrainConfig, step: int
+) -> tuple[torch.Tensor, float | None]:
+    """The training loss at optimiser step ``step`` and its lambda_t (None without STRUCTURE)."""
+    if regulariser is None:
+        return contrastive, None
+    s = config.structure
+    weight = structure_weight(step, s.weight, s.warmup_steps)
+    return contrastive + weight * regulariser, weight
+
+
 def batches_per_epoch(n: int, batch_size: int) -> int:
     """ceil(n / batch), the batch capped at n."""
     return math.ceil(n / min(batch_size, n))
@@ -172,17 +237,15 @@ def train_epoch(
     row = {"train_loss": 0.0, "infonce": 0.0, "structure": None, "structure_lambda": None}
     for batch in near_equal_batches(torch.randperm(n, generator=shuffle), config.batch_size):
         contrastive, regulariser = batch_losses(towers, x[batch], y[batch], config)
-        loss = contrastive
+        loss, weight = objective(contrastive, regulariser, config, step)
         if regulariser is not None:
-            s = config.structure
-            row["structure_lambda"] = structure_weight(step, s.weight, s.warmup_steps)
-            loss = contrastive + row["structure_lambda"] * regulariser
+            row["structure_lambda"] = weight
             row["structure"] = (row["structure"] or 0.0) + regulariser.item() * len(batch) / n
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(towers.parameters(), config.grad_clip)
+        clip_gradients(towers, config)
         optimiser.step()
         schedule.step()
         step += 1
@@ -209,16 +272,15 @@ def train_towers(
     config: TrainConfig,
     seed: int,
 ) -> FitReport:
-    """Train ``towers`` in place on pairs (x[i], y[i]); leaves it holding the chosen epoch."""
-    total_steps = batches_per_epoch(len(x), config.batch_size) * config.max_epochs
-    optimiser, schedule = adamw_with_schedule(
-        towers.parameters(),
-        config.lr,
-        config.betas,
-        config.weight_decay,
-        config.warmup_steps,
-        total_steps,
-    )
+    """Train ``towers`` in place on pairs (x[i], y[i]); leaves it holding the chosen epoch.
+    With ``lr: auto`` the learning-rate finder first sweeps a copy of ``towers``."""
+
+    def sweep_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> torch.Tensor:
+        return objective(*batch_losses(probe, x[rows], y[rows], config), config, step)[0]
+
+    with flushed_denormals():
+        lr, lr_facts = resolve_lr(towers, sweep_loss, len(x), config, seed)
+    optimiser, schedule = optimiser_for(towers.parameters(), config, len(x), lr)
     shuffle = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     stopping = EarlyStopping(config.patience)
@@ -235,5 +297,6 @@ def train_towers(
             if stopping.should_stop(towers, epoch, val_loss):
                 break
     report = stopping.report(towers, rows, x_val is not None, config.max_epochs)
+    report.extra |= lr_facts
     towers.eval()
     return report
