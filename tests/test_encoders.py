@@ -266,6 +266,12 @@ def test_padding_does_not_change_a_sentences_mean(bert_encoder):
             torch.testing.assert_close(layer_together[row], layer_alone[0], atol=1e-5, rtol=0)
 
 
+def test_token_counts_of_an_empty_split_are_empty(bert_encoder):
+    """A dataset without captions (or prompts) has empty text splits to cache."""
+    assert bert_encoder.token_counts([]) == []
+    assert bert_encoder.token_counts(["a dog"]) == [4]  # [CLS] a dog [SEP]
+
+
 def test_text_cls_pooling_and_truncation(bert_dir, bert_encoder):
     spec = {"source": "huggingface", "name": str(bert_dir), "pooling": "cls", "max_tokens": 4}
     encoder = build_encoder("cls-bert", spec)

@@ -110,15 +110,18 @@ def tiny_roberta(folder: Path, texts: list[str]) -> None:
     """A RoBERTa-family model (byte-level BPE trained here on ``texts``), random weights."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import RobertaConfig, RobertaModel, RobertaTokenizerFast
+    from tokenizers.processors import RobertaProcessing
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
 
-    folder.mkdir(parents=True)
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    roles = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"}
+    roles |= {"unk_token": "<unk>", "mask_token": "<mask>"}
+    specials = list(roles.values())  # ids 0..4 in this order
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=400, min_frequency=1, special_tokens=specials)
-    bpe.save_model(str(folder))
-    tokenizer = RobertaTokenizerFast(
-        vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt")
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        **roles,
     )
     tokenizer.save_pretrained(folder)
     config = RobertaConfig(
@@ -147,7 +150,9 @@ def scaled_down(paper: dict, text_model: Path) -> dict:
         "name": "vit_small_patch14_dinov2.lvd142m",  # same family, fixed input of 518 px
         "pretrained": False,
         "init_seed": 0,
-        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2},
+        # LayerScale off: random DINOv2 blocks start as the identity to 1e-5 (init_values),
+        # so every image would get the same class token
+        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
     }
     config["encoders"]["roberta_large"]["name"] = str(text_model)
     align = config["align"]

@@ -96,6 +96,8 @@ class HFTextEncoder(Encoder):
 
     def token_counts(self, items: list) -> list[int]:
         """Real tokens of each string as ``collate`` tokenizes it (truncated to max_tokens)."""
+        if not items:  # an empty split (a dataset without captions or prompts)
+            return []
         encoded = self.tokenizer(list(items), truncation=True, max_length=self.max_tokens)
         return [len(ids) for ids in encoded["input_ids"]]
 
