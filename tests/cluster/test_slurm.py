@@ -1,4 +1,6 @@
-"""The tiny workflow of tests/test_workflow.py through a real SLURM and the SLURM profile.
+"""The scaled-down paper workflow of tests/test_paper.py through a real SLURM and the SLURM
+profile: workflow/configs/paper.yaml over a fabricated miniature of its data, with only grid
+sizes, epochs and models made smaller (and the CPU instead of a GPU).
 
 Needs a running single-node cluster: `make test-cluster` starts one with
 workflow/scripts/slurm-cluster.sh, runs this file and stops the cluster. Collected only with
@@ -11,6 +13,7 @@ POSTALIGN_CLUSTER_MAX_RATIO (default 2) times the local run.
 """
 
 import base64
+import json
 import logging
 import math
 import os
@@ -30,7 +33,7 @@ from pipeline.evaluate.tables import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_workflow import TINY  # noqa: E402  (the tiny config, one source of truth)
+from test_paper import PAPER, fabricate_paper_data, scaled_down, tiny_roberta  # noqa: E402
 
 WORKFLOW_PROFILE = ROOT / "workflow/profiles/default"
 SLURM_PROFILE = ROOT / "workflow/profiles/slurm"
@@ -87,25 +90,43 @@ def snakemake(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, f
     return result, seconds
 
 
-def tiny_workdir(tmp_path_factory, name: str) -> Path:
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory) -> Path:
+    """The scaled-down config's tiny RoBERTa, one for both runs (identical weights)."""
+    folder = tmp_path_factory.mktemp("models") / "roberta"
+    data = tmp_path_factory.mktemp("captions")
+    fabricate_paper_data(data)
+    texts = [
+        sentence["raw"]
+        for name in ("coco/dataset_coco.json", "flickr30k/dataset_flickr30k.json")
+        for entry in json.loads((data / "data" / name).read_text())["images"]
+        for sentence in entry["sentences"]
+    ]
+    tiny_roberta(folder, texts)
+    return folder
+
+
+def paper_workdir(tmp_path_factory, name: str, text_model: Path) -> Path:
     workdir = tmp_path_factory.mktemp(name)
-    (workdir / "config.yaml").write_text(yaml.safe_dump(TINY))
+    fabricate_paper_data(workdir)
+    config = scaled_down(yaml.safe_load(PAPER.read_text()), text_model)
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory, node_cpus):
-    workdir = tiny_workdir(tmp_path_factory, "local")
+def local_run(tmp_path_factory, node_cpus, text_model):
+    workdir = paper_workdir(tmp_path_factory, "local", text_model)
     result, seconds = snakemake(workdir, "--cores", str(node_cpus))
     assert result.returncode == 0, result.output[-4000:]
     return workdir, seconds
 
 
 @pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory, node_cpus, local_run):
+def cluster_run(tmp_path_factory, node_cpus, local_run, text_model):
     """The same config through the SLURM profile. --cores: this node's CPUs (the profile's
     value is for real nodes); compare_layers asks for 64 threads to show the cap at work."""
-    workdir = tiny_workdir(tmp_path_factory, "cluster")
+    workdir = paper_workdir(tmp_path_factory, "cluster", text_model)
     result, seconds = snakemake(
         workdir,
         "--profile",
@@ -295,7 +316,7 @@ def test_cluster_time_against_local(local_run, cluster_run):
     local_s, cluster_s = local_run[1], cluster_run[1]
     ratio = cluster_s / local_s
     print(
-        f"\nwall time, tiny workflow: local {local_s:.0f} s, SLURM {cluster_s:.0f} s "
+        f"\nwall time, scaled-down paper workflow: local {local_s:.0f} s, SLURM {cluster_s:.0f} s "
         f"(x{ratio:.2f}; limit x{MAX_RATIO:g})"
     )
     assert math.isfinite(ratio) and ratio <= MAX_RATIO
