@@ -40,9 +40,15 @@ TINY = {
         "vit": {
             "source": "timm",
             "name": "vit_tiny_patch16_224",
-            "pretrained": False,
-            "init_seed": 0,
             "image_size": 32,
+            # pretrained inside the DAG (rule pretrain_encoder) on unpaired images, briefly
+            "pretrain": {
+                "dataset": "tiny",
+                "images": 64,
+                "steps": 3,
+                "batch_size": 16,
+                "warmup_steps": 1,
+            },
             "model_kwargs": {
                 "img_size": 32,
                 "patch_size": 8,
@@ -157,6 +163,9 @@ def copy_of_run(tiny_run, tmp_path):
 def test_every_artefact_of_the_dag(tiny_run):
     results = tiny_run / "results"
     data = results / "datasets" / "tiny"
+    record = json.loads((results / "pretrained/vit.json").read_text())
+    assert (results / "pretrained/vit.safetensors").stat().st_size > 0
+    assert len(record["losses"]) == 3
     for split in ("train", "val", "test"):
         images = pl.read_parquet(data / split / "images.parquet")
         captions = pl.read_parquet(data / split / "captions.parquet")
@@ -165,7 +174,9 @@ def test_every_artefact_of_the_dag(tiny_run):
         assert vision.sample_ids().tolist() == images["image_id"].to_list()
         assert text.sample_ids().tolist() == captions["caption_id"].to_list()
         assert vision.num_layers == 3 and text.num_layers == 7
-        assert vision.attrs["encoder"]["pretrained"] is False
+        assert record["weights_sha256"] in json.dumps(
+            vision.attrs
+        )  # made with the pretrained weights
     prompts = open_store(results / "features/tiny/prompts/minilm.zarr")
     assert prompts.n_samples == len(pl.read_parquet(data / "prompts.parquet"))
 
