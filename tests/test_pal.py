@@ -28,14 +28,7 @@ from pipeline.align.pal import (
 from pipeline.evaluate.segmentation import confusion_matrix, decode, segmentation_metrics
 from pipeline.evaluate.zeroshot import class_embeddings
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one torch thread is as fast, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TINY = {"anchors": 8, "batch_size": 16, "max_epochs": 4, "patience": 2, "lr": 1e-2}

@@ -36,12 +36,7 @@ VISION_TOKENS = 17  # CLS + a 4 x 4 grid
 SHARD_MB = 8 * VISION_TOKENS * 32 * 2 / 2**20  # eight images per block in float16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,7 @@ from pipeline.align.training import (
     reference_t_max,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one torch thread is as fast, and far faster on a busy machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted(n: int, seed: int, d1: int = 12, d2: int = 16) -> tuple[np.ndarray, np.ndarray]:
