@@ -106,6 +106,16 @@ def fabricate_paper_data(workdir: Path) -> None:
         palette_png(voc / "SegmentationClass" / f"{name}.png", labels)
 
 
+def paper_captions(workdir: Path) -> list[str]:
+    """Every caption of the fabricated COCO and Flickr30k JSONs under ``workdir/data``."""
+    return [
+        sentence["raw"]
+        for name in ("coco/dataset_coco.json", "flickr30k/dataset_flickr30k.json")
+        for entry in json.loads((workdir / "data" / name).read_text())["images"]
+        for sentence in entry["sentences"]
+    ]
+
+
 def tiny_roberta(folder: Path, texts: list[str]) -> None:
     """A RoBERTa-family model (byte-level BPE trained here on ``texts``), random weights."""
     import torch
@@ -201,13 +211,7 @@ def test_the_unmodified_paper_config_plans_the_expected_jobs(paper_tree):
 
 def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
     paper = yaml.safe_load(PAPER.read_text())
-    texts = [
-        s["raw"]
-        for name in ("coco/dataset_coco.json", "flickr30k/dataset_flickr30k.json")
-        for entry in json.loads((paper_tree / "data" / name).read_text())["images"]
-        for s in entry["sentences"]
-    ]
-    tiny_roberta(tmp_path / "roberta", texts)
+    tiny_roberta(tmp_path / "roberta", paper_captions(paper_tree))
     config = scaled_down(paper, tmp_path / "roberta")
     (paper_tree / "scaled.yaml").write_text(yaml.safe_dump(config))
     result = snakemake(paper_tree, configfile=paper_tree / "scaled.yaml")

@@ -34,7 +34,7 @@ STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
 IN_PROGRESS = ".in_progress"
 
 
-def split_pairs(manifest: str, split: str, captions: str) -> Pairs:
+def load_pairs(manifest: str, split: str, captions: str) -> Pairs:
     """The pairs of a prepared split under a captions policy (``pairs.TRAIN_CAPTIONS``)."""
     data = load_split(Path(layout.dataset_of_manifest(manifest)), split)
     return pairs.split_pairs(data.images, data.captions, captions)
@@ -46,8 +46,8 @@ def train_val_pairs(job: Job) -> tuple[Pairs, Pairs]:
     (docs/protocols.md)."""
     splits = job.spec["splits"]
     return (
-        split_pairs(job.input("train"), splits["train"], splits["train_captions"]),
-        split_pairs(job.input("val"), splits["val"], "first"),
+        load_pairs(job.input("train"), splits["train"], splits["train_captions"]),
+        load_pairs(job.input("val"), splits["val"], "first"),
     )
 
 

@@ -13,7 +13,6 @@ POSTALIGN_CLUSTER_MAX_RATIO (default 2) times the local run.
 """
 
 import base64
-import json
 import logging
 import math
 import os
@@ -33,7 +32,13 @@ from pipeline.evaluate.tables import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_paper import PAPER, fabricate_paper_data, scaled_down, tiny_roberta  # noqa: E402
+from test_paper import (  # noqa: E402
+    PAPER,
+    fabricate_paper_data,
+    paper_captions,
+    scaled_down,
+    tiny_roberta,
+)
 
 WORKFLOW_PROFILE = ROOT / "workflow/profiles/default"
 SLURM_PROFILE = ROOT / "workflow/profiles/slurm"
@@ -96,13 +101,7 @@ def text_model(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("models") / "roberta"
     data = tmp_path_factory.mktemp("captions")
     fabricate_paper_data(data)
-    texts = [
-        sentence["raw"]
-        for name in ("coco/dataset_coco.json", "flickr30k/dataset_flickr30k.json")
-        for entry in json.loads((data / "data" / name).read_text())["images"]
-        for sentence in entry["sentences"]
-    ]
-    tiny_roberta(folder, texts)
+    tiny_roberta(folder, paper_captions(data))
     return folder
 
 
