@@ -42,8 +42,8 @@ verify: install
 	$(UV) run --frozen python -m pipeline verify
 
 # A real single-node SLURM on this machine (as root; installs Debian's slurm-wlm and munge
-# if missing), the tiny workflow through workflow/profiles/slurm, checks, and the cluster
-# stopped again whatever happens. Not part of `make test`.
+# if missing), the scaled-down paper workflow locally and through workflow/profiles/slurm,
+# checks, and the cluster stopped again whatever happens. .ci/run calls it after `make test`.
 test-cluster: install
 	trap 'workflow/scripts/slurm-cluster.sh stop' EXIT INT TERM; \
 	workflow/scripts/slurm-cluster.sh start && \

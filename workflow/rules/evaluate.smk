@@ -32,9 +32,14 @@ SWEEP_TABLES = {
 }
 
 
+localrules:
+    aggregate,
+
+
 rule aggregate:
     """One metrics table, its summary over seeds, and the plots drawn from them; with a layer
-    sweep, its tables and similarity-against-accuracy plots too."""
+    sweep, its tables and similarity-against-accuracy plots too. Light (reads the evaluate
+    jobs' small tables): on a cluster it runs where Snakemake runs, not as a SLURM job."""
     input:
         **jobs.aggregate(config).inputs,
     output:
