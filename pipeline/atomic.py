@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written file.
+"""Atomic file writes: a reader never sees a half-written file (and a lock for jobs that
+share one store).
 
 Everything is written to a temporary sibling and moved into place with ``os.replace``,
 which is atomic on POSIX file systems. The file ends with the mode a plain ``open`` would
@@ -8,6 +9,7 @@ unreadable to the group a cluster shares results with).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import tempfile
@@ -57,6 +59,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``path`` (created if missing) for the block: jobs
+    that share one store take turns. ``flock`` is advisory and released when the process
+    dies, so a killed holder never leaves it taken."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

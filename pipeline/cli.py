@@ -60,6 +60,13 @@ STAGES: dict[str, Stage] = {
         jobs.extract_features,
         "extract",
     ),
+    "extract_features_shard": Stage(
+        "pipeline.extract:run_extract_shard",
+        "one shard of a feature store (runtime.extract_shards > 1): a run of its blocks",
+        ("dataset", "split", "encoder", "shard"),
+        jobs.extract_features_shard,
+        "extract_shard",
+    ),
     "extract_tokens": Stage(
         "pipeline.extract_tokens:run_extract_tokens",
         "store every token of the chosen layers of one encoder over one dataset split",
@@ -108,6 +115,7 @@ WILDCARD_HELP = {
     "dataset": "dataset name (a key under 'datasets')",
     "split": "split name, or 'prompts' for a dataset's zero-shot prompts",
     "encoder": "encoder name (a key under 'encoders')",
+    "shard": "shard of a feature store as K-of-N (N: runtime.extract_shards)",
     "pair": "encoder pair as VISION/TEXT (one of experiment.pairs)",
     "method": "method name (a key under 'align.methods')",
     "choice": "layer choice: last, best or q<quantile>",

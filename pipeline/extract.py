@@ -3,14 +3,19 @@
 Vision encoders run over the split's distinct images, text encoders over its captions (or,
 for the pseudo-split ``prompts``, over the dataset's zero-shot prompts). Work proceeds in
 blocks of one Zarr chunk; a killed run resumes from the first unfinished block and ends with
-a store identical to an uninterrupted run, since every block is computed the same way.
+a store identical to an uninterrupted run, since every block is computed the same way. The
+blocks of a large split can be shared out among several shard jobs and the store completed by
+one more (``runtime.extract_shards``; ``run_extract_shard``, ``finish_shards``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from pipeline import layout, store
+from pipeline import atomic, layout, store
 from pipeline.data import load_prompts, load_split, read_manifest
 from pipeline.encoders import Encoder, build_encoder
 from pipeline.fingerprint import spec_hash
@@ -144,11 +149,17 @@ def extract(
     out: Path,
     runtime: dict[str, Any],
     fresh: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> Path:
     """Extract every layer of ``encoder_name`` over ``split`` into the store at ``out``.
 
     A killed run's store is resumed; ``fresh=True``, or a store finished before (its job was
-    forced to run again), is recomputed from scratch (see ``store.StoreWriter``)."""
+    forced to run again), is recomputed from scratch (see ``store.StoreWriter``).
+
+    ``shard=(k, n)``: write only the k-th of n contiguous runs of the store's blocks, as one of
+    n jobs sharing it (``store.shard_blocks``); ``finish_shards`` completes the store once all
+    have run. The shard's finished blocks are kept (a killed shard resuming), unless
+    ``fresh``; it never touches another shard's blocks."""
     dataset_dir, out = Path(dataset_dir), Path(out)
     dataset = dataset_info(dataset_dir)
     encoder = build_encoder(encoder_name, encoder_spec)
@@ -156,7 +167,8 @@ def extract(
     sample_ids, load_item = split_items(dataset_dir, split, encoder.modality)
     precision = runtime.get("precision", "float32")
     key = fingerprint(provenance, dataset, split, precision)
-    writer = store.StoreWriter.create_or_resume(
+    open_writer = partial(
+        store.StoreWriter.create_or_resume,
         out,
         fingerprint=key,
         sample_ids=sample_ids,
@@ -164,7 +176,6 @@ def extract(
         dims=encoder.dims,
         on_stale=runtime.get("on_stale", "recompute"),
         chunk_bytes=int(runtime.get("chunk_mb", 1) * 2**20),
-        fresh=fresh,
         attrs={
             **provenance_attrs(encoder_name, encoder, provenance, dataset, split),
             "precision": precision,
@@ -173,31 +184,92 @@ def extract(
             ),
         },
     )
-    pending = writer.pending_blocks()
+    if shard is None:
+        writer = open_writer(fresh=fresh)
+        blocks = range(writer.n_blocks)
+    else:
+        with atomic.locked(store.lock_path(out)):  # the first shard creates, the others open
+            writer = open_writer(shared=True)
+        blocks = store.shard_blocks(writer.n_blocks, *shard)
+        flags = writer.flags[:]
+        written = [b for b in blocks if flags[b]]
+        for block in written if fresh else writer.damaged_blocks(written):
+            writer.flags[block] = False
+    pending = writer.pending_blocks(blocks)
     device = resolve_device(runtime.get("device", "auto"))
     encoder.to(device)
+    what = "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
     log.info(
-        "%s on %s/%s: %d samples, %d layers, %d of %d blocks to do, on %s",
+        "%s on %s/%s%s: %d samples, %d layers, %d of %d blocks to do, on %s",
         encoder_name,
         dataset["name"],
         split,
+        what,
         len(sample_ids),
         len(encoder.layer_names),
         len(pending),
-        writer.flags.shape[0],
+        len(blocks),
         device,
     )
-    done_rows = writer.n_samples - sum(stop - start for _, start, stop in pending)
+    rows = len(
+        range(
+            blocks.start * writer.block_rows, min(blocks.stop * writer.block_rows, writer.n_samples)
+        )
+    )
+    done_rows = rows - sum(stop - start for _, start, stop in pending)
     with tqdm(
-        total=writer.n_samples, initial=done_rows, unit="sample", desc=f"{encoder_name} {split}"
+        total=rows, initial=done_rows, unit="sample", desc=f"{encoder_name} {split}{what}"
     ) as bar:
         for block, start, stop in pending:
             pooled = _encode_rows(
                 encoder, range(start, stop), load_item, device, precision, runtime, bar.update
             )
             writer.write_block(block, pooled)
-    writer.finalize({"encoder": encoder_name, "split": split, "layers": len(encoder.layer_names)})
+    if shard is None:
+        writer.finalize(
+            {"encoder": encoder_name, "split": split, "layers": len(encoder.layer_names)}
+        )
+    elif damaged := sorted(writer.damaged_blocks(blocks)):
+        for block in damaged:
+            writer.flags[block] = False
+        raise store.StoreIntegrityError(
+            f"{out}: blocks {damaged} did not read back intact after writing (disk or "
+            "file-system trouble?); run again to rewrite them",
+            path=out,
+        )
     return out
+
+
+def finish_shards(out: Path, shard_markers: Sequence[str | Path]) -> None:
+    """Complete the store that the shard jobs of ``shard_markers`` wrote: check that they wrote
+    it for the same fingerprint and wrote every block, then write its completion marker.
+    A shard whose blocks are missing loses its marker (so Snakemake runs it again) and the
+    error names it."""
+    out = Path(out)
+    shards = {Path(m): json.loads(Path(m).read_text()) for m in shard_markers}
+    writer = store.StoreWriter.open_existing(out)
+    stored = writer.group.attrs["fingerprint"]
+    lacking = {}
+    for marker, record in shards.items():
+        blocks = store.shard_blocks(writer.n_blocks, record["shard"], record["shards"])
+        if record["fingerprint"] != stored:
+            lacking[marker] = f"written for fingerprint {record['fingerprint'][:12]}"
+        elif missing := [b for b, _, _ in writer.pending_blocks(blocks)]:
+            lacking[marker] = f"blocks {missing} missing"
+    if lacking:
+        for marker in lacking:
+            marker.unlink()
+        raise store.IncompleteStoreError(
+            f"feature store {out} (fingerprint {stored[:12]}) cannot be finished: "
+            + "; ".join(f"{m.name}: {why}" for m, why in lacking.items())
+            + ". Their shard markers are removed: run the workflow again to extract them again"
+        )
+    attrs = writer.group.attrs
+    summary = {"encoder": attrs["encoder"]["name"], "split": attrs["dataset"]["split"]}
+    writer.finalize(
+        {**summary, "layers": len(attrs["layer_names"]), "shards": len(shards)}, verify=False
+    )
+    store.lock_path(out).unlink(missing_ok=True)
 
 
 def _encode_rows(
@@ -229,13 +301,50 @@ def _encode_rows(
 
 
 def run_extract(job: Job) -> None:
-    """The ``extract_features`` stage (``pipeline.jobs.extract_features``)."""
+    """The ``extract_features`` stage (``pipeline.jobs.extract_features``): the whole store, or
+    with ``runtime.extract_shards`` > 1 only its completion, after the shard jobs."""
     spec = job.spec
+    out = Path(layout.store_of_marker(job.output("marker")))
+    if spec.get("shards", 1) > 1:
+        finish_shards(out, job.input_list("shards"))
+        return
     extract(
         encoder_name=spec["encoder_name"],
         encoder_spec=spec["encoder"],
         dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
         split=spec["split"],
-        out=Path(layout.store_of_marker(job.output("marker"))),
+        out=out,
         runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
     )
+
+
+def run_extract_shard(job: Job) -> None:
+    """The ``extract_features_shard`` stage (``pipeline.jobs.extract_features_shard``): one
+    run of a store's blocks. A shard whose last run was killed (its ``.running`` file is still
+    there) resumes its blocks; any other run of it recomputes them."""
+    spec = job.spec
+    marker = Path(job.output("shard"))
+    out = Path(layout.store_of_shard_marker(str(marker)))
+    running = marker.with_suffix(".running")
+    fresh = not running.exists()
+    atomic.write_text(running, "")
+    extract(
+        encoder_name=spec["encoder_name"],
+        encoder_spec=spec["encoder"],
+        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
+        split=spec["split"],
+        out=out,
+        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
+        fresh=fresh,
+        shard=(spec["shard"], spec["shards"]),
+    )
+    atomic.write_json(
+        marker,
+        {
+            "fingerprint": store.read_attrs(out)["fingerprint"],
+            "shard": spec["shard"],
+            "shards": spec["shards"],
+            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    running.unlink()

@@ -198,20 +198,59 @@ def prepare_dataset(config: dict[str, Any], dataset: str) -> Job:
 
 
 def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: str) -> Job:
+    """The store of one (dataset, split, encoder); with more than one shard
+    (``extract_shards``) only its completion, after the shard jobs have written its blocks."""
+    shards = extract_shards(config, split)
+    marker = {"marker": layout.feature_marker(dataset, split, encoder)}
+    if shards > 1:
+        markers = [
+            layout.feature_shard_marker(dataset, split, encoder, f"{k}-of-{shards}")
+            for k in range(1, shards + 1)
+        ]
+        return Job("extract_features", {"shards": shards}, {"shards": markers}, marker, threads=1)
+    return Job(
+        "extract_features",
+        _extract_spec(config, split, encoder),
+        inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
+        outputs=marker,
+        threads=extract_threads(config),
+    )
+
+
+def extract_features_shard(
+    config: dict[str, Any], dataset: str, split: str, encoder: str, shard: str
+) -> Job:
+    """Shard ``shard`` ("<k>-of-<n>") of a store: one contiguous run of its blocks."""
+    number, _, of = shard.partition("-of-")
+    shards = extract_shards(config, split)
+    if not (number.isdigit() and of.isdigit() and 1 <= int(number) <= int(of) == shards):
+        raise ValueError(
+            f"shard {shard!r}: runtime.extract_shards gives {dataset}/{split} {shards}"
+        )
+    spec = {**_extract_spec(config, split, encoder), "shard": int(number), "shards": shards}
+    return Job(
+        "extract_features_shard",
+        spec,
+        inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
+        outputs={"shard": layout.feature_shard_marker(dataset, split, encoder, shard)},
+        threads=extract_threads(config),
+    )
+
+
+def _extract_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
-    spec = {
+    return {
         "encoder_name": encoder,
         "encoder": encoder_spec(config, encoder),
         "split": split,
         "runtime": {key: runtime[key] for key in EXTRACT_RUNTIME},
     }
-    return Job(
-        "extract_features",
-        spec,
-        inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
-        outputs={"marker": layout.feature_marker(dataset, split, encoder)},
-        threads=extract_threads(config),
-    )
+
+
+def extract_shards(config: dict[str, Any], split: str) -> int:
+    """How many jobs write one feature store: ``runtime.extract_shards`` for a dataset split,
+    one for the (small) prompts pseudo-split."""
+    return 1 if split == PROMPTS_SPLIT else config["runtime"]["extract_shards"]
 
 
 def extract_threads(config: dict[str, Any]) -> int:

@@ -58,6 +58,20 @@ def store_of_marker(marker: str) -> str:
     return marker.removesuffix(MARKER_SUFFIX)
 
 
+def feature_shard_marker(dataset: str, split: str, encoder: str, shard: str) -> str:
+    """The marker of one shard job of a store (``shard``: "<k>-of-<n>", k from 1): its run of
+    the store's blocks is written (``runtime.extract_shards``)."""
+    return f"{feature_store(dataset, split, encoder)}.shard-{shard}{MARKER_SUFFIX}"
+
+
+def store_of_shard_marker(marker: str) -> str:
+    """The feature store a shard marker belongs to."""
+    store, sep, shard = marker.rpartition(".shard-")
+    if not sep or not store.endswith(".zarr") or not shard.endswith(MARKER_SUFFIX):
+        raise ValueError(f"{marker} is not a shard marker (*.zarr.shard-<k>-of-<n>.done)")
+    return store
+
+
 def tokens_dir(dataset: str, split: str, encoder: str) -> str:
     """The token set of one (dataset, split, encoder): one token store per chosen layer
     (``pipeline.tokens``), written by one ``extract_tokens`` job."""

@@ -29,6 +29,10 @@ failure is a ``StoreIntegrityError`` naming the store, the layer and the rows. T
 refuses NaN or infinite values, and ``finalize`` reads the whole store back before it writes
 the marker, so a marker never stands beside a damaged store.
 
+Sharded. With ``runtime.extract_shards`` > 1 several jobs write disjoint runs of blocks of one
+store (``shard_blocks``), taking turns at creating it under a lock (``lock_path``), and a last
+job finishes it (``pipeline.extract.finish_shards``; docs/formats.md, "Sharded extraction").
+
 Killed or forced. A killed run leaves ``complete: false``; the next run resumes it (after
 un-flagging any finished block whose chunks no longer verify). A store with ``complete:
 true`` whose marker is gone was finished before and is being made again on purpose (Snakemake
@@ -598,6 +602,7 @@ def resume_or_clear(
     on_stale: str,
     fresh: bool,
     check: Callable[[Any], None] | None = None,
+    shared: bool = False,
 ) -> Any:
     """The writer of a killed run of this very store, resumed; or None after removing
     whatever stands at ``path`` (its marker always goes first).
@@ -608,24 +613,32 @@ def resume_or_clear(
       refuse it), finished blocks that no longer verify un-flagged;
     - same fingerprint, finished before (``complete``: its job runs again, e.g. forced) or
       ``fresh``: removed, to start from scratch.
+
+    ``shared``: one of several shard jobs writing disjoint blocks of the store opens it (under
+    ``store_lock``): a finished store is reopened as unfinished rather than removed, and
+    each shard checks and redoes its own blocks (``pipeline.extract``), not the others'.
     """
     marker_path(path).unlink(missing_ok=True)
     if not path.exists():
         return None
     existing = read_attrs(path)
     if existing.get("fingerprint") == fingerprint:
-        if fresh or existing.get("complete") or not same_shape(existing):
+        finished = existing.get("complete") and not shared
+        if fresh or finished or not same_shape(existing):
             log.info("%s: recomputing from scratch (fresh, or finished before)", path)
         else:
             try:
                 resumed = writer(path, zarr.open_group(path, mode="r+"))
                 if check is not None:
                     check(resumed)
-                resumed.unflag_damaged_blocks()
+                if shared:
+                    resumed.group.attrs["complete"] = False
+                else:
+                    resumed.unflag_damaged_blocks()
             except Exception as error:  # flags or metadata unreadable: start over
                 log.warning("%s cannot be resumed (%s): starting over", path, error)
             else:
-                log.info("%s: resuming a killed run", path)
+                log.info("%s: resuming%s", path, " (shared by shard jobs)" if shared else "")
                 return resumed
     elif on_stale == "error" and existing.get("fingerprint") is not None:
         raise StaleStoreError(
@@ -663,8 +676,10 @@ class StoreWriter(BlockStoreWriter):
         on_stale: str = "recompute",
         chunk_bytes: int = MIN_CHUNK_BYTES,
         fresh: bool = False,
+        shared: bool = False,
     ) -> StoreWriter:
-        """Open ``path`` for writing (its marker is removed first).
+        """Open ``path`` for writing (its marker is removed first); ``shared``: for one of
+        several shard jobs, which hold ``store_lock(path)`` meanwhile (``resume_or_clear``).
 
         - no store: create it;
         - another fingerprint: remove it (``on_stale="recompute"``) or refuse (``"error"``);
@@ -681,23 +696,42 @@ class StoreWriter(BlockStoreWriter):
             return existing.get("n_samples") == len(sample_ids) and existing.get("dims") == dims_now
 
         resumed = resume_or_clear(
-            path, cls, "feature store", fingerprint, same_shape, on_stale=on_stale, fresh=fresh
+            path,
+            cls,
+            "feature store",
+            fingerprint,
+            same_shape,
+            on_stale=on_stale,
+            fresh=fresh,
+            shared=shared,
         )
         if resumed is not None:
             return resumed
         rows = rows_per_chunk(len(sample_ids), dims, chunk_bytes)
         return cls(path, _create(path, fingerprint, sample_ids, layer_names, dims, rows, attrs))
 
+    @classmethod
+    def open_existing(cls, path: str | Path) -> StoreWriter:
+        """The store at ``path`` as its shard jobs left it, to finish it."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise IncompleteStoreError(f"feature store {path} does not exist: no shard wrote it")
+        return cls(path, zarr.open_group(path, mode="r+"))
+
     @property
     def n_samples(self) -> int:
         return int(self.layers[0].shape[0])
 
-    def pending_blocks(self) -> list[tuple[int, int, int]]:
-        """(block, first row, end row) of every block not yet written."""
+    @property
+    def n_blocks(self) -> int:
+        return int(self.flags.shape[0])
+
+    def pending_blocks(self, blocks: Iterable[int] | None = None) -> list[tuple[int, int, int]]:
+        """(block, first row, end row) of every block (of ``blocks``) not yet written."""
         done = self.flags[:]
         return [
             (b, b * self.block_rows, min((b + 1) * self.block_rows, self.n_samples))
-            for b in range(len(done))
+            for b in (range(len(done)) if blocks is None else blocks)
             if not done[b]
         ]
 
@@ -750,6 +784,19 @@ class StoreWriter(BlockStoreWriter):
                 except StoreIntegrityError as error:
                     damaged[int(block)] = error
         return damaged
+
+
+def lock_path(store_path: Path) -> Path:
+    """The lock file shard jobs of one store take turns on (``pipeline.atomic.locked``)."""
+    return store_path.with_name(store_path.name + ".lock")
+
+
+def shard_blocks(n_blocks: int, shard: int, shards: int) -> range:
+    """The blocks shard ``shard`` (1 .. ``shards``) of a store writes: a contiguous run, the
+    runs of all shards disjoint and covering every block."""
+    if not 1 <= shard <= shards:
+        raise ValueError(f"shard {shard} of {shards} does not exist")
+    return range((shard - 1) * n_blocks // shards, shard * n_blocks // shards)
 
 
 def open_group_checked(path: Path, kind: str) -> zarr.Group:

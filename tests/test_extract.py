@@ -1,5 +1,6 @@
 """The extract stage: stored rows equal the encoder's output, SIGKILL resume, forced runs
-recompute, stale stores, NaN refused, the expected fingerprint."""
+recompute, stale stores, NaN refused, the expected fingerprint; sharded extraction gives the
+same store, a killed shard resumes alone."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,9 @@ from pipeline import extract as extract_module
 from pipeline import store
 from pipeline.data import load_prompts, load_split, prepare_dataset
 from pipeline.encoders import build_encoder
-from pipeline.extract import expected_fingerprint, extract
+from pipeline.extract import expected_fingerprint, extract, run_extract_shard
+from pipeline.extract import run_extract as run_extract_job
+from pipeline.jobs import Job
 
 VIT = {
     "source": "timm",
@@ -227,3 +231,132 @@ def test_a_store_from_another_config_is_recomputed_or_refused(dataset, tmp_path)
     assert second.attrs["encoder"]["init_seed"] == 2
     with pytest.raises(store.StaleStoreError):
         store.open_store(path, old)
+
+
+def shard_job(dataset, store_path, shard, shards, **runtime):
+    spec = {
+        "encoder_name": "vit",
+        "encoder": VIT,
+        "split": "train",
+        "runtime": {**RUNTIME, **runtime},
+        "shard": shard,
+        "shards": shards,
+    }
+    marker = f"{store_path}.shard-{shard}-of-{shards}.done"
+    return Job(
+        "extract_features_shard", spec, {"dataset": f"{dataset}/manifest.json"}, {"shard": marker}
+    )
+
+
+def finish_job(store_path, shards):
+    markers = [f"{store_path}.shard-{k}-of-{shards}.done" for k in range(1, shards + 1)]
+    return Job(
+        "extract_features",
+        {"shards": shards},
+        {"shards": markers},
+        {"marker": f"{store_path}.done"},
+    )
+
+
+def assert_same_store(path, reference_path):
+    """Same values, ids, chunking and attributes (but the time of completion)."""
+    made, reference = store.open_store(path), store.open_store(reference_path)
+    assert made.sample_ids().tolist() == reference.sample_ids().tolist()
+    for layer in range(reference.num_layers):
+        assert made.layer(layer).chunks == reference.layer(layer).chunks
+        np.testing.assert_array_equal(made.read(layer), reference.read(layer))
+    ignore = {"completed_at", "versions"}
+    attrs = {k: v for k, v in made.attrs.items() if k not in ignore}
+    assert attrs == {k: v for k, v in reference.attrs.items() if k not in ignore}
+    assert made.integrity_problems() == []
+
+
+def test_three_shards_give_the_store_of_one(dataset, tmp_path):
+    reference = run_extract(dataset, tmp_path / "one.zarr")
+    sharded = tmp_path / "three.zarr"
+    for shard in (2, 3, 1):  # any shard may come first and create the store
+        run_extract_shard(shard_job(dataset, sharded, shard, 3))
+        assert not store.marker_path(sharded).exists()
+    run_extract_job(finish_job(sharded, 3))
+    assert_same_store(sharded, reference)
+    assert json.loads(store.marker_path(sharded).read_text())["shards"] == 3
+    assert not store.lock_path(sharded).exists()
+
+
+def test_shards_split_the_blocks_into_disjoint_runs():
+    for n_blocks in (0, 1, 2, 7, 25):
+        for shards in (1, 2, 3, 8):
+            runs = [store.shard_blocks(n_blocks, k, shards) for k in range(1, shards + 1)]
+            assert [b for run in runs for b in run] == list(range(n_blocks))
+    with pytest.raises(ValueError, match="shard 4 of 3"):
+        store.shard_blocks(10, 4, 3)
+
+
+def test_a_killed_shard_resumes_alone(dataset, tmp_path):
+    reference = run_extract(dataset, tmp_path / "one.zarr")
+    path = tmp_path / "sharded.zarr"
+    for shard in (1, 3):
+        run_extract_shard(shard_job(dataset, path, shard, 3))
+    n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
+    own = store.shard_blocks(n_blocks, 2, 3)
+    others = [b for b in range(n_blocks) if b not in own]
+    before_others = chunk_stamps(path, others)
+
+    job = shard_job(dataset, path, 2, 3, batch_size=1)
+    command = [
+        *(sys.executable, "-m", "pipeline", "extract_features_shard"),
+        *("--spec", json.dumps(job.spec), "--in", f"dataset={dataset}/manifest.json"),
+        *("--out", f"shard={job.output('shard')}"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    done = 0
+    while done < 2 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+        done = int(zarr.open_group(path, mode="r")["block_complete"][own.start : own.stop].sum())
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    flags = zarr.open_group(path, mode="r")["block_complete"][:]
+    assert 2 <= flags[own.start : own.stop].sum() < len(own), "the kill must land mid-shard"
+    assert not Path(job.output("shard")).exists()
+    finished = chunk_stamps(path, [b for b in own if flags[b]])
+
+    run_extract_shard(job)  # its .running file says it was killed: resume
+    assert chunk_stamps(path, [b for b in own if flags[b]]) == finished  # kept, not redone
+    assert chunk_stamps(path, others) == before_others  # the other shards untouched
+    run_extract_job(finish_job(path, 3))
+    assert_same_store(path, reference)
+
+
+def test_finishing_names_a_shard_whose_blocks_are_missing_and_drops_its_marker(dataset, tmp_path):
+    path = tmp_path / "sharded.zarr"
+    for shard in (1, 2):
+        run_extract_shard(shard_job(dataset, path, shard, 2))
+    zarr.open_group(path, mode="r+")["block_complete"][-1] = False  # lost after shard 2 ran
+    with pytest.raises(
+        store.IncompleteStoreError, match=r"shard-2-of-2\.done: blocks \[24\] missing"
+    ):
+        run_extract_job(finish_job(path, 2))
+    assert not Path(f"{path}.shard-2-of-2.done").exists()  # Snakemake runs it again
+    assert Path(f"{path}.shard-1-of-2.done").exists()
+    assert not store.marker_path(path).exists()
+    run_extract_shard(shard_job(dataset, path, 2, 2))
+    run_extract_job(finish_job(path, 2))
+    assert store.open_store(path).integrity_problems() == []
+
+
+def test_a_rerun_shard_of_a_finished_store_recomputes_only_its_blocks(dataset, tmp_path):
+    path = tmp_path / "sharded.zarr"
+    for shard in (1, 2):
+        run_extract_shard(shard_job(dataset, path, shard, 2))
+    run_extract_job(finish_job(path, 2))
+    n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
+    first, second = store.shard_blocks(n_blocks, 1, 2), store.shard_blocks(n_blocks, 2, 2)
+    before = chunk_stamps(path, range(n_blocks))
+    run_extract_shard(shard_job(dataset, path, 2, 2))  # forced: not killed, so redone
+    assert not store.marker_path(path).exists()  # the store is being changed
+    after = chunk_stamps(path, range(n_blocks))
+    assert all(after[k] == before[k] for k in before if k[1] in first)
+    assert all(after[k] != before[k] for k in before if k[1] in second)
+    run_extract_job(finish_job(path, 2))
+    assert store.open_store(path).integrity_problems() == []

@@ -47,6 +47,7 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
         "prepare_dataset",
         "pretrain_encoder",
         "extract_features",
+        "extract_features_shard",
         "extract_tokens",
         "compare_layers",
         "sweep_layers",
@@ -54,6 +55,32 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
         "evaluate_aligners",
         "aggregate",
     }
+
+
+def test_sharded_extraction_jobs(config):
+    """runtime.extract_shards = 3: three shard jobs with the extraction spec write a store's
+    blocks, the store's own job only completes it (one thread); prompts are never sharded."""
+    sharded = {**config, "runtime": {**config["runtime"], "extract_shards": 3}}
+    whole = jobs.extract_features(config, "shapes", "train", "vit_tiny")
+    finish = jobs.extract_features(sharded, "shapes", "train", "vit_tiny")
+    assert finish.output("marker") == whole.output("marker") and finish.threads == 1
+    markers = finish.input_list("shards")
+    assert markers == [
+        layout.feature_shard_marker("shapes", "train", "vit_tiny", f"{k}-of-3") for k in (1, 2, 3)
+    ]
+    shard = jobs.extract_features_shard(sharded, "shapes", "train", "vit_tiny", "2-of-3")
+    assert shard.spec == {**whole.spec, "shard": 2, "shards": 3}
+    assert shard.inputs == whole.inputs and shard.threads == whole.threads
+    assert shard.output("shard") == markers[1]
+    assert layout.store_of_shard_marker(markers[1]) == layout.store_of_marker(
+        whole.output("marker")
+    )
+    assert jobs.extract_features(sharded, "shapes", "prompts", "minilm").spec == (
+        jobs.extract_features(config, "shapes", "prompts", "minilm").spec
+    )
+    for wrong in ("4-of-3", "1-of-2", "0-of-3", "x-of-3"):
+        with pytest.raises(ValueError, match=r"runtime\.extract_shards"):
+            jobs.extract_features_shard(sharded, "shapes", "train", "vit_tiny", wrong)
 
 
 def test_the_sweep_job_reads_what_a_pooled_methods_align_and_evaluate_jobs_read(config):

@@ -413,3 +413,26 @@ def test_settings_that_cannot_change_numbers_rerun_nothing(copy_of_run):
     config["align"]["threads"] = 2  # CPU threads only
     write_config(copy_of_run, config)
     assert planned_jobs(copy_of_run) == {}
+
+
+def test_sharded_extraction_gives_the_same_stores(copy_of_run):
+    """runtime.extract_shards = 3: each store of a dataset split is written by three shard jobs
+    and completed by its own job; the values are those of the one-job stores."""
+    config = copy.deepcopy(TINY)
+    config["runtime"] |= {"extract_shards": 3, "chunk_mb": 0.001}  # blocks of a few rows
+    write_config(copy_of_run, config)
+    planned = planned_jobs(copy_of_run, "extract")
+    assert planned == {"extract_features_shard": 3 * 6, "extract_features": 6 + 1}  # + prompts
+    stores = [copy_of_run / f"results/features/tiny/train/{e}.zarr" for e in ("vit", "minilm")]
+    before = [
+        [open_store(s).read(layer) for layer in range(open_store(s).num_layers)] for s in stores
+    ]
+    result = snakemake(copy_of_run, *(f"{s}.done" for s in stores))
+    assert result.returncode == 0, result.output[-3000:]
+    assert result.output.count("rule extract_features_shard:") == 6
+    for path, layers in zip(stores, before, strict=True):
+        made = open_store(path)
+        assert json.loads((path.parent / f"{path.name}.done").read_text())["shards"] == 3
+        assert made.group["block_complete"].shape[0] >= 3 and made.integrity_problems() == []
+        for layer, values in enumerate(layers):
+            np.testing.assert_array_equal(made.read(layer), values)

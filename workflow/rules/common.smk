@@ -31,6 +31,7 @@ wildcard_constraints:
     text=NAME,
     method=NAME,
     choice="last|best|q[0-9.]+",
+    shard="[0-9]+-of-[0-9]+",
 
 
 def job_of(make):
@@ -40,6 +41,10 @@ def job_of(make):
 
 def spec_of(make):
     return lambda wildcards: json.dumps(job_of(make)(wildcards).spec, sort_keys=True)
+
+
+def threads_of(make):
+    return lambda wildcards: job_of(make)(wildcards).threads
 
 
 def inputs_of(make):
