@@ -691,9 +691,19 @@ class StoreWriter(BlockStoreWriter):
         """
         path = Path(path)
 
+        rows = rows_per_chunk(len(sample_ids), dims, chunk_bytes)
+
         def same_shape(existing: dict[str, Any]) -> bool:
-            dims_now = [int(d) for d in dims]
-            return existing.get("n_samples") == len(sample_ids) and existing.get("dims") == dims_now
+            """Same rows, widths and blocks (``runtime.chunk_mb``) as the store to write."""
+            return (
+                existing.get("n_samples"),
+                existing.get("dims"),
+                existing.get("block_rows"),
+            ) == (
+                len(sample_ids),
+                [int(d) for d in dims],
+                rows,
+            )
 
         resumed = resume_or_clear(
             path,
@@ -707,7 +717,6 @@ class StoreWriter(BlockStoreWriter):
         )
         if resumed is not None:
             return resumed
-        rows = rows_per_chunk(len(sample_ids), dims, chunk_bytes)
         return cls(path, _create(path, fingerprint, sample_ids, layer_names, dims, rows, attrs))
 
     @classmethod
@@ -889,6 +898,7 @@ def _create(
             "layer_names": list(layer_names),
             "dims": [int(d) for d in dims],
             "n_samples": n,
+            "block_rows": rows,
             "complete": False,
         }
     )

@@ -416,18 +416,19 @@ def test_settings_that_cannot_change_numbers_rerun_nothing(copy_of_run):
 
 
 def test_sharded_extraction_gives_the_same_stores(copy_of_run):
-    """runtime.extract_shards = 3: each store of a dataset split is written by three shard jobs
-    and completed by its own job; the values are those of the one-job stores."""
+    """runtime.extract_shards = 3 (and blocks of a few rows): each store of a dataset split is
+    written by three shard jobs and completed by its own job; the values are the one-job
+    stores'."""
     config = copy.deepcopy(TINY)
     config["runtime"] |= {"extract_shards": 3, "chunk_mb": 0.001}  # blocks of a few rows
     write_config(copy_of_run, config)
     planned = planned_jobs(copy_of_run, "extract")
-    assert planned == {"extract_features_shard": 3 * 6, "extract_features": 6 + 1}  # + prompts
+    assert planned == {"extract_features_shard": 3 * 6, "extract_features": 6 + 1, "extract": 1}
     stores = [copy_of_run / f"results/features/tiny/train/{e}.zarr" for e in ("vit", "minilm")]
     before = [
         [open_store(s).read(layer) for layer in range(open_store(s).num_layers)] for s in stores
     ]
-    result = snakemake(copy_of_run, *(f"{s}.done" for s in stores))
+    result = snakemake(copy_of_run, *(f"{s.relative_to(copy_of_run)}.done" for s in stores))
     assert result.returncode == 0, result.output[-3000:]
     assert result.output.count("rule extract_features_shard:") == 6
     for path, layers in zip(stores, before, strict=True):
@@ -435,4 +436,6 @@ def test_sharded_extraction_gives_the_same_stores(copy_of_run):
         assert json.loads((path.parent / f"{path.name}.done").read_text())["shards"] == 3
         assert made.group["block_complete"].shape[0] >= 3 and made.integrity_problems() == []
         for layer, values in enumerate(layers):
-            np.testing.assert_array_equal(made.read(layer), values)
+            # other blocks, so other batches: equal up to float32 rounding (the unit test
+            # tests/test_extract.py shows 3 shards bit-identical to 1 at the same blocks)
+            np.testing.assert_allclose(made.read(layer), values, rtol=1e-5, atol=1e-6)
