@@ -74,6 +74,13 @@ STAGES: dict[str, Stage] = {
         jobs.extract_tokens,
         "tokens",
     ),
+    "extract_tokens_shard": Stage(
+        "pipeline.extract_tokens:run_extract_tokens_shard",
+        "one shard of a token set (runtime.extract_shards > 1): a run of each store's blocks",
+        ("dataset", "split", "encoder", "shard"),
+        jobs.extract_tokens_shard,
+        "tokens_shard",
+    ),
     "compare_layers": Stage(
         "pipeline.similarity.stage:run_similarity",
         "score every (vision layer, text layer) pair, draw heatmaps, choose the layers",
@@ -115,7 +122,7 @@ WILDCARD_HELP = {
     "dataset": "dataset name (a key under 'datasets')",
     "split": "split name, or 'prompts' for a dataset's zero-shot prompts",
     "encoder": "encoder name (a key under 'encoders')",
-    "shard": "shard of a feature store as K-of-N (N: runtime.extract_shards)",
+    "shard": "shard of a feature store or token set as K-of-N (N: runtime.extract_shards)",
     "pair": "encoder pair as VISION/TEXT (one of experiment.pairs)",
     "method": "method name (a key under 'align.methods')",
     "choice": "layer choice: last, best or q<quantile>",

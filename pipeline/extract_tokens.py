@@ -17,11 +17,13 @@ scratch, as a forced pooled extraction does. Stores of layers no longer chosen a
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from pipeline import atomic, layout, tokens
+from pipeline import atomic, layout, store, tokens
 from pipeline.encoders import Encoder, build_encoder
 from pipeline.extract import (
     PRECISIONS,
@@ -79,10 +81,15 @@ def extract_tokens(
     dtype: str = "float16",
     shard_mb: float = tokens.DEFAULT_SHARD_MB,
     fresh: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> dict[int, Path]:
     """Extract the tokens of ``layers`` of ``encoder_name`` over ``split`` into one token store
     per layer under ``out_dir``; returns the store of each layer. Finished stores with the
-    expected fingerprint are kept and unfinished ones resumed, unless ``fresh``."""
+    expected fingerprint are kept and unfinished ones resumed, unless ``fresh``.
+
+    ``shard=(k, n)``: fill only the k-th of n contiguous runs of each store's blocks
+    (``store.shard_blocks``), as one of n jobs sharing the stores; ``finish_token_shards``
+    completes them. The shard's finished blocks are kept unless ``fresh``."""
     dataset_dir, out_dir = Path(dataset_dir), Path(out_dir)
     dataset = dataset_info(dataset_dir)
     encoder = build_encoder(encoder_name, encoder_spec)
@@ -107,11 +114,12 @@ def extract_tokens(
     itemsize = np.dtype(dtype).itemsize
     writers: dict[int, tokens.TokenStoreWriter] = {}
     paths: dict[int, Path] = {}
+    blocks: dict[int, range] = {}
     for layer in layers:
         path = Path(layout.token_store(str(out_dir), layer))
         paths[layer] = path
         key = tokens.fingerprint(provenance, dataset, split, precision, layer, dtype)
-        if not fresh:
+        if not fresh and shard is None:
             try:
                 tokens.open_token_store(path, key)
             except (OSError, RuntimeError, ValueError, KeyError):
@@ -122,7 +130,8 @@ def extract_tokens(
         plan = tokens.plan_blocks(
             counts, encoder.dims[layer], itemsize, int(shard_mb * 2**20), fixed is not None
         )
-        writers[layer] = tokens.TokenStoreWriter.create_or_resume(
+        open_writer = partial(
+            tokens.TokenStoreWriter.create_or_resume,
             path,
             fingerprint=key,
             sample_ids=sample_ids,
@@ -130,7 +139,6 @@ def extract_tokens(
             dim=encoder.dims[layer],
             dtype=dtype,
             on_stale=runtime.get("on_stale", "recompute"),
-            fresh=fresh,
             attrs={
                 **provenance_attrs(encoder_name, encoder, provenance, dataset, split),
                 "layer": int(layer),
@@ -140,21 +148,46 @@ def extract_tokens(
                 "layout": encoder.token_layout(),
             },
         )
-    _fill(encoder, writers, load_item, runtime, f"{encoder_name} {split}")
-    for writer in writers.values():
-        writer.finalize({"encoder": encoder_name, "split": split})
+        if shard is None:
+            writers[layer] = open_writer(fresh=fresh)
+            blocks[layer] = range(writers[layer].n_blocks)
+            continue
+        with atomic.locked(store.lock_path(path)):  # the first shard creates, the others open
+            writer = writers[layer] = open_writer(shared=True)
+        blocks[layer] = own = store.shard_blocks(writer.n_blocks, *shard)
+        flags = writer.flags[:]
+        written = [b for b in own if flags[b]]
+        for block in written if fresh else writer.damaged_blocks(written):
+            writer.flags[block] = False
+    label = f"{encoder_name} {split}" + (
+        "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
+    )
+    _fill(encoder, writers, blocks, load_item, runtime, label)
+    for layer, writer in writers.items():
+        if shard is None:
+            writer.finalize({"encoder": encoder_name, "split": split})
+        elif damaged := sorted(writer.damaged_blocks(blocks[layer])):
+            for block in damaged:
+                writer.flags[block] = False
+            raise store.StoreIntegrityError(
+                f"{writer.path}: blocks {damaged} did not read back intact after writing "
+                "(disk or file-system trouble?); run again to rewrite them",
+                path=writer.path,
+            )
     return paths
 
 
 def _fill(
     encoder: Encoder,
     writers: dict[int, tokens.TokenStoreWriter],
+    blocks: dict[int, range],
     load_item: Callable[[int], Any],
     runtime: dict[str, Any],
     label: str,
 ) -> None:
-    """One forward pass over every row some writer still needs, feeding each writer its rows."""
-    pending = {layer: writer.pending_rows() for layer, writer in writers.items()}
+    """One forward pass over every row some writer still needs (of its ``blocks``), feeding
+    each writer its rows."""
+    pending = {layer: writer.pending_rows(blocks[layer]) for layer, writer in writers.items()}
     needs = {layer: set(rows.tolist()) for layer, rows in pending.items()}
     rows = np.unique(np.concatenate([np.zeros(0, np.int64), *pending.values()]))
     if not len(rows):
@@ -197,17 +230,104 @@ def write_batch(
 
 
 def run_extract_tokens(job: Job) -> None:
-    """The ``extract_tokens`` stage (``pipeline.jobs.extract_tokens``)."""
+    """The ``extract_tokens`` stage (``pipeline.jobs.extract_tokens``): the whole token set, or
+    with ``runtime.extract_shards`` > 1 only its completion, after the shard jobs."""
     spec = job.spec
     marker = Path(job.output("tokens"))
     out_dir = Path(layout.tokens_dir_of_marker(str(marker)))
+    if spec.get("shards", 1) > 1:
+        finish_token_shards(out_dir, marker, job.input_list("shards"), spec)
+        return
     layers = chosen_layers(job.input_list("layers"), spec["side"], spec["layer_choices"])
     in_progress = out_dir / IN_PROGRESS
     fresh = not in_progress.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(in_progress, "")
     log.info("%s layers %s", "extracting" if fresh else "resuming", layers)
-    paths = extract_tokens(
+    paths = _extract_job(job, layers, out_dir, fresh)
+    _write_set_marker(out_dir, marker, spec, paths)
+    in_progress.unlink()
+
+
+def run_extract_tokens_shard(job: Job) -> None:
+    """The ``extract_tokens_shard`` stage (``pipeline.jobs.extract_tokens_shard``): one run of
+    blocks of every chosen layer's store. A shard whose last run was killed (its ``.running``
+    file is still there) resumes its blocks; any other run of it recomputes them."""
+    spec = job.spec
+    marker = Path(job.output("shard"))
+    out_dir = Path(layout.tokens_dir_of_shard_marker(str(marker)))
+    layers = chosen_layers(job.input_list("layers"), spec["side"], spec["layer_choices"])
+    running = marker.with_suffix(".running")
+    fresh = not running.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(running, "")
+    paths = _extract_job(job, layers, out_dir, fresh, shard=(spec["shard"], spec["shards"]))
+    atomic.write_json(
+        marker,
+        {
+            "layers": {
+                str(layer): store.read_attrs(path)["fingerprint"] for layer, path in paths.items()
+            },
+            "shard": spec["shard"],
+            "shards": spec["shards"],
+            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        },
+    )
+    running.unlink()
+
+
+def finish_token_shards(
+    out_dir: Path, marker: Path, shard_markers: Sequence[str | Path], spec: dict[str, Any]
+) -> None:
+    """Complete the token stores the shard jobs of ``shard_markers`` wrote: every shard wrote
+    the same layers with the same fingerprints and all its blocks; then each store's marker,
+    the removal of stores of layers no longer chosen, and the set's marker. A shard that fails
+    loses its marker (so Snakemake runs it again) and the error names it."""
+    shards = {Path(m): json.loads(Path(m).read_text()) for m in shard_markers}
+    layer_sets = {json.dumps(record["layers"], sort_keys=True) for record in shards.values()}
+    if len(layer_sets) > 1:  # layers.json or the config changed while the shards ran
+        for path in shards:
+            path.unlink()
+        raise store.StaleStoreError(
+            f"token set {out_dir}: its shards wrote different layers or fingerprints "
+            f"({sorted(layer_sets)}); their markers are removed: run the workflow again"
+        )
+    (layers,) = [json.loads(text) for text in layer_sets]
+    writers = {
+        int(layer): tokens.TokenStoreWriter.open_existing(layout.token_store(str(out_dir), layer))
+        for layer in layers
+    }
+    lacking = {}
+    for path, record in shards.items():
+        missing = []
+        for layer, writer in writers.items():
+            own = store.shard_blocks(writer.n_blocks, record["shard"], record["shards"])
+            if writer.group.attrs["fingerprint"] != layers[str(layer)]:
+                missing.append(f"layer {layer} (its store was made again since)")
+            elif pending := writer.pending_blocks(own):
+                missing.append(f"layer {layer} blocks {pending}")
+        if missing:
+            lacking[path] = "missing " + ", ".join(missing)
+    if lacking:
+        for path in lacking:
+            path.unlink()
+        raise store.IncompleteStoreError(
+            f"token set {out_dir} cannot be finished: "
+            + "; ".join(f"{m.name}: {why}" for m, why in lacking.items())
+            + ". Their shard markers are removed: run the workflow again to extract them again"
+        )
+    summary = {"encoder": spec["encoder_name"], "split": spec["split"], "shards": len(shards)}
+    for writer in writers.values():
+        writer.finalize(summary, verify=False)  # each shard verified its own blocks
+    paths = {layer: writer.path for layer, writer in writers.items()}
+    _write_set_marker(out_dir, marker, spec, paths)
+
+
+def _extract_job(
+    job: Job, layers: list[int], out_dir: Path, fresh: bool, shard: tuple[int, int] | None = None
+) -> dict[int, Path]:
+    spec = job.spec
+    return extract_tokens(
         encoder_name=spec["encoder_name"],
         encoder_spec=spec["encoder"],
         dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
@@ -218,7 +338,15 @@ def run_extract_tokens(job: Job) -> None:
         dtype=spec["tokens"]["dtype"],
         shard_mb=spec["tokens"]["shard_mb"],
         fresh=fresh,
+        shard=shard,
     )
+
+
+def _write_set_marker(
+    out_dir: Path, marker: Path, spec: dict[str, Any], paths: dict[int, Path]
+) -> None:
+    """Remove the stores (and lock files) of layers no longer chosen, then write the token
+    set's marker listing its layers' fingerprints."""
     keep = {path.name for path in paths.values()}
     for stale in out_dir.glob("layer_*.zarr*"):
         if stale.name.removesuffix(".done") not in keep:
@@ -235,4 +363,3 @@ def run_extract_tokens(job: Job) -> None:
             "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
-    in_progress.unlink()

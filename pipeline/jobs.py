@@ -221,13 +221,8 @@ def extract_features_shard(
     config: dict[str, Any], dataset: str, split: str, encoder: str, shard: str
 ) -> Job:
     """Shard ``shard`` ("<k>-of-<n>") of a store: one contiguous run of its blocks."""
-    number, _, of = shard.partition("-of-")
-    shards = extract_shards(config, split)
-    if not (number.isdigit() and of.isdigit() and 1 <= int(number) <= int(of) == shards):
-        raise ValueError(
-            f"shard {shard!r}: runtime.extract_shards gives {dataset}/{split} {shards}"
-        )
-    spec = {**_extract_spec(config, split, encoder), "shard": int(number), "shards": shards}
+    number, shards = _shard_numbers(config, dataset, split, shard)
+    spec = {**_extract_spec(config, split, encoder), "shard": number, "shards": shards}
     return Job(
         "extract_features_shard",
         spec,
@@ -247,9 +242,20 @@ def _extract_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str,
     }
 
 
+def _shard_numbers(config: dict[str, Any], dataset: str, split: str, shard: str) -> tuple[int, int]:
+    """(k, n) of a shard wildcard "<k>-of-<n>", checked against ``runtime.extract_shards``."""
+    number, _, of = shard.partition("-of-")
+    shards = extract_shards(config, split)
+    if not (number.isdigit() and of.isdigit() and 1 <= int(number) <= int(of) == shards):
+        raise ValueError(
+            f"shard {shard!r}: runtime.extract_shards gives {dataset}/{split} {shards}"
+        )
+    return int(number), shards
+
+
 def extract_shards(config: dict[str, Any], split: str) -> int:
-    """How many jobs write one feature store: ``runtime.extract_shards`` for a dataset split,
-    one for the (small) prompts pseudo-split."""
+    """How many jobs write one feature store or token set: ``runtime.extract_shards`` for a
+    dataset split, one for the (small) prompts pseudo-split."""
     return 1 if split == PROMPTS_SPLIT else config["runtime"]["extract_shards"]
 
 
@@ -260,32 +266,61 @@ def extract_threads(config: dict[str, Any]) -> int:
 
 def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: str) -> Job:
     """The tokens of the layers chosen for ``encoder`` (read from the ``layers.json`` of every
-    pair it is in when the job runs), one forward pass, one token store per layer."""
-    side = modality(config, encoder)
+    pair it is in when the job runs), one forward pass, one token store per layer; with more
+    than one shard (``extract_shards``) only the set's completion, after the shard jobs."""
+    shards = extract_shards(config, split)
+    marker = {"tokens": layout.tokens_marker(dataset, split, encoder)}
+    if shards > 1:
+        spec = {"encoder_name": encoder, "split": split, "shards": shards}
+        markers = [
+            layout.tokens_shard_marker(dataset, split, encoder, f"{k}-of-{shards}")
+            for k in range(1, shards + 1)
+        ]
+        return Job("extract_tokens", spec, {"shards": markers}, marker, threads=1)
+    return Job(
+        "extract_tokens",
+        _token_spec(config, split, encoder),
+        inputs=_token_inputs(config, dataset, encoder),
+        outputs=marker,
+        threads=extract_threads(config),
+    )
+
+
+def extract_tokens_shard(
+    config: dict[str, Any], dataset: str, split: str, encoder: str, shard: str
+) -> Job:
+    """Shard ``shard`` ("<k>-of-<n>") of a token set: one run of each layer store's blocks."""
+    number, shards = _shard_numbers(config, dataset, split, shard)
+    return Job(
+        "extract_tokens_shard",
+        {**_token_spec(config, split, encoder), "shard": number, "shards": shards},
+        inputs=_token_inputs(config, dataset, encoder),
+        outputs={"shard": layout.tokens_shard_marker(dataset, split, encoder, shard)},
+        threads=extract_threads(config),
+    )
+
+
+def _token_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
-    spec = {
+    return {
         "encoder_name": encoder,
         "encoder": encoder_spec(config, encoder),
         "split": split,
-        "side": side,
+        "side": modality(config, encoder),
         "layer_choices": config["align"]["layer_choices"],
         "runtime": {key: runtime[key] for key in TOKEN_RUNTIME},
         "tokens": config["tokens"],
     }
-    pairs = [
-        pair for pair in encoder_pairs(config) if pair[0 if side == "vision" else 1] == encoder
-    ]
-    return Job(
-        "extract_tokens",
-        spec,
-        inputs={
-            "dataset": layout.dataset_manifest(dataset),
-            "layers": [layout.layers_json(vision, text) for vision, text in pairs],
-            **weights_input(config, encoder),
-        },
-        outputs={"tokens": layout.tokens_marker(dataset, split, encoder)},
-        threads=extract_threads(config),
-    )
+
+
+def _token_inputs(config: dict[str, Any], dataset: str, encoder: str) -> dict[str, Any]:
+    side = 0 if modality(config, encoder) == "vision" else 1
+    pairs = [pair for pair in encoder_pairs(config) if pair[side] == encoder]
+    return {
+        "dataset": layout.dataset_manifest(dataset),
+        "layers": [layout.layers_json(vision, text) for vision, text in pairs],
+        **weights_input(config, encoder),
+    }
 
 
 def compare_layers(config: dict[str, Any], vision: str, text: str) -> Job:

@@ -89,6 +89,20 @@ def tokens_dir_of_marker(marker: str) -> str:
     return marker.removesuffix(MARKER_SUFFIX)
 
 
+def tokens_shard_marker(dataset: str, split: str, encoder: str, shard: str) -> str:
+    """The marker of one shard job of a token set (``shard``: "<k>-of-<n>"): its run of the
+    blocks of every chosen layer's store is written (``runtime.extract_shards``)."""
+    return f"{tokens_dir(dataset, split, encoder)}.shard-{shard}{MARKER_SUFFIX}"
+
+
+def tokens_dir_of_shard_marker(marker: str) -> str:
+    """The token set folder a shard marker belongs to."""
+    folder, sep, shard = marker.rpartition(".shard-")
+    if not sep or folder.endswith(".zarr") or not shard.endswith(MARKER_SUFFIX):
+        raise ValueError(f"{marker} is not a token set's shard marker (<encoder>.shard-*.done)")
+    return folder
+
+
 def token_store(tokens_directory: str, layer: int) -> str:
     """The token store of one layer inside a token set's folder."""
     return f"{tokens_directory}/layer_{int(layer)}.zarr"

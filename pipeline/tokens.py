@@ -236,12 +236,14 @@ class TokenStoreWriter(BlockStoreWriter):
         attrs: dict[str, Any],
         on_stale: str = "recompute",
         fresh: bool = False,
+        shared: bool = False,
     ) -> TokenStoreWriter:
         """Open ``path`` for writing (its marker is removed first): as
         ``pipeline.store.StoreWriter.create_or_resume``: a store of another fingerprint is
         removed (``on_stale="recompute"``) or refused (``"error"``); one with this fingerprint
         that a killed run left unfinished is resumed (after un-flagging blocks that no longer
-        verify); a finished one, or any with ``fresh=True``, is made again from scratch."""
+        verify); a finished one, or any with ``fresh=True``, is made again from scratch.
+        ``shared``: for one of several shard jobs, under ``store.lock_path(path)``."""
         path = Path(path)
         if dtype not in DTYPES:
             raise ValueError(f"token dtype {dtype!r} is not one of {DTYPES}")
@@ -266,10 +268,19 @@ class TokenStoreWriter(BlockStoreWriter):
             on_stale=on_stale,
             fresh=fresh,
             check=same_plan,
+            shared=shared,
         )
         if resumed is not None:
             return resumed
         return cls(path, _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs))
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> TokenStoreWriter:
+        """The store at ``path`` as its shard jobs left it, to finish it."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise IncompleteStoreError(f"token store {path} does not exist: no shard wrote it")
+        return cls(path, zarr.open_group(path, mode="r+"))
 
     @property
     def n_samples(self) -> int:
@@ -279,13 +290,14 @@ class TokenStoreWriter(BlockStoreWriter):
     def n_blocks(self) -> int:
         return len(self.block_rows) - 1
 
-    def pending_blocks(self) -> list[int]:
+    def pending_blocks(self, blocks: Sequence[int] | None = None) -> list[int]:
+        """Every block (of ``blocks``) not yet written."""
         done = self.flags[:]
-        return [b for b in range(self.n_blocks) if not done[b]]
+        return [b for b in (range(self.n_blocks) if blocks is None else blocks) if not done[b]]
 
-    def pending_rows(self) -> np.ndarray:
-        """Rows of every block not yet written, ascending."""
-        blocks = self.pending_blocks()
+    def pending_rows(self, blocks: Sequence[int] | None = None) -> np.ndarray:
+        """Rows of every block (of ``blocks``) not yet written, ascending."""
+        blocks = self.pending_blocks(blocks)
         if not blocks:
             return np.zeros(0, dtype=np.int64)
         return np.concatenate(
@@ -355,11 +367,12 @@ class TokenStoreWriter(BlockStoreWriter):
             rows=range(int(rows[0]), int(rows[-1]) + 1),
         )
 
-    def damaged_blocks(self) -> dict[int, StoreIntegrityError]:
-        """Flagged blocks whose shard is missing, does not decode, or holds non-finite values."""
+    def damaged_blocks(self, blocks: Sequence[int] | None = None) -> dict[int, StoreIntegrityError]:
+        """Flagged blocks (or the given ones) whose shard is missing, does not decode, or holds
+        non-finite values."""
         reader = TokenStore(self.path, check_complete=False)
         found = {}
-        for block in np.flatnonzero(self.flags[:]):
+        for block in np.flatnonzero(self.flags[:]) if blocks is None else blocks:
             try:
                 reader.check_block(int(block))
             except StoreIntegrityError as error:

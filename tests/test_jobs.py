@@ -49,6 +49,7 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
         "extract_features",
         "extract_features_shard",
         "extract_tokens",
+        "extract_tokens_shard",
         "compare_layers",
         "sweep_layers",
         "fit_aligners",
@@ -59,7 +60,8 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
 
 def test_sharded_extraction_jobs(config):
     """runtime.extract_shards = 3: three shard jobs with the extraction spec write a store's
-    blocks, the store's own job only completes it (one thread); prompts are never sharded."""
+    (or a token set's) blocks, its own job only completes it (one thread); prompts are never
+    sharded."""
     sharded = {**config, "runtime": {**config["runtime"], "extract_shards": 3}}
     whole = jobs.extract_features(config, "shapes", "train", "vit_tiny")
     finish = jobs.extract_features(sharded, "shapes", "train", "vit_tiny")
@@ -77,6 +79,16 @@ def test_sharded_extraction_jobs(config):
     )
     assert jobs.extract_features(sharded, "shapes", "prompts", "minilm").spec == (
         jobs.extract_features(config, "shapes", "prompts", "minilm").spec
+    )
+    tokens = jobs.extract_tokens(config, "shapes", "train", "vit_tiny")
+    finish = jobs.extract_tokens(sharded, "shapes", "train", "vit_tiny")
+    assert finish.output("tokens") == tokens.output("tokens") and finish.threads == 1
+    shard = jobs.extract_tokens_shard(sharded, "shapes", "train", "vit_tiny", "3-of-3")
+    assert shard.spec == {**tokens.spec, "shard": 3, "shards": 3}
+    assert shard.inputs == tokens.inputs
+    assert finish.input_list("shards")[2] == shard.output("shard")
+    assert layout.tokens_dir_of_shard_marker(shard.output("shard")) == (
+        layout.tokens_dir_of_marker(tokens.output("tokens"))
     )
     for wrong in ("4-of-3", "1-of-2", "0-of-3", "x-of-3"):
         with pytest.raises(ValueError, match=r"runtime\.extract_shards"):

@@ -210,14 +210,19 @@ def test_the_unmodified_paper_config_plans_the_expected_jobs(paper_tree):
 
 
 def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tmp_path):
-    """runtime.extract_shards = 4: the 12 stores of dataset splits (not the 4 prompts stores)
-    are each written by 4 shard jobs; every store keeps its own (completing) job."""
+    """runtime.extract_shards = 4: the 12 feature stores and the 12 token sets of dataset
+    splits (not the 4 of prompts each) are each written by 4 shard jobs; every store and set
+    keeps its own (completing) job."""
     config = yaml.safe_load(PAPER.read_text())
     config["runtime"]["extract_shards"] = 4
     sharded = tmp_path / "paper_sharded.yaml"
     sharded.write_text(yaml.safe_dump(config))
     planned = planned_jobs(paper_tree, configfile=sharded)
-    assert planned == {**PAPER_JOBS, "extract_features_shard": 12 * 4}
+    assert planned == {
+        **PAPER_JOBS,
+        "extract_features_shard": 12 * 4,
+        "extract_tokens_shard": 12 * 4,
+    }
 
 
 def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):

@@ -1,6 +1,7 @@
 """Token caches: the block plan, the store's round trip (xarray, dask), verified reads, stale
 and forced stores, extraction against the encoders' own forward pass, the layer union read
-from layers.json, and a SIGKILLed extraction that resumes to the uninterrupted store."""
+from layers.json, a SIGKILLed extraction that resumes to the uninterrupted store, and sharded
+token sets (3 shards = 1, a killed shard resumes alone)."""
 
 import json
 import os
@@ -19,7 +20,12 @@ import zarr
 from pipeline import layout, store, tokens
 from pipeline.data import load_split, prepare_dataset
 from pipeline.encoders import build_encoder
-from pipeline.extract_tokens import chosen_layers, extract_tokens, run_extract_tokens
+from pipeline.extract_tokens import (
+    chosen_layers,
+    extract_tokens,
+    run_extract_tokens,
+    run_extract_tokens_shard,
+)
 from pipeline.jobs import Job
 
 VIT = {
@@ -384,3 +390,120 @@ def test_sigkill_then_resume_gives_the_uninterrupted_store(dataset, tmp_path):
     after = shard_stamps(killed)
     assert all(after[key] == stamp for key, stamp in finished.items())  # resumed, not recomputed
     assert json.loads(marker.read_text())["layers"].keys() == {"0", "2"}
+
+
+def token_shard_jobs(dataset, tmp_path, layers_json, shards, **runtime):
+    """The shard jobs of the vision token set and the job that completes it."""
+    job, marker = token_job(dataset, tmp_path, layers_json, **runtime)
+    folder = str(marker).removesuffix(".done")
+    markers = [f"{folder}.shard-{k}-of-{shards}.done" for k in range(1, shards + 1)]
+    parts = [
+        Job(
+            "extract_tokens_shard",
+            {**job.spec, "shard": k, "shards": shards},
+            job.inputs,
+            {"shard": markers[k - 1]},
+            threads=1,
+        )
+        for k in range(1, shards + 1)
+    ]
+    finish = {"encoder_name": "vit", "split": "train", "shards": shards}
+    return parts, Job("extract_tokens", finish, {"shards": markers}, job.outputs), marker
+
+
+def assert_same_token_set(marker, reference_marker):
+    made, ref = json.loads(marker.read_text()), json.loads(reference_marker.read_text())
+    assert made["layers"] == ref["layers"]  # the same layers, the same fingerprints
+    for layer in made["layers"]:
+        path = marker.parent / marker.name.removesuffix(".done") / f"layer_{layer}.zarr"
+        got = tokens.open_token_store(path)
+        want = tokens.open_token_store(
+            reference_marker.parent / reference_marker.name.removesuffix(".done") / path.name
+        )
+        rows = np.arange(want.n_samples)
+        np.testing.assert_array_equal(got.read(rows)[0], want.read(rows)[0])
+        np.testing.assert_array_equal(got.token_start, want.token_start)
+        np.testing.assert_array_equal(got.block_rows, want.block_rows)
+        assert got.integrity_problems() == []
+
+
+def test_three_token_shards_give_the_token_set_of_one(dataset, tmp_path):
+    choice = {"vision_layer": 2, "text_layer": 6}
+    layers_json = layer_choice(
+        tmp_path / "layers.json", {"last": choice, "best": {"vision_layer": 0}}
+    )
+    reference, reference_marker = token_job(dataset, tmp_path / "one", layers_json)
+    run_extract_tokens(reference)
+    parts, finish, marker = token_shard_jobs(dataset, tmp_path / "three", layers_json, 3)
+    for part in (parts[1], parts[2], parts[0]):  # any shard may come first
+        run_extract_tokens_shard(part)
+    assert not marker.exists()
+    run_extract_tokens(finish)
+    assert_same_token_set(marker, reference_marker)
+    folder = marker.parent / "vit"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "layer_0.zarr",
+        "layer_0.zarr.done",
+        "layer_2.zarr",
+        "layer_2.zarr.done",
+    ]  # no lock files left
+
+
+def test_a_killed_token_shard_resumes_alone(dataset, tmp_path):
+    choice = {"vision_layer": 2, "text_layer": 6}
+    layers_json = layer_choice(tmp_path / "layers.json", {"last": choice, "best": choice})
+    reference, reference_marker = token_job(dataset, tmp_path / "one", layers_json)
+    run_extract_tokens(reference)
+    parts, finish, marker = token_shard_jobs(
+        dataset, tmp_path / "three", layers_json, 3, batch_size=1
+    )
+    for part in (parts[0], parts[2]):
+        run_extract_tokens_shard(part)
+    path = marker.parent / "vit" / "layer_2.zarr"
+    n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
+    own = store.shard_blocks(n_blocks, 2, 3)
+    others = {k: v for k, v in shard_stamps(path).items() if int(k.parts[0]) not in own}
+
+    job = parts[1]
+    command = [
+        *(sys.executable, "-m", "pipeline", "extract_tokens_shard"),
+        *("--spec", json.dumps(job.spec), "--in", f"dataset={job.inputs['dataset']}"),
+        *(f"layers={layers_json}", "--out", f"shard={job.output('shard')}", "--threads", "1"),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, done = time.monotonic() + 180, 0
+    while done < 1 and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+        done = int(zarr.open_group(path, mode="r")["block_complete"][own.start : own.stop].sum())
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    flags = zarr.open_group(path, mode="r")["block_complete"][:]
+    assert 1 <= flags[own.start : own.stop].sum() < len(own), "the kill must land mid-shard"
+    assert not os.path.exists(job.output("shard"))
+    finished = {k: v for k, v in shard_stamps(path).items() if flags[int(k.parts[0])]}
+
+    run_extract_tokens_shard(job)  # its .running file says it was killed: resume
+    after = shard_stamps(path)
+    assert all(after[k] == v for k, v in finished.items())  # its finished blocks kept
+    assert all(after[k] == v for k, v in others.items())  # the other shards' untouched
+    run_extract_tokens(finish)
+    assert_same_token_set(marker, reference_marker)
+
+
+def test_finishing_a_token_set_names_a_shard_with_missing_blocks(dataset, tmp_path):
+    choice = {"vision_layer": 2, "text_layer": 6}
+    layers_json = layer_choice(tmp_path / "layers.json", {"last": choice, "best": choice})
+    parts, finish, marker = token_shard_jobs(dataset, tmp_path, layers_json, 2)
+    for part in parts:
+        run_extract_tokens_shard(part)
+    path = marker.parent / "vit" / "layer_2.zarr"
+    zarr.open_group(path, mode="r+")["block_complete"][0] = False  # lost after shard 1 ran
+    with pytest.raises(
+        store.IncompleteStoreError, match=r"vit\.shard-1-of-2\.done: missing layer 2"
+    ):
+        run_extract_tokens(finish)
+    assert not os.path.exists(parts[0].output("shard"))  # Snakemake runs it again
+    assert os.path.exists(parts[1].output("shard")) and not marker.exists()
+    run_extract_tokens_shard(parts[0])
+    run_extract_tokens(finish)
+    assert tokens.open_token_store(path).integrity_problems() == []

@@ -416,9 +416,9 @@ def test_settings_that_cannot_change_numbers_rerun_nothing(copy_of_run):
 
 
 def test_sharded_extraction_gives_the_same_stores(copy_of_run):
-    """runtime.extract_shards = 3 (and blocks of a few rows): each store of a dataset split is
-    written by three shard jobs and completed by its own job; the values are the one-job
-    stores'."""
+    """runtime.extract_shards = 3 (and blocks of a few rows): each store and token set of a
+    dataset split is written by three shard jobs and completed by its own job; the values are
+    the one-job stores' and sets'."""
     config = copy.deepcopy(TINY)
     config["runtime"] |= {"extract_shards": 3, "chunk_mb": 0.001}  # blocks of a few rows
     write_config(copy_of_run, config)
@@ -428,9 +428,21 @@ def test_sharded_extraction_gives_the_same_stores(copy_of_run):
     before = [
         [open_store(s).read(layer) for layer in range(open_store(s).num_layers)] for s in stores
     ]
-    result = snakemake(copy_of_run, *(f"{s.relative_to(copy_of_run)}.done" for s in stores))
+    token_set = copy_of_run / "results/tokens/tiny/train/vit"
+    token_stores = sorted(token_set.glob("layer_*.zarr"))
+    rows = np.arange(open_token_store(token_stores[0]).n_samples)
+    tokens_before = [open_token_store(path).read(rows)[0] for path in token_stores]
+    targets = [f"{s.relative_to(copy_of_run)}.done" for s in stores]
+    targets.append(f"{token_set.relative_to(copy_of_run)}.done")
+    result = snakemake(copy_of_run, *targets)
     assert result.returncode == 0, result.output[-3000:]
     assert result.output.count("rule extract_features_shard:") == 6
+    assert result.output.count("rule extract_tokens_shard:") == 3
+    for path, values in zip(token_stores, tokens_before, strict=True):
+        made = open_token_store(path)
+        assert made.integrity_problems() == []
+        np.testing.assert_allclose(made.read(rows)[0], values, rtol=1e-3, atol=1e-3)
+    assert json.loads((token_set.parent / "vit.done").read_text())["layers"]
     for path, layers in zip(stores, before, strict=True):
         made = open_store(path)
         assert json.loads((path.parent / f"{path.name}.done").read_text())["shards"] == 3
