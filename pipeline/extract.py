@@ -257,13 +257,7 @@ def finish_shards(out: Path, shard_markers: Sequence[str | Path]) -> None:
         elif missing := [b for b, _, _ in writer.pending_blocks(blocks)]:
             lacking[marker] = f"blocks {missing} missing"
     if lacking:
-        for marker in lacking:
-            marker.unlink()
-        raise store.IncompleteStoreError(
-            f"feature store {out} (fingerprint {stored[:12]}) cannot be finished: "
-            + "; ".join(f"{m.name}: {why}" for m, why in lacking.items())
-            + ". Their shard markers are removed: run the workflow again to extract them again"
-        )
+        store.refuse_shards(f"feature store {out} (fingerprint {stored[:12]})", lacking)
     attrs = writer.group.attrs
     summary = {"encoder": attrs["encoder"]["name"], "split": attrs["dataset"]["split"]}
     writer.finalize(
@@ -308,14 +302,7 @@ def run_extract(job: Job) -> None:
     if spec.get("shards", 1) > 1:
         finish_shards(out, job.input_list("shards"))
         return
-    extract(
-        encoder_name=spec["encoder_name"],
-        encoder_spec=spec["encoder"],
-        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
-        split=spec["split"],
-        out=out,
-        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
-    )
+    _extract_job(job, out)
 
 
 def run_extract_shard(job: Job) -> None:
@@ -328,16 +315,7 @@ def run_extract_shard(job: Job) -> None:
     running = marker.with_suffix(".running")
     fresh = not running.exists()
     atomic.write_text(running, "")
-    extract(
-        encoder_name=spec["encoder_name"],
-        encoder_spec=spec["encoder"],
-        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
-        split=spec["split"],
-        out=out,
-        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
-        fresh=fresh,
-        shard=(spec["shard"], spec["shards"]),
-    )
+    _extract_job(job, out, fresh=fresh, shard=(spec["shard"], spec["shards"]))
     atomic.write_json(
         marker,
         {
@@ -348,3 +326,17 @@ def run_extract_shard(job: Job) -> None:
         },
     )
     running.unlink()
+
+
+def _extract_job(job: Job, out: Path, **options: Any) -> Path:
+    """``extract`` with the job's spec, dataset and threads (``threads - 1`` image loaders)."""
+    spec = job.spec
+    return extract(
+        encoder_name=spec["encoder_name"],
+        encoder_spec=spec["encoder"],
+        dataset_dir=Path(layout.dataset_of_manifest(job.input("dataset"))),
+        split=spec["split"],
+        out=out,
+        runtime={**spec["runtime"], "num_workers": max(0, (job.threads or 1) - 1)},
+        **options,
+    )

@@ -286,12 +286,8 @@ def finish_token_shards(
     shards = {Path(m): json.loads(Path(m).read_text()) for m in shard_markers}
     layer_sets = {json.dumps(record["layers"], sort_keys=True) for record in shards.values()}
     if len(layer_sets) > 1:  # layers.json or the config changed while the shards ran
-        for path in shards:
-            path.unlink()
-        raise store.StaleStoreError(
-            f"token set {out_dir}: its shards wrote different layers or fingerprints "
-            f"({sorted(layer_sets)}); their markers are removed: run the workflow again"
-        )
+        why = "the shards wrote different layers or fingerprints"
+        store.refuse_shards(f"token set {out_dir}", dict.fromkeys(shards, why))
     (layers,) = [json.loads(text) for text in layer_sets]
     writers = {
         int(layer): tokens.TokenStoreWriter.open_existing(layout.token_store(str(out_dir), layer))
@@ -309,13 +305,7 @@ def finish_token_shards(
         if missing:
             lacking[path] = "missing " + ", ".join(missing)
     if lacking:
-        for path in lacking:
-            path.unlink()
-        raise store.IncompleteStoreError(
-            f"token set {out_dir} cannot be finished: "
-            + "; ".join(f"{m.name}: {why}" for m, why in lacking.items())
-            + ". Their shard markers are removed: run the workflow again to extract them again"
-        )
+        store.refuse_shards(f"token set {out_dir}", lacking)
     summary = {"encoder": spec["encoder_name"], "split": spec["split"], "shards": len(shards)}
     for writer in writers.values():
         writer.finalize(summary, verify=False)  # each shard verified its own blocks

@@ -808,6 +808,18 @@ def shard_blocks(n_blocks: int, shard: int, shards: int) -> range:
     return range((shard - 1) * n_blocks // shards, shard * n_blocks // shards)
 
 
+def refuse_shards(what: str, lacking: dict[Path, str]) -> None:
+    """Remove the markers of the shard jobs in ``lacking`` (marker -> what is wrong), so the
+    next run of the workflow runs them again, and raise an error naming each."""
+    for marker in lacking:
+        marker.unlink(missing_ok=True)
+    raise IncompleteStoreError(
+        f"{what} cannot be finished: "
+        + "; ".join(f"{marker.name}: {why}" for marker, why in lacking.items())
+        + ". Their shard markers are removed: run the workflow again to extract them again"
+    )
+
+
 def open_group_checked(path: Path, kind: str) -> zarr.Group:
     """The store's root group, read-only; a store that does not open is a named error."""
     try:
