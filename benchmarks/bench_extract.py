@@ -6,6 +6,12 @@ Zarr writes. Repeats alternate between the two loops and the medians are compare
 
     python benchmarks/bench_extract.py                      # default vision and text encoders
     python benchmarks/bench_extract.py --vit-large --device cuda --precision bfloat16 --n 4096
+    python benchmarks/bench_extract.py --paper --device cuda --precision bfloat16 --n 4096
+
+``--paper``: the paper config's shapes with random weights (nothing is downloaded): DINOv2
+ViT-L/14 at its native 518 px (CLS) and a RoBERTa-large-sized text model (24 layers, 1024
+wide, byte-level BPE trained here) at 77 tokens a caption (mean). Its samples/s are the
+figures for the paper's GPU-time estimate.
 
 Goal (issue 2): ratio <= 1.10 on CPU.
 """
@@ -35,11 +41,20 @@ VIT_LARGE = {  # ViT-L/14 shape at 224 px (the CLIP vision tower), random weight
     "init_seed": 0,
     "image_size": 224,
 }
+DINOV2_LARGE = {  # the paper config's vision encoder, random weights (LayerScale at timm's init)
+    "source": "timm",
+    "name": "vit_large_patch14_dinov2",
+    "pretrained": False,
+    "init_seed": 0,
+    "pooling": "cls",
+    "image_size": 518,
+}
+PAPER_TOKENS = 77
 WORDS = ["a", "small", "red", "circle", "two", "large", "blue", "squares", "at", "the", "top"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def inputs(modality: str, n: int, image_size: int) -> list:
+def inputs(modality: str, n: int, image_size: int, long: bool = False) -> list:
     rng = np.random.default_rng(0)
     if modality == "vision":
         pixels = rng.integers(0, 256, (n, image_size, image_size, 3), dtype=np.uint8)
@@ -61,7 +76,47 @@ def inputs(modality: str, n: int, image_size: int) -> list:
         "a",
         "picture",
     ]
+    if long:  # past 77 tokens, so every caption is cut to exactly 77
+        return [" ".join(rng.choice(words, size=120)) for _ in range(n)]
     return [" ".join(rng.choice(words, size=rng.integers(6, 16))) for _ in range(n)]
+
+
+def roberta_large_shaped(folder: Path) -> dict:
+    """A RoBERTa-large-sized model (random weights, a byte-level BPE trained on the bench's
+    words) saved to ``folder``; returns its encoder spec at 77 tokens."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import PreTrainedTokenizerFast, RobertaConfig, RobertaModel
+
+    roles = {"bos_token": "<s>", "pad_token": "<pad>", "eos_token": "</s>"}
+    roles |= {"unk_token": "<unk>", "mask_token": "<mask>"}
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(
+        inputs("text", 512, 0), vocab_size=300, special_tokens=[*roles.values()]
+    )
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, **roles)
+    tokenizer.save_pretrained(folder)
+    config = RobertaConfig(
+        vocab_size=50265,  # RoBERTa's: the embedding table as large as the real one
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        max_position_embeddings=514,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        type_vocab_size=1,
+    )
+    torch.manual_seed(0)
+    RobertaModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return {
+        "source": "huggingface",
+        "name": str(folder),
+        "pooling": "mean",
+        "max_tokens": PAPER_TOKENS,
+    }
 
 
 def bare_forward(encoder, batch):
@@ -121,7 +176,7 @@ def bench(
 ) -> None:
     encoder = build_encoder(name, spec).to(device)
     image_size = spec.get("image_size", 224)
-    items = inputs(encoder.modality, n, image_size)
+    items = inputs(encoder.modality, n, image_size, long=spec.get("max_tokens") == PAPER_TOKENS)
     batches = [
         {k: v.to(device) for k, v in encoder.collate(items[i : i + batch_size]).items()}
         for i in range(0, n, batch_size)
@@ -154,18 +209,24 @@ def main() -> None:
     parser.add_argument("--precision", choices=DTYPES, default="float32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vit-large", action="store_true", help="only the ViT-L/14 at 224 px")
+    parser.add_argument(
+        "--paper", action="store_true", help="DINOv2 ViT-L/14 at 518 px, RoBERTa-large-sized text"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    if args.vit_large:
-        encoders = {"vit_l14": VIT_LARGE}
-    else:
-        config = yaml.safe_load(args.config.read_text())
-        pair = config["experiment"]["pairs"][0]
-        encoders = {role: config["encoders"][role] for role in (pair["vision"], pair["text"])}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}")
-    for name, spec in encoders.items():
-        bench(name, spec, args.n, args.batch_size, device, args.precision, args.repeats)
+    with tempfile.TemporaryDirectory() as models:
+        if args.paper:
+            encoders = {"dinov2_l14": DINOV2_LARGE, "roberta_l": roberta_large_shaped(Path(models))}
+        elif args.vit_large:
+            encoders = {"vit_l14": VIT_LARGE}
+        else:
+            config = yaml.safe_load(args.config.read_text())
+            pair = config["experiment"]["pairs"][0]
+            encoders = {role: config["encoders"][role] for role in (pair["vision"], pair["text"])}
+        for name, spec in encoders.items():
+            bench(name, spec, args.n, args.batch_size, device, args.precision, args.repeats)
 
 
 if __name__ == "__main__":
