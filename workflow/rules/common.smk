@@ -74,3 +74,10 @@ def cli_paths(files):
 
 def wants_gpu(device):
     return int(device.startswith("cuda"))
+
+
+def gpu_unless_sharded(wildcards):
+    """An extraction's GPU, unless its split is sharded: then its shard jobs have the GPUs
+    and it only completes the store or token set."""
+    unsharded = jobs.extract_shards(config, wildcards.split) == 1
+    return wants_gpu(config["runtime"]["device"]) * unsharded

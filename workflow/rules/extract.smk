@@ -19,8 +19,7 @@ rule extract_features:
         layout.benchmark("extract_features", "{dataset}", "{split}", "{encoder}")
     threads: threads_of(jobs.extract_features)
     resources:
-        gpu=lambda wildcards: wants_gpu(config["runtime"]["device"])
-        * (jobs.extract_shards(config, wildcards.split) == 1),
+        gpu=gpu_unless_sharded,
         mem_mb=8000,
         runtime=240,
     shell:

@@ -21,8 +21,7 @@ rule extract_tokens:
         layout.benchmark("extract_tokens", "{dataset}", "{split}", "{encoder}")
     threads: threads_of(jobs.extract_tokens)
     resources:
-        gpu=lambda wildcards: wants_gpu(config["runtime"]["device"])
-        * (jobs.extract_shards(config, wildcards.split) == 1),
+        gpu=gpu_unless_sharded,
         mem_mb=8000,
         runtime=240,
     shell:
