@@ -188,13 +188,7 @@ def extract(
         writer = open_writer(fresh=fresh)
         blocks = range(writer.n_blocks)
     else:
-        with atomic.locked(store.lock_path(out)):  # the first shard creates, the others open
-            writer = open_writer(shared=True)
-        blocks = store.shard_blocks(writer.n_blocks, *shard)
-        flags = writer.flags[:]
-        written = [b for b in blocks if flags[b]]
-        for block in written if fresh else writer.damaged_blocks(written):
-            writer.flags[block] = False
+        writer, blocks = store.open_shard(open_writer, out, shard, fresh)
     pending = writer.pending_blocks(blocks)
     device = resolve_device(runtime.get("device", "auto"))
     encoder.to(device)
@@ -211,14 +205,10 @@ def extract(
         len(blocks),
         device,
     )
-    rows = len(
-        range(
-            blocks.start * writer.block_rows, min(blocks.stop * writer.block_rows, writer.n_samples)
-        )
-    )
-    done_rows = rows - sum(stop - start for _, start, stop in pending)
+    first, end = (min(b * writer.block_rows, writer.n_samples) for b in (blocks.start, blocks.stop))
+    done_rows = end - first - sum(stop - start for _, start, stop in pending)
     with tqdm(
-        total=rows, initial=done_rows, unit="sample", desc=f"{encoder_name} {split}{what}"
+        total=end - first, initial=done_rows, unit="sample", desc=f"{encoder_name} {split}{what}"
     ) as bar:
         for block, start, stop in pending:
             pooled = _encode_rows(
@@ -229,14 +219,8 @@ def extract(
         writer.finalize(
             {"encoder": encoder_name, "split": split, "layers": len(encoder.layer_names)}
         )
-    elif damaged := sorted(writer.damaged_blocks(blocks)):
-        for block in damaged:
-            writer.flags[block] = False
-        raise store.StoreIntegrityError(
-            f"{out}: blocks {damaged} did not read back intact after writing (disk or "
-            "file-system trouble?); run again to rewrite them",
-            path=out,
-        )
+    else:
+        writer.verify_blocks(blocks)  # the completion job trusts each shard's own check
     return out
 
 
@@ -312,20 +296,17 @@ def run_extract_shard(job: Job) -> None:
     spec = job.spec
     marker = Path(job.output("shard"))
     out = Path(layout.store_of_shard_marker(str(marker)))
-    running = marker.with_suffix(".running")
-    fresh = not running.exists()
-    atomic.write_text(running, "")
-    _extract_job(job, out, fresh=fresh, shard=(spec["shard"], spec["shards"]))
-    atomic.write_json(
-        marker,
-        {
-            "fingerprint": store.read_attrs(out)["fingerprint"],
-            "shard": spec["shard"],
-            "shards": spec["shards"],
-            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    )
-    running.unlink()
+    with store.shard_run(marker) as fresh:
+        _extract_job(job, out, fresh=fresh, shard=(spec["shard"], spec["shards"]))
+        atomic.write_json(
+            marker,
+            {
+                "fingerprint": store.read_attrs(out)["fingerprint"],
+                "shard": spec["shard"],
+                "shards": spec["shards"],
+                "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        )
 
 
 def _extract_job(job: Job, out: Path, **options: Any) -> Path:

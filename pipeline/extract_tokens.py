@@ -152,13 +152,7 @@ def extract_tokens(
             writers[layer] = open_writer(fresh=fresh)
             blocks[layer] = range(writers[layer].n_blocks)
             continue
-        with atomic.locked(store.lock_path(path)):  # the first shard creates, the others open
-            writer = writers[layer] = open_writer(shared=True)
-        blocks[layer] = own = store.shard_blocks(writer.n_blocks, *shard)
-        flags = writer.flags[:]
-        written = [b for b in own if flags[b]]
-        for block in written if fresh else writer.damaged_blocks(written):
-            writer.flags[block] = False
+        writers[layer], blocks[layer] = store.open_shard(open_writer, path, shard, fresh)
     label = f"{encoder_name} {split}" + (
         "" if shard is None else f" (shard {shard[0]} of {shard[1]})"
     )
@@ -166,14 +160,8 @@ def extract_tokens(
     for layer, writer in writers.items():
         if shard is None:
             writer.finalize({"encoder": encoder_name, "split": split})
-        elif damaged := sorted(writer.damaged_blocks(blocks[layer])):
-            for block in damaged:
-                writer.flags[block] = False
-            raise store.StoreIntegrityError(
-                f"{writer.path}: blocks {damaged} did not read back intact after writing "
-                "(disk or file-system trouble?); run again to rewrite them",
-                path=writer.path,
-            )
+        else:
+            writer.verify_blocks(blocks[layer])  # the completion job trusts each shard's check
     return paths
 
 
@@ -257,23 +245,21 @@ def run_extract_tokens_shard(job: Job) -> None:
     marker = Path(job.output("shard"))
     out_dir = Path(layout.tokens_dir_of_shard_marker(str(marker)))
     layers = chosen_layers(job.input_list("layers"), spec["side"], spec["layer_choices"])
-    running = marker.with_suffix(".running")
-    fresh = not running.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(running, "")
-    paths = _extract_job(job, layers, out_dir, fresh, shard=(spec["shard"], spec["shards"]))
-    atomic.write_json(
-        marker,
-        {
-            "layers": {
-                str(layer): store.read_attrs(path)["fingerprint"] for layer, path in paths.items()
+    with store.shard_run(marker) as fresh:
+        paths = _extract_job(job, layers, out_dir, fresh, shard=(spec["shard"], spec["shards"]))
+        fingerprints = {
+            str(layer): store.read_attrs(p)["fingerprint"] for layer, p in paths.items()
+        }
+        atomic.write_json(
+            marker,
+            {
+                "layers": fingerprints,
+                "shard": spec["shard"],
+                "shards": spec["shards"],
+                "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
             },
-            "shard": spec["shard"],
-            "shards": spec["shards"],
-            "completed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        },
-    )
-    running.unlink()
+        )
 
 
 def finish_token_shards(
@@ -284,11 +270,11 @@ def finish_token_shards(
     the removal of stores of layers no longer chosen, and the set's marker. A shard that fails
     loses its marker (so Snakemake runs it again) and the error names it."""
     shards = {Path(m): json.loads(Path(m).read_text()) for m in shard_markers}
-    layer_sets = {json.dumps(record["layers"], sort_keys=True) for record in shards.values()}
-    if len(layer_sets) > 1:  # layers.json or the config changed while the shards ran
+    layers = next(iter(shards.values()))["layers"]
+    if any(record["layers"] != layers for record in shards.values()):
+        # layers.json or the config changed while the shards ran
         why = "the shards wrote different layers or fingerprints"
         store.refuse_shards(f"token set {out_dir}", dict.fromkeys(shards, why))
-    (layers,) = [json.loads(text) for text in layer_sets]
     writers = {
         int(layer): tokens.TokenStoreWriter.open_existing(layout.token_store(str(out_dir), layer))
         for layer in layers

@@ -9,6 +9,7 @@ Torch-free: the workflow is read without importing model code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -203,10 +204,7 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
     shards = extract_shards(config, split)
     marker = {"marker": layout.feature_marker(dataset, split, encoder)}
     if shards > 1:
-        markers = [
-            layout.feature_shard_marker(dataset, split, encoder, f"{k}-of-{shards}")
-            for k in range(1, shards + 1)
-        ]
+        markers = _shard_markers(layout.feature_shard_marker, dataset, split, encoder, shards)
         return Job("extract_features", {"shards": shards}, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_features",
@@ -242,6 +240,13 @@ def _extract_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str,
     }
 
 
+def _shard_markers(
+    marker: Callable[[str, str, str, str], str], dataset: str, split: str, encoder: str, n: int
+) -> list[str]:
+    """The markers of the n shard jobs ("1-of-n" .. "n-of-n") of one store or token set."""
+    return [marker(dataset, split, encoder, f"{k}-of-{n}") for k in range(1, n + 1)]
+
+
 def _shard_numbers(config: dict[str, Any], dataset: str, split: str, shard: str) -> tuple[int, int]:
     """(k, n) of a shard wildcard "<k>-of-<n>", checked against ``runtime.extract_shards``."""
     number, _, of = shard.partition("-of-")
@@ -272,10 +277,7 @@ def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: st
     marker = {"tokens": layout.tokens_marker(dataset, split, encoder)}
     if shards > 1:
         spec = {"encoder_name": encoder, "split": split, "shards": shards}
-        markers = [
-            layout.tokens_shard_marker(dataset, split, encoder, f"{k}-of-{shards}")
-            for k in range(1, shards + 1)
-        ]
+        markers = _shard_markers(layout.tokens_shard_marker, dataset, split, encoder, shards)
         return Job("extract_tokens", spec, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_tokens",

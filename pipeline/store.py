@@ -46,7 +46,8 @@ import logging
 import math
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
@@ -530,34 +531,70 @@ class BlockStoreWriter:
     """What a feature-store and a token-store writer share: per-block completion flags
     (``block_complete``), resume after a kill, and the checked finish that writes the marker.
 
-    A subclass sets ``path``, ``group`` and ``flags`` and defines ``n_samples`` and
-    ``damaged_blocks()`` (finished blocks that no longer verify)."""
+    A subclass sets ``path``, ``group``, ``flags`` and ``kind`` and defines ``n_samples``,
+    ``n_blocks``, ``pending_blocks(blocks)`` and ``damaged_blocks(blocks)`` (finished blocks,
+    or the given ones, that do not verify)."""
 
+    kind: str  # "feature store", "token store": for messages
     path: Path
     group: zarr.Group
     flags: zarr.Array
+
+    @classmethod
+    def open_existing(cls, path: str | Path) -> Any:
+        """The store at ``path`` as its shard jobs left it, to finish it."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise IncompleteStoreError(f"{cls.kind} {path} does not exist: no shard wrote it")
+        return cls(path, zarr.open_group(path, mode="r+"))
 
     @property
     def n_samples(self) -> int:
         raise NotImplementedError
 
-    def damaged_blocks(self) -> dict[int, StoreIntegrityError]:
+    @property
+    def n_blocks(self) -> int:
         raise NotImplementedError
 
-    def unflag_damaged_blocks(self) -> list[int]:
-        """Clear the flag of every finished block that no longer verifies; returns them."""
-        damaged = self.damaged_blocks()
+    def damaged_blocks(self, blocks: Iterable[int] | None = None) -> dict[int, StoreIntegrityError]:
+        raise NotImplementedError
+
+    def unflag_damaged_blocks(self, blocks: Iterable[int] | None = None) -> list[int]:
+        """Clear the flag of every finished block (of ``blocks``) that no longer verifies;
+        returns them."""
+        damaged = self.damaged_blocks(blocks)
         for block, error in sorted(damaged.items()):
             log.warning("%s: block %d will be written again: %s", self.path, block, error)
             self.flags[block] = False
         return sorted(damaged)
+
+    def verify_blocks(self, blocks: Iterable[int] | None = None) -> None:
+        """Raise unless every block (of ``blocks``) reads back intact; those that do not are
+        un-flagged first, so the next run rewrites them."""
+        if damaged := self.unflag_damaged_blocks(blocks):
+            raise StoreIntegrityError(
+                f"{self.path}: blocks {damaged} did not read back intact after writing (disk "
+                "or file-system trouble?); run again to rewrite them",
+                path=self.path,
+            )
+
+    def claim_shard(self, shard: tuple[int, int], fresh: bool) -> range:
+        """The blocks shard ``shard`` = (k, n) writes (``shard_blocks``), its finished ones
+        un-flagged when ``fresh`` (a shard run again) or when they no longer verify (a killed
+        shard resuming). Other shards' blocks are not touched."""
+        blocks = shard_blocks(self.n_blocks, *shard)
+        flags = self.flags[:]
+        written = [b for b in blocks if flags[b]]
+        for block in written if fresh else self.damaged_blocks(written):
+            self.flags[block] = False
+        return blocks
 
     def _unfinished(self) -> str | None:
         """Why the store cannot be finished yet (None: every block is written)."""
         pending = self.pending_blocks()
         return f"{len(pending)} blocks are still missing" if pending else None
 
-    def pending_blocks(self) -> list[Any]:
+    def pending_blocks(self, blocks: Iterable[int] | None = None) -> list[Any]:
         raise NotImplementedError
 
     def finalize(self, summary: dict[str, Any] | None = None, verify: bool = True) -> None:
@@ -566,12 +603,8 @@ class BlockStoreWriter:
         so the next run rewrites them."""
         if problem := self._unfinished():
             raise IncompleteStoreError(f"{self.path}: {problem}")
-        if verify and (damaged := self.unflag_damaged_blocks()):
-            raise StoreIntegrityError(
-                f"{self.path}: blocks {damaged} did not read back intact after writing (disk "
-                "or file-system trouble?); run again to rewrite them",
-                path=self.path,
-            )
+        if verify:
+            self.verify_blocks()
         finished = datetime.now(UTC).isoformat(timespec="seconds")
         self.group.attrs.update({"complete": True, "completed_at": finished})
         with warnings.catch_warnings():  # consolidated metadata is a zarr-python v3 extension
@@ -653,6 +686,8 @@ def resume_or_clear(
 class StoreWriter(BlockStoreWriter):
     """Creates a store, or resumes one with the same fingerprint, and writes it block by block."""
 
+    kind = "feature store"
+
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
@@ -718,14 +753,6 @@ class StoreWriter(BlockStoreWriter):
         if resumed is not None:
             return resumed
         return cls(path, _create(path, fingerprint, sample_ids, layer_names, dims, rows, attrs))
-
-    @classmethod
-    def open_existing(cls, path: str | Path) -> StoreWriter:
-        """The store at ``path`` as its shard jobs left it, to finish it."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise IncompleteStoreError(f"feature store {path} does not exist: no shard wrote it")
-        return cls(path, zarr.open_group(path, mode="r+"))
 
     @property
     def n_samples(self) -> int:
@@ -806,6 +833,30 @@ def shard_blocks(n_blocks: int, shard: int, shards: int) -> range:
     if not 1 <= shard <= shards:
         raise ValueError(f"shard {shard} of {shards} does not exist")
     return range((shard - 1) * n_blocks // shards, shard * n_blocks // shards)
+
+
+def open_shard(
+    open_writer: Callable[..., BlockStoreWriter], path: Path, shard: tuple[int, int], fresh: bool
+) -> tuple[Any, range]:
+    """A shard job's writer of the store at ``path`` and the blocks it writes: the first shard
+    creates the store, the others open it, one at a time under ``lock_path(path)``
+    (``open_writer(shared=True)``: a ``create_or_resume`` with the store's settings); then
+    ``claim_shard``."""
+    with atomic.locked(lock_path(path)):
+        writer = open_writer(shared=True)
+    return writer, writer.claim_shard(shard, fresh)
+
+
+@contextmanager
+def shard_run(marker: Path) -> Iterator[bool]:
+    """A shard job's run, marked by ``<marker without .done>.running`` while it works; yields
+    ``fresh``: False when the mark is already there (the last run was killed: resume), True
+    for any other run (redo the shard's blocks)."""
+    running = marker.with_suffix(".running")
+    fresh = not running.exists()
+    atomic.write_text(running, "")
+    yield fresh
+    running.unlink()
 
 
 def refuse_shards(what: str, lacking: dict[Path, str]) -> None:

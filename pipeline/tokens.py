@@ -207,6 +207,8 @@ class TokenStoreWriter(BlockStoreWriter):
     """Creates a token store, or resumes one with the same fingerprint, and fills it block by
     block: ``add(row, tokens)`` in ascending row order writes each block once it is whole."""
 
+    kind = "token store"
+
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
@@ -273,14 +275,6 @@ class TokenStoreWriter(BlockStoreWriter):
         if resumed is not None:
             return resumed
         return cls(path, _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs))
-
-    @classmethod
-    def open_existing(cls, path: str | Path) -> TokenStoreWriter:
-        """The store at ``path`` as its shard jobs left it, to finish it."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise IncompleteStoreError(f"token store {path} does not exist: no shard wrote it")
-        return cls(path, zarr.open_group(path, mode="r+"))
 
     @property
     def n_samples(self) -> int:

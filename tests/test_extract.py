@@ -3,11 +3,7 @@ recompute, stale stores, NaN refused, the expected fingerprint; sharded extracti
 same store, a killed shard resumes alone."""
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +91,9 @@ def test_prompts_pseudo_split_holds_every_prompt(dataset, tmp_path):
     assert features.dims == [384] * 7
 
 
-def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(dataset, tmp_path):
+def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(
+    dataset, tmp_path, sigkill_once_written
+):
     reference = store.open_store(run_extract(dataset, tmp_path / "reference.zarr"))
     killed = tmp_path / "killed.zarr"
     spec = {
@@ -108,17 +106,7 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(dataset
         *(sys.executable, "-m", "pipeline", "extract_features", "--spec", json.dumps(spec)),
         *("--in", f"dataset={dataset}/manifest.json", "--out", f"marker={killed}.done"),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    done = 0
-    while done < 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
-        try:
-            done = int(zarr.open_group(killed, mode="r")["block_complete"][:].sum())
-        except (FileNotFoundError, KeyError, ValueError):
-            continue
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_once_written(command, killed, at_least=3)
     assert not store.marker_path(killed).exists()
     flags = zarr.open_group(killed, mode="r")["block_complete"][:]
     assert 3 <= flags.sum() < len(flags), "the kill must land mid-run"
@@ -292,7 +280,7 @@ def test_shards_split_the_blocks_into_disjoint_runs():
         store.shard_blocks(10, 4, 3)
 
 
-def test_a_killed_shard_resumes_alone(dataset, tmp_path):
+def test_a_killed_shard_resumes_alone(dataset, tmp_path, sigkill_once_written):
     reference = run_extract(dataset, tmp_path / "one.zarr")
     path = tmp_path / "sharded.zarr"
     for shard in (1, 3):
@@ -308,14 +296,7 @@ def test_a_killed_shard_resumes_alone(dataset, tmp_path):
         *("--spec", json.dumps(job.spec), "--in", f"dataset={dataset}/manifest.json"),
         *("--out", f"shard={job.output('shard')}"),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    done = 0
-    while done < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
-        done = int(zarr.open_group(path, mode="r")["block_complete"][own.start : own.stop].sum())
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_once_written(command, path, at_least=2, blocks=own)
     flags = zarr.open_group(path, mode="r")["block_complete"][:]
     assert 2 <= flags[own.start : own.stop].sum() < len(own), "the kill must land mid-shard"
     assert not Path(job.output("shard")).exists()

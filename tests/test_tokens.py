@@ -5,10 +5,7 @@ token sets (3 shards = 1, a killed shard resumes alone)."""
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import dask.array as da
 import numpy as np
@@ -344,7 +341,7 @@ def test_a_job_reruns_from_scratch_and_drops_layers_no_longer_chosen(dataset, tm
     assert directory == str(tmp_path / "tokens" / "vit")
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_store(dataset, tmp_path):
+def test_sigkill_then_resume_gives_the_uninterrupted_store(dataset, tmp_path, sigkill_once_written):
     choice = {"vision_layer": 2, "text_layer": 6}
     layers_json = layer_choice(
         tmp_path / "layers.json", {"last": choice, "best": {"vision_layer": 0}}
@@ -359,16 +356,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_store(dataset, tmp_path):
         *("--out", f"tokens={marker}", "--threads", "1"),
     ]
     killed = tmp_path / "killed" / "tokens" / "vit" / "layer_2.zarr"
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, done = time.monotonic() + 180, 0
-    while done < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
-        try:
-            done = int(zarr.open_group(killed, mode="r")["block_complete"][:].sum())
-        except (FileNotFoundError, KeyError, ValueError):
-            continue
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_once_written(command, killed, at_least=2)
     flags = zarr.open_group(killed, mode="r")["block_complete"][:]
     assert 2 <= flags.sum() < len(flags), "the kill must land mid-run"
     assert not marker.exists() and (killed.parent / ".in_progress").exists()
@@ -449,7 +437,7 @@ def test_three_token_shards_give_the_token_set_of_one(dataset, tmp_path):
     ]  # no lock files left
 
 
-def test_a_killed_token_shard_resumes_alone(dataset, tmp_path):
+def test_a_killed_token_shard_resumes_alone(dataset, tmp_path, sigkill_once_written):
     choice = {"vision_layer": 2, "text_layer": 6}
     layers_json = layer_choice(tmp_path / "layers.json", {"last": choice, "best": choice})
     reference, reference_marker = token_job(dataset, tmp_path / "one", layers_json)
@@ -470,13 +458,7 @@ def test_a_killed_token_shard_resumes_alone(dataset, tmp_path):
         *("--spec", json.dumps(job.spec), "--in", f"dataset={job.inputs['dataset']}"),
         *(f"layers={layers_json}", "--out", f"shard={job.output('shard')}", "--threads", "1"),
     ]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, done = time.monotonic() + 180, 0
-    while done < 1 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
-        done = int(zarr.open_group(path, mode="r")["block_complete"][own.start : own.stop].sum())
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    sigkill_once_written(command, path, at_least=1, blocks=own)
     flags = zarr.open_group(path, mode="r")["block_complete"][:]
     assert 1 <= flags[own.start : own.stop].sum() < len(own), "the kill must land mid-shard"
     assert not os.path.exists(job.output("shard"))

@@ -46,7 +46,7 @@ WORKFLOW_PROFILE = ROOT / "workflow/profiles/default"
 SLURM_PROFILE = ROOT / "workflow/profiles/slurm"
 # The cluster run's wall time against the local run's is printed; a timing is asserted only
 # when asked for (POSTALIGN_CLUSTER_MAX_RATIO=2), never by default: CI machines are noisy.
-MAX_RATIO = float(os.environ.get("POSTALIGN_CLUSTER_MAX_RATIO", "inf"))
+MAX_RATIO = os.environ.get("POSTALIGN_CLUSTER_MAX_RATIO")
 METRICS = "results/tables/metrics.parquet"
 SUBMITTED = re.compile(r"^Job (\S+) has been submitted with SLURM jobid (\d+) \(log: (.+)\)\.$")
 
@@ -330,7 +330,18 @@ def test_a_group_of_gpu_jobs_asks_for_one_gpu():
     assert group([])["gpu"] == 4
 
 
+def wall_times(local_run, cluster_run) -> float:
+    """Print both runs' wall times; returns their ratio."""
+    local_s, cluster_s = local_run[1], cluster_run[1]
+    print(
+        f"\nwall time, scaled-down paper workflow: local {local_s:.0f} s, SLURM {cluster_s:.0f} s "
+        f"(x{cluster_s / local_s:.2f}; goal x2)"
+    )
+    return cluster_s / local_s
+
+
 def test_metrics_equal_a_local_run(local_run, cluster_run):
+    wall_times(local_run, cluster_run)
     local = read_metrics(local_run[0] / METRICS)
     cluster = read_metrics(cluster_run[0] / METRICS)
     assert len(local) > 0
@@ -354,12 +365,7 @@ def test_second_cluster_run_does_nothing(cluster_run, node_cpus):
     assert not submissions(result.output)
 
 
+@pytest.mark.skipif(MAX_RATIO is None, reason="set POSTALIGN_CLUSTER_MAX_RATIO to assert it")
 def test_cluster_time_against_local(local_run, cluster_run):
-    local_s, cluster_s = local_run[1], cluster_run[1]
-    ratio = cluster_s / local_s
-    print(
-        f"\nwall time, scaled-down paper workflow: local {local_s:.0f} s, SLURM {cluster_s:.0f} s "
-        f"(x{ratio:.2f}; goal x2"
-        + (f", limit x{MAX_RATIO:g})" if math.isfinite(MAX_RATIO) else ")")
-    )
-    assert math.isfinite(ratio) and ratio <= MAX_RATIO
+    ratio = wall_times(local_run, cluster_run)
+    assert math.isfinite(ratio) and ratio <= float(MAX_RATIO)
