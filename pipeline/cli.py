@@ -29,9 +29,9 @@ from pipeline import jobs
 
 @dataclass(frozen=True)
 class Stage:
-    """A subcommand: what it runs, what it is about, and the wildcards that name one job."""
+    """A subcommand: what it is about and the wildcards that name one job; its runner is
+    ``pipeline.stages.<name>:run``."""
 
-    runner: str  # "module:function" taking the ``pipeline.jobs.Job``
     help: str
     wildcards: tuple[str, ...]
     job: Callable[..., jobs.Job]
@@ -40,77 +40,66 @@ class Stage:
 
 STAGES: dict[str, Stage] = {
     "prepare_dataset": Stage(
-        "pipeline.data:run_prepare",
         "materialise one dataset: manifests, captions, tasks, prompts (and synthetic images)",
         ("dataset",),
         jobs.prepare_dataset,
         "prepare",
     ),
     "pretrain_encoder": Stage(
-        "pipeline.pretrain.simclr:run_stage",
         "train a timm encoder self-supervised on unpaired synthetic images (its pretrain block)",
         ("encoder",),
         jobs.pretrain_encoder,
         "pretrain",
     ),
     "extract_features": Stage(
-        "pipeline.extract:run_extract",
         "pool every layer of one encoder over one dataset split into a Zarr feature store",
         ("dataset", "split", "encoder"),
         jobs.extract_features,
         "extract",
     ),
     "extract_features_shard": Stage(
-        "pipeline.extract:run_extract_shard",
         "one shard of a feature store (runtime.extract_shards > 1): a run of its blocks",
         ("dataset", "split", "encoder", "shard"),
         jobs.extract_features_shard,
         "extract_shard",
     ),
     "extract_tokens": Stage(
-        "pipeline.extract_tokens:run_extract_tokens",
         "store every token of the chosen layers of one encoder over one dataset split",
         ("dataset", "split", "encoder"),
         jobs.extract_tokens,
         "tokens",
     ),
     "extract_tokens_shard": Stage(
-        "pipeline.extract_tokens:run_extract_tokens_shard",
         "one shard of a token set (runtime.extract_shards > 1): a run of each store's blocks",
         ("dataset", "split", "encoder", "shard"),
         jobs.extract_tokens_shard,
         "tokens_shard",
     ),
     "compare_layers": Stage(
-        "pipeline.similarity.stage:run_similarity",
         "score every (vision layer, text layer) pair, draw heatmaps, choose the layers",
         ("pair",),
         jobs.compare_layers,
         "similarity",
     ),
     "sweep_layers": Stage(
-        "pipeline.sweep:run_sweep",
         "fit the sweep method at every layer pair of one encoder pair and score each",
         ("pair",),
         jobs.sweep_layers,
         "sweep",
     ),
     "fit_aligners": Stage(
-        "pipeline.align.stage:run_align",
         "fit one method at one layer choice over the whole (n_pairs x seeds) grid",
         ("pair", "method", "choice"),
         jobs.fit_aligners,
         "align",
     ),
     "evaluate_aligners": Stage(
-        "pipeline.evaluate.stage:run_evaluate",
         "zero-shot classification, retrieval and segmentation of every run of one align job",
         ("pair", "method", "choice"),
         jobs.evaluate_aligners,
         "evaluate",
     ),
     "aggregate": Stage(
-        "pipeline.evaluate.aggregate:run_aggregate",
         "concatenate the metrics tables, summarise over seeds, draw the plots",
         (),
         jobs.aggregate,
@@ -176,8 +165,7 @@ def job_from_args(name: str, stage: Stage, args: argparse.Namespace) -> jobs.Job
 def run_stage(name: str, args: argparse.Namespace) -> None:
     stage = STAGES[name]
     job = job_from_args(name, stage, args)
-    module, function = stage.runner.split(":")
-    getattr(importlib.import_module(module), function)(job)
+    importlib.import_module(f"pipeline.stages.{name}").run(job)
 
 
 def validate(args: argparse.Namespace) -> None:

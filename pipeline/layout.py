@@ -125,7 +125,7 @@ def heatmap(vision: str, text: str, metric: str) -> str:
 
 
 def sweep_table(vision: str, text: str) -> str:
-    """The layer sweep's metric rows of one encoder pair (``pipeline.sweep``)."""
+    """The layer sweep's metric rows of one encoder pair (``pipeline.stages.sweep_layers``)."""
     return f"{similarity_dir(vision, text)}/sweep.parquet"
 
 

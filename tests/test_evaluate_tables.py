@@ -12,7 +12,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.evaluate import plots
-from pipeline.evaluate.aggregate import sweep_plots, sweep_rho
 from pipeline.evaluate.plots import (
     layer_pair_points,
     plot_all,
@@ -38,6 +37,7 @@ from pipeline.evaluate.tables import (
     write_sweep,
     write_sweep_rho,
 )
+from pipeline.stages.aggregate import sweep_plots, sweep_rho
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,6 +1,6 @@
-"""The sweep_layers stage (pipeline.sweep) on a tiny prepared world with synthetic features:
-its layer grid, its training run, and its rows against fitting and scoring one layer pair by
-hand with the zero-shot and retrieval functions."""
+"""The sweep_layers stage (pipeline.stages.sweep_layers) on a tiny prepared world with
+synthetic features: its layer grid, its training run, and its rows against fitting and
+scoring one layer pair by hand with the zero-shot and retrieval functions."""
 
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from pipeline.evaluate.retrieval import retrieval_metrics, retrieval_scores
 from pipeline.evaluate.tables import read_metrics
 from pipeline.evaluate.zeroshot import zero_shot_classification
 from pipeline.pairs import nested_subset, pair_rows
+from pipeline.stages.sweep_layers import SWEEP_CHOICE, sweep_grid, training_run
+from pipeline.stages.sweep_layers import run as run_sweep
 from pipeline.store import StoreWriter, open_store
-from pipeline.sweep import SWEEP_CHOICE, run_sweep, sweep_grid, training_run
 
 DIMS = {"vit": [8, 8, 8], "minilm": [6, 6, 6, 6]}  # layers per encoder of the fake stores
 CONFIG = {

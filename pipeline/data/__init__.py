@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline import layout
 from pipeline.data import image_folder, karpathy, synthetic, voc
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import (
@@ -37,7 +36,6 @@ from pipeline.data.manifest import (
     write_dataset,
 )
 from pipeline.data.tasks import Task
-from pipeline.jobs import Job
 
 __all__ = [
     "SOURCES",
@@ -143,12 +141,6 @@ def prepare_dataset(name: str, spec: Mapping[str, Any], out_dir: Path) -> None:
     (out_dir / MANIFEST).unlink(missing_ok=True)  # whatever follows is incomplete until rewritten
     prepared = SOURCES[normalized["source"]].build(name, normalized, out_dir)
     write_dataset(out_dir, name, normalized, prepared, sources)
-
-
-def run_prepare(job: Job) -> None:
-    """The ``prepare_dataset`` stage (``pipeline.jobs.prepare_dataset``)."""
-    out_dir = Path(layout.dataset_of_manifest(job.output("manifest")))
-    prepare_dataset(job.spec["name"], job.spec["dataset"], out_dir)
 
 
 def planned_counts(spec: Mapping[str, Any], split: str) -> tuple[int, int] | None:

@@ -9,8 +9,9 @@ baseline of the same encoder pair, n_pairs, task and metric (null when that base
 absent or its mean is zero; 0.5 means +50%). Layers are not a summary key: a layer choice
 such as ``best`` may pick different layers for different seeds.
 
-The layer sweep's tables (``pipeline.sweep``): ``sweep.parquet`` repeats every sweep row (a
-metrics row) once per similarity metric of its encoder pair, with that layer pair's similarity;
+The layer sweep's tables (``pipeline.stages.sweep_layers``): ``sweep.parquet`` repeats every
+sweep row (a metrics row) once per similarity metric of its encoder pair, with that layer
+pair's similarity;
 ``sweep_rho.parquet`` holds Spearman's rho between the two over the swept layer pairs.
 
 Every table is written with an explicit pyarrow schema and read back validated.

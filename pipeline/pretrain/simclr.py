@@ -39,7 +39,6 @@ from pipeline.data import synthetic
 from pipeline.encoders import build_encoder
 from pipeline.encoders.base import package_versions, sha256_files
 from pipeline.fingerprint import spec_hash
-from pipeline.jobs import Job
 from pipeline.pretrain.settings import SPLIT, PretrainSettings, initial_spec, parse_settings
 
 SATURATION = 50  # max - min channel value (0..255) above which a pixel is an object's
@@ -185,17 +184,4 @@ def run_pretrain(
             "weights_sha256": sha256_files([weights]),
             "versions": package_versions("torch", "timm"),
         },
-    )
-
-
-def run_stage(job: Job) -> None:
-    """The ``pretrain_encoder`` stage (``pipeline.jobs.pretrain_encoder``)."""
-    spec = job.spec
-    run_pretrain(
-        spec["encoder_name"],
-        spec["encoder"],
-        spec["dataset"],
-        Path(job.output("weights")),
-        Path(job.output("record")),
-        threads=job.threads or 1,
     )

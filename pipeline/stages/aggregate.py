@@ -47,7 +47,7 @@ from pipeline.jobs import Job
 log = logging.getLogger(__name__)
 
 
-def run_aggregate(job: Job) -> None:
+def run(job: Job) -> None:
     from pipeline.evaluate import plots  # matplotlib: imported only where figures are drawn
 
     metrics = concat_metrics(pl.read_parquet(path) for path in job.input_list("evaluations"))

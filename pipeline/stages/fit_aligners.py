@@ -68,7 +68,7 @@ def paired_tokens(vision: TokenSet, text: TokenSet, pairs: Pairs, layers: tuple[
     )
 
 
-def run_align(job: Job) -> None:
+def run(job: Job) -> None:
     spec = job.spec
     tokens = uses_tokens(spec["aligner"])
     if tokens:

@@ -26,7 +26,7 @@ from pipeline.similarity.selection import scoring_pairs, select_layers, write_la
 log = logging.getLogger(__name__)
 
 
-def run_similarity(job: Job) -> None:
+def run(job: Job) -> None:
     spec, grid = job.spec["similarity"], job.spec["grid"]
     vision, text = job.feature_store("vision", "train"), job.feature_store("text", "train")
     data = load_split(

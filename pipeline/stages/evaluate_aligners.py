@@ -77,7 +77,7 @@ def example_run(runs: list[str]) -> str | None:
     return max(parsed)[2] if parsed else None
 
 
-def run_evaluate(job: Job) -> None:
+def run(job: Job) -> None:
     runs_json = job.input("runs")
     aligner_dir = Path(runs_json).parent
     runs = json.loads(Path(runs_json).read_text())["runs"]

@@ -6,8 +6,8 @@ memory on one training run: the nested subset of ``sweep.n_pairs`` pairs of ``sw
 very pairs the grid's run of that size and seed trains on, with the validation pairs for early
 stopping, as ``fit_aligners`` does. It scores the aligner on the classification and retrieval
 tasks of every evaluate split with the evaluate stage's own code
-(``evaluate.stage.evaluate_aligner``). Segmentation is left out: it reads patch tokens, which
-are cached for the chosen layers only.
+(``stages.evaluate_aligners.evaluate_aligner``). Segmentation is left out: it reads patch
+tokens, which are cached for the chosen layers only.
 
 Output: ``sweep.parquet``, rows of the metrics table (``layer_choice`` = ``sweep``), one per
 (layer pair, task, metric). Nothing is saved per layer pair, so a killed job starts over.
@@ -31,12 +31,12 @@ from tqdm.auto import tqdm
 from pipeline import layout
 from pipeline.align.base import build_aligner
 from pipeline.align.grid import compute_threads
-from pipeline.align.stage import STORE_ROLES, train_val_pairs
 from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
-from pipeline.evaluate.stage import SplitInputs, evaluate_aligner
 from pipeline.evaluate.tables import RunKey, concat_metrics, write_metrics
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, grid_sizes
+from pipeline.stages.evaluate_aligners import SplitInputs, evaluate_aligner
+from pipeline.stages.fit_aligners import STORE_ROLES, train_val_pairs
 
 log = logging.getLogger(__name__)
 SWEEP_CHOICE = "sweep"  # the layer_choice of every sweep row
@@ -56,7 +56,7 @@ def training_run(run: dict[str, Any], n_total: int) -> GridRun:
     return GridRun(n_pairs, int(run["seed"]))
 
 
-def run_sweep(job: Job) -> None:
+def run(job: Job) -> None:
     spec = job.spec
     stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
     train, val = train_val_pairs(job)
