@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import jobs
+from pipeline import jobs, provenance
 
 
 @dataclass(frozen=True)
@@ -166,6 +166,8 @@ def run_stage(name: str, args: argparse.Namespace) -> None:
     stage = STAGES[name]
     job = job_from_args(name, stage, args)
     importlib.import_module(f"pipeline.stages.{name}").run(job)
+    if record := job.inputs.get("spec_record"):  # run by a rule: say what made its outputs
+        provenance.record_made(Path(str(record)), job.spec)
 
 
 def validate(args: argparse.Namespace) -> None:

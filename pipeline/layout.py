@@ -148,6 +148,17 @@ def segmentation_examples(vision: str, text: str, method: str, choice: str) -> s
     return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.examples.parquet"
 
 
+def spec_record(rule: str, *wildcards: str) -> str:
+    """The spec of one job as its rule asks for it now: an input of the job, rewritten only
+    when the spec changes (workflow/rules/common.smk, docs/architecture.md "Rerun semantics")."""
+    return "/".join((f"{RESULTS}/specs/{rule}", *wildcards)) + ".json"
+
+
+def made_record(spec_record: str) -> str:
+    """Beside a spec record: the hash of the spec the job's outputs were made with."""
+    return spec_record.removesuffix(".json") + ".made.json"
+
+
 def log(rule: str, *parts: str) -> str:
     return "/".join((f"{RESULTS}/logs/{rule}", *parts)) + ".log"
 

@@ -313,6 +313,25 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run, t
     assert jobs == {"fit_aligners": 2, "evaluate_aligners": 2, "aggregate": 1, "all": 1}
 
 
+def test_without_snakemakes_records_a_changed_hyperparameter_still_reruns(copy_of_run):
+    """Results copied without .snakemake/ (a new clone, a cluster's scratch disk): Snakemake
+    cannot compare params, but each job's spec record is an input, rewritten when its spec
+    changes, so only what the edit changes reruns."""
+    shutil.rmtree(copy_of_run / ".snakemake")
+    assert planned_jobs(copy_of_run) == {}
+    changed = copy.deepcopy(TINY)
+    changed["align"]["methods"]["asif"]["k"] = 3
+    write_config(copy_of_run, changed)
+    assert planned_jobs(copy_of_run) == {
+        "fit_aligners": 2,
+        "evaluate_aligners": 2,
+        "aggregate": 1,
+        "all": 1,
+    }
+    record = copy_of_run / layout.spec_record("fit_aligners", "vit", "minilm", "asif", "best")
+    assert json.loads(record.read_text())["params"]["k"] == 3
+
+
 def test_two_runs_give_identical_metrics(tiny_run, tmp_path):
     write_config(tmp_path, TINY)
     result = snakemake(tmp_path)

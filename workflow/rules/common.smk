@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline import jobs, layout
+from pipeline import jobs, layout, provenance
 from pipeline.config import validate_config
 from pipeline.preflight import preflight
 
@@ -48,7 +48,18 @@ def threads_of(make):
 
 
 def inputs_of(make):
-    return lambda wildcards: job_of(make)(wildcards).inputs
+    """A job's inputs and its spec record (``pipeline.provenance``): Snakemake compares params
+    only with its own records in .snakemake/; the spec record, dated now when the outputs were
+    made with another spec, reruns the job without them too (results copied to a new clone, a
+    lost .snakemake/)."""
+
+    def inputs(wildcards):
+        job = job_of(make)(wildcards)
+        record = layout.spec_record(job.stage, *(str(v) for v in wildcards))
+        provenance.request(Path(record), job.spec)
+        return {**job.inputs, "spec_record": record}
+
+    return inputs
 
 
 def incomplete_runs(wildcards):

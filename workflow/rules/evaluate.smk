@@ -41,7 +41,7 @@ rule aggregate:
     sweep, its tables and similarity-against-accuracy plots too. Light (reads the evaluate
     jobs' small tables): on a cluster it runs where Snakemake runs, not as a SLURM job."""
     input:
-        **jobs.aggregate(config).inputs,
+        unpack(inputs_of(jobs.aggregate)),
     output:
         metrics=report(layout.METRICS_TABLE, category="Tables", caption="../report/metrics.rst"),
         summary=report(layout.SUMMARY_TABLE, category="Tables", caption="../report/summary.rst"),
@@ -53,7 +53,7 @@ rule aggregate:
         ),
         **SWEEP_TABLES,
     params:
-        spec=json.dumps(jobs.aggregate(config).spec, sort_keys=True),
+        spec=spec_of(jobs.aggregate),
         inputs=lambda wildcards, input: cli_paths(input),
         outputs=lambda wildcards, output: cli_paths(output),
     conda:

@@ -2,11 +2,14 @@ rule pretrain_encoder:
     """Self-supervised weights for a timm encoder with a `pretrain` block: SimCLR on an unpaired
     split of a synthetic world, no captions, no labels (docs/pretrain.md). Extraction loads them
     through the encoder's local `weights` path, as it would a user's own checkpoint."""
+    input:
+        unpack(inputs_of(jobs.pretrain_encoder)),
     output:
         weights=layout.pretrained_weights("{encoder}"),
         record=layout.pretrain_record("{encoder}"),
     params:
         spec=spec_of(jobs.pretrain_encoder),
+        inputs=lambda wildcards, input: cli_paths(input),
         outputs=lambda wildcards, output: cli_paths(output),
     conda:
         "../envs/postalign.yaml"
@@ -19,7 +22,8 @@ rule pretrain_encoder:
         mem_mb=4000,
         runtime=60,
     shell:
-        "python -m pipeline pretrain_encoder --spec {params.spec:q} --out {params.outputs}"
+        "python -m pipeline pretrain_encoder --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs}"
         " --threads {threads} > {log} 2>&1"
 
 
