@@ -157,7 +157,7 @@ class EarlyStopping:
     ) -> FitReport:
         """Restore the best epoch's weights (if any was chosen); the fit's curve and summary.
         Without validation, or when no epoch could be chosen (training ended before the
-        STRUCTURE warm-up did: ``regulariser_at_full_weight``), the last epoch is kept."""
+        STRUCTURE warm-up did: ``heads.settle_steps``), the last epoch is kept."""
         if self.best_state is not None:
             module.load_state_dict(self.best_state)
         chosen = validated and self.best_state is not None
