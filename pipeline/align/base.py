@@ -69,11 +69,16 @@ def check_features(name: str, a: np.ndarray, width: int | None = None) -> np.nda
 def check_pairs(x: np.ndarray, y: np.ndarray, what: str = "training") -> tuple[np.ndarray, ...]:
     """Image and text features of the same pairs, as float64; else a ValueError naming why."""
     x, y = check_features(f"{what} image features", x), check_features(f"{what} text features", y)
-    if len(x) != len(y):
-        raise ValueError(f"{what} pairs: {len(x)} image rows but {len(y)} text rows")
-    if len(x) < 2:
-        raise ValueError(f"{what} pairs: need at least 2 pairs, got {len(x)}")
+    check_pair_count(len(x), len(y), what)
     return x, y
+
+
+def check_pair_count(image_rows: int, text_rows: int, what: str) -> None:
+    """A ValueError unless both sides hold the same number (>= 2) of pairs."""
+    if image_rows != text_rows:
+        raise ValueError(f"{what} pairs: {image_rows} image rows but {text_rows} text rows")
+    if image_rows < 2:
+        raise ValueError(f"{what} pairs: need at least 2 pairs, got {image_rows}")
 
 
 class Aligner(ABC):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import Aligner, FitReport, state_arrays
+from pipeline.align.base import Aligner, FitReport, check_pair_count, state_arrays
 from pipeline.align.losses import info_nce
 from pipeline.align.params import PAL_POOLINGS as POOLINGS
 from pipeline.align.params import PALParams
@@ -272,14 +272,6 @@ def train_anchors(
     )
 
 
-def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None:
-    """A ValueError unless both sources hold the same number (>= 2) of pairs."""
-    if len(image) != len(text):
-        raise ValueError(f"{what} pairs: {len(image)} image rows but {len(text)} text rows")
-    if len(image) < 2:
-        raise ValueError(f"{what} pairs: need at least 2 pairs, got {len(image)}")
-
-
 # ---- the aligner ----
 
 
@@ -307,13 +299,13 @@ class PALAligner(Aligner):
         """Train the anchors on pairs (image_tokens[i], text_tokens[i]); validation pairs, when
         given, drive early stopping."""
         train = (as_source(image_tokens), as_source(text_tokens))
-        check_pair_sources(*train, "training")
+        check_pair_count(*map(len, train), "training")
         if (val_image_tokens is None) != (val_text_tokens is None):
             raise ValueError("validation pairs: give both image and text tokens, or neither")
         val = None
         if val_image_tokens is not None:
             val = (as_source(val_image_tokens), as_source(val_text_tokens))
-            check_pair_sources(*val, "validation")
+            check_pair_count(*map(len, val), "validation")
         widths = [token_width(source) for source in train]
         if val is not None and [token_width(source) for source in val] != widths:
             raise ValueError(f"validation token widths differ from the training widths {widths}")
