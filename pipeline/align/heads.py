@@ -87,29 +87,20 @@ class Towers(nn.Module):
         return nn.functional.normalize(self.text(y), dim=1)
 
 
-def batch_losses(
-    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """InfoNCE of a batch and, when configured, (R_S(image) + R_S(text)) / 2."""
+def batch_loss(
+    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, step: int
+) -> Loss:
+    """A batch's loss at optimiser step ``step``: InfoNCE, plus with STRUCTURE lambda_t times
+    (R_S(image) + R_S(text)) / 2."""
     z_img, z_txt = towers(x, y)
     contrastive = info_nce(z_img, z_txt, config.tau)
     s = config.structure
     if s is None:
-        return contrastive, None
+        return Loss(contrastive, contrastive)
     regulariser = 0.5 * (
         structure_regulariser(x, z_img, config.tau, s.levels, s.divergence)
         + structure_regulariser(y, z_txt, config.tau, s.levels, s.divergence)
     )
-    return contrastive, regulariser
-
-
-def objective(
-    contrastive: torch.Tensor, regulariser: torch.Tensor | None, config: TrainConfig, step: int
-) -> Loss:
-    """The training loss at optimiser step ``step``, with its lambda_t (None without STRUCTURE)."""
-    if regulariser is None:
-        return Loss(contrastive, contrastive)
-    s = config.structure
     weight = structure_weight(step, s.weight, s.warmup_steps)
     return Loss(contrastive + weight * regulariser, contrastive, regulariser, weight)
 
@@ -134,15 +125,15 @@ def train_towers(
 ) -> FitReport:
     """Train ``towers`` in place on pairs (x[i], y[i]) (``training.train_model``)."""
 
-    def batch_loss(model: nn.Module, rows: torch.Tensor, step: int) -> Loss:
-        return objective(*batch_losses(model, x[rows], y[rows], config), config, step)
+    def train_loss(model: nn.Module, rows: torch.Tensor, step: int) -> Loss:
+        return batch_loss(model, x[rows], y[rows], config, step)
 
     def val_loss(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
         return info_nce(*model(x_val[rows], y_val[rows]), config.tau)
 
     val = None if x_val is None else (len(x_val), val_loss)
     return train_model(
-        towers, len(x), batch_loss, val, config, seed, settle_steps=settle_steps(config)
+        towers, len(x), train_loss, val, config, seed, settle_steps=settle_steps(config)
     )
 
 
