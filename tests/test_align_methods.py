@@ -27,7 +27,7 @@ from pipeline.align.kinds import KINDS, aligner_class, aligner_params, build_ali
 from pipeline.align.linear_maps import ridge_map
 from pipeline.align.losses import info_nce
 from pipeline.align.training import lr_factor
-from pipeline.pairs import grid_runs, nested_subset
+from pipeline.pairs import grid_runs, is_run_name, nested_subset
 
 FAST_HEAD = {"dim": 16, "batch_size": 64, "max_epochs": 6, "patience": 2}
 FAST = {
@@ -448,6 +448,10 @@ def test_fit_runs_nested_subsets_and_resume(tmp_path) -> None:
         "n300_s0",
         "n300_s5",
     ]
+    assert all(is_run_name(run.name) for run in runs)
+    assert not any(
+        is_run_name(name) for name in ("n30_s", "n30_s0x", "xn30_s0", "n_s0", "runs.json")
+    )
     for run in runs:
         params = read_params(run)
         n, seed = params["meta"]["n_pairs"], params["meta"]["seed"]
