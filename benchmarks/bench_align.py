@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.align import build_aligner
 from pipeline.align.grid import available_cores, compute_threads, fit_runs
+from pipeline.align.kinds import build_aligner
 from pipeline.pairs import grid_runs
 
 SIZES = [100, 250, 500, 1000, 2500, 10000]

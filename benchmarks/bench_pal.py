@@ -16,10 +16,10 @@ import argparse
 
 import numpy as np
 
-from pipeline.align import build_aligner
-from pipeline.align.base import make_params
 from pipeline.align.grid import available_cores, compute_threads
+from pipeline.align.kinds import build_aligner
 from pipeline.align.pal import ArrayTokens, PALAligner, PALParams
+from pipeline.align.params import make_params
 
 
 def synthetic_tokens(

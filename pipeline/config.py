@@ -14,8 +14,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from pipeline.align.base import aligner_params
-from pipeline.align.params import uses_tokens
+from pipeline.align.kinds import aligner_params, uses_tokens
 from pipeline.data import planned_counts, planned_tasks, validate_spec
 from pipeline.encoders.registry import sources_of, validate_encoder_spec
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import layout
+from pipeline.align.kinds import uses_tokens
 
 PROMPTS_SPLIT = "prompts"  # the text-only pseudo-split of a dataset's zero-shot prompts
 # Runtime settings an extraction job is told; ``num_workers`` is not one: it only sets how
@@ -139,8 +140,6 @@ def aligner_kind(config: dict[str, Any], method: str) -> str:
 
 def method_uses_tokens(config: dict[str, Any], method: str) -> bool:
     """Whether a method's aligner fits on token caches (PAL) rather than pooled features."""
-    from pipeline.align.params import uses_tokens
-
     return uses_tokens(aligner_kind(config, method))
 
 

@@ -9,6 +9,7 @@ given seed every smaller subset is nested in every larger one (docs/protocols.md
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,9 +75,18 @@ def nested_subset(n_total: int, n_pairs: int | None, seed: int) -> np.ndarray:
     return subset_order(n_total, seed)[:n_pairs]
 
 
+RUN_NAME = "n{n_pairs}_s{seed}"
+"""The name of one grid run, and of its folder in the align job's output: the one spelling,
+formatted by ``run_name`` and matched by ``is_run_name``."""
+
+
 def run_name(n_pairs: int, seed: int) -> str:
-    """The name of one grid run, and of its folder in the align job's output."""
-    return f"n{n_pairs}_s{seed}"
+    return RUN_NAME.format(n_pairs=n_pairs, seed=seed)
+
+
+def is_run_name(name: str) -> bool:
+    """Whether ``name`` is a ``run_name`` (a folder of a run)."""
+    return re.fullmatch(RUN_NAME.format(n_pairs=r"\d+", seed=r"-?\d+"), name) is not None
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,9 @@ import numpy as np
 
 from pipeline import store, tokens
 from pipeline.align import artifacts
-from pipeline.pairs import run_name
+from pipeline.pairs import is_run_name, run_name
 
 SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
-RUN_DIR = re.compile(r"n\d+_s-?\d+")
 RUNS_JSON = "runs.json"  # the align job's declared output, beside its runs
 
 
@@ -142,7 +141,7 @@ def aligner_runs(results_dir: Path) -> list[Path]:
     found = []
     for root, dirs, _ in os.walk(results_dir / "aligners"):
         for name in list(dirs):
-            if RUN_DIR.fullmatch(name):
+            if is_run_name(name):
                 found.append(Path(root) / name)
                 dirs.remove(name)
     return sorted(found)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.align import build_aligner
 from pipeline.align.grid import compute_threads
+from pipeline.align.kinds import build_aligner
 
 SIZES = (100, 400, 2000)
 N_TEST = 500

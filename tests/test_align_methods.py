@@ -11,16 +11,23 @@ import torch
 from scipy.linalg import sqrtm
 from sklearn.cross_decomposition import CCA
 
-from pipeline.align import aligner_params, build_aligner, load_aligner, save_run
-from pipeline.align.artifacts import CURVE, DONE, PARAMS, WEIGHTS, read_params
+from pipeline.align.artifacts import (
+    CURVE,
+    DONE,
+    PARAMS,
+    WEIGHTS,
+    load_aligner,
+    read_params,
+    save_run,
+)
 from pipeline.align.asif import relative_representation
-from pipeline.align.base import CURVE_SCHEMA
+from pipeline.align.base import CURVE_SCHEMA, Aligner
 from pipeline.align.grid import fit_runs
+from pipeline.align.kinds import KINDS, aligner_class, aligner_params, build_aligner, uses_tokens
 from pipeline.align.linear_maps import ridge_map
 from pipeline.align.losses import info_nce
-from pipeline.align.params import ALIGNER_MODULES, KIND_PARAMS
 from pipeline.align.training import lr_factor
-from pipeline.pairs import grid_runs, nested_subset
+from pipeline.pairs import grid_runs, is_run_name, nested_subset
 
 FAST_HEAD = {"dim": 16, "batch_size": 64, "max_epochs": 6, "patience": 2}
 FAST = {
@@ -53,10 +60,24 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 
 def test_registry_holds_every_kind() -> None:
     kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge", "pal"}
-    assert set(KIND_PARAMS) == set(ALIGNER_MODULES) == kinds
+    assert set(KINDS) == kinds
     for kind in kinds:
         aligner = build_aligner(kind, {})
-        assert aligner.kind == kind and isinstance(aligner.params, KIND_PARAMS[kind])
+        assert aligner.kind == kind and isinstance(aligner.params, KINDS[kind].params)
+
+
+def test_the_table_flags_match_the_classes() -> None:
+    """A kind scores patches exactly when its class implements ``patch_scores``; only PAL fits
+    on tokens."""
+    for kind, row in KINDS.items():
+        cls = aligner_class(kind)
+        assert row.patch_scores == (cls.patch_scores is not Aligner.patch_scores), kind
+        assert build_aligner(kind, {}).scores_patches == row.patch_scores
+    assert [kind for kind in KINDS if uses_tokens(kind)] == ["pal"]
+    with pytest.raises(NotImplementedError, match="ridge aligner does not score patch tokens"):
+        build_aligner("ridge", {}).patch_scores(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="unknown aligner 'bogus'"):
+        uses_tokens("bogus")
 
 
 def test_unknown_kind_key_and_bad_values_are_named() -> None:
@@ -427,6 +448,10 @@ def test_fit_runs_nested_subsets_and_resume(tmp_path) -> None:
         "n300_s0",
         "n300_s5",
     ]
+    assert all(is_run_name(run.name) for run in runs)
+    assert not any(
+        is_run_name(name) for name in ("n30_s", "n30_s0x", "xn30_s0", "n_s0", "runs.json")
+    )
     for run in runs:
         params = read_params(run)
         n, seed = params["meta"]["n_pairs"], params["meta"]["seed"]

@@ -202,7 +202,7 @@ def test_paper_config_is_valid_until_its_data_paths_are_filled_in():
 def test_schema_enums_match_the_registries():
     """The schema's lists of names are the registries' keys: adding an aligner, encoder source,
     dataset source or metric to one without the other fails here."""
-    from pipeline.align.params import KIND_PARAMS
+    from pipeline.align.kinds import KINDS
     from pipeline.data import SOURCES as DATASET_SOURCES
     from pipeline.encoders.base import POOLINGS
     from pipeline.encoders.registry import SOURCES as ENCODER_SOURCES
@@ -211,7 +211,7 @@ def test_schema_enums_match_the_registries():
 
     schema = load_schema()["properties"]
     methods = schema["align"]["properties"]["methods"]["additionalProperties"]
-    assert methods["properties"]["aligner"]["enum"] == list(KIND_PARAMS)
+    assert methods["properties"]["aligner"]["enum"] == list(KINDS)
     encoders = schema["encoders"]["additionalProperties"]["properties"]
     assert encoders["source"]["enum"] == list(ENCODER_SOURCES)
     datasets = schema["datasets"]["additionalProperties"]["properties"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from pipeline.align import build_aligner
-from pipeline.align.base import CURVE_SCHEMA, make_params
+from pipeline.align.base import CURVE_SCHEMA
+from pipeline.align.kinds import KINDS, build_aligner
 from pipeline.align.pal import (
     Anchors,
     ArrayTokens,
@@ -25,6 +25,7 @@ from pipeline.align.pal import (
     profiles,
     token_anchor_cosine,
 )
+from pipeline.align.params import make_params
 from pipeline.evaluate.segmentation import confusion_matrix, decode, segmentation_metrics
 from pipeline.evaluate.zeroshot import class_embeddings
 
@@ -322,7 +323,7 @@ def test_params_defaults_and_hyperparameters() -> None:
     assert hp["anchors"] == 512 and hp["tau_p"] == 0.03 and hp["pooling"] == "cap"
     assert hp["tau"] == 0.05 and hp["betas"] == [0.9, 0.95] and hp["weight_decay"] == 1e-4
     assert hp["lr"] == 1e-3 and hp["fitted"] == {}
-    assert PALAligner.kind == "pal" and PALAligner.Params is PALParams
+    assert PALAligner.kind == "pal" and KINDS["pal"].params is PALParams
 
 
 def test_mismatched_sources_are_rejected() -> None:

@@ -110,6 +110,8 @@ def test_decode_recovers_the_patch_of_each_block() -> None:
 class PooledIdentity:
     """A pooled aligner whose image map is the identity (rows normalised), scored by cosine."""
 
+    scores_patches = False
+
     def embed_image(self, x: np.ndarray) -> np.ndarray:
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 

@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from pipeline import jobs, layout
-from pipeline.align.base import build_aligner
+from pipeline.align.kinds import build_aligner
 from pipeline.config import validate_config
 from pipeline.data import load_prompts, load_split, load_tasks, prepare_dataset, read_manifest
 from pipeline.evaluate.retrieval import retrieval_metrics, retrieval_scores

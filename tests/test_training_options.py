@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.align import aligner_params, build_aligner, load_aligner, save_run
-from pipeline.align.artifacts import read_params
+from pipeline.align.artifacts import load_aligner, read_params, save_run
+from pipeline.align.kinds import aligner_params, build_aligner
 from pipeline.align.lr_finder import SWEEP, find_lr, suggest, sweep_lrs
 from pipeline.align.params import LinearParams, Optimisation
 from pipeline.align.training import (

@@ -20,7 +20,8 @@ import numpy as np
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from pipeline.align.base import Aligner, FitReport, build_aligner
+from pipeline.align.base import Aligner, FitReport
+from pipeline.align.kinds import build_aligner
 from pipeline.atomic import write_bytes, write_json, write_parquet
 from pipeline.versions import library_versions
 

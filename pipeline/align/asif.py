@@ -10,15 +10,11 @@ of a pair is the inner product of its two representations.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipeline.align.base import (
-    ClosedFormAligner,
-    FitReport,
-    check_features,
-    check_pairs,
-    register,
-)
+from pipeline.align.base import ClosedFormAligner, check_features
 from pipeline.align.params import ASIFParams
 from pipeline.linalg import l2_normalise
 
@@ -36,35 +32,23 @@ def relative_representation(
     return l2_normalise(np.sign(sims) * np.abs(sims) ** p)
 
 
-@register
 class ASIFAligner(ClosedFormAligner):
     """Relative representations against the training pairs as anchors."""
 
     kind = "asif"
-    Params = ASIFParams
     STATE_KEYS = ("image_anchors", "text_anchors")
     params: ASIFParams
 
-    def fit(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_val: np.ndarray | None,
-        y_val: np.ndarray | None,
-        seed: int,
-    ) -> FitReport:
-        """Closed form on the training pairs; validation pairs and seed are not used."""
-        x, y = check_pairs(x, y)
-        self.arrays = {
+    def solve(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays = {
             "image_anchors": l2_normalise(x).astype(np.float32),
             "text_anchors": l2_normalise(y).astype(np.float32),
         }
-        self.choices = {"k": min(self.params.k, len(x)), "n_anchors": len(x)}
-        return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
+        return arrays, {"k": min(self.params.k, len(x)), "n_anchors": len(x)}
 
-    def _embed(self, a: np.ndarray, key: str, name: str) -> np.ndarray:
-        anchors = self.fitted()[key]
-        a = check_features(name, a, anchors.shape[1])
+    def embed(self, a: np.ndarray, side: str) -> np.ndarray:
+        anchors = self.fitted()[f"{side}_anchors"]
+        a = check_features(f"{side} features", a, anchors.shape[1])
         k = min(self.params.k, len(anchors))
         blocks = [
             relative_representation(a[start : start + QUERY_CHUNK], anchors, k, self.params.p)
@@ -72,9 +56,3 @@ class ASIFAligner(ClosedFormAligner):
         ]
         out = np.concatenate(blocks) if blocks else np.zeros((0, len(anchors)))
         return out.astype(np.float32)
-
-    def embed_image(self, x: np.ndarray) -> np.ndarray:
-        return self._embed(x, "image_anchors", "image features")
-
-    def embed_text(self, y: np.ndarray) -> np.ndarray:
-        return self._embed(y, "text_anchors", "text features")

@@ -1,23 +1,22 @@
-"""The aligner interface, its fit report, and the registry that maps method names to classes.
+"""The aligner interface, its fit report, and the closed-form aligners' shared fit.
 
 An aligner maps image features x (n, d1) and text features y (n, d2) of the same pairs into a
-shared space. ``build_aligner(method, params)`` makes an unfitted one from its config section;
-``fit`` learns (or computes) the map; ``state`` holds every array needed to embed again, so an
-artifact (``pipeline.align.artifacts``) can rebuild it with ``load_state``.
+shared space. ``pipeline.align.kinds.build_aligner(kind, params)`` makes an unfitted one from
+its config section; ``fit`` learns (or computes) the map; ``state`` holds every array needed to
+embed again, so an artifact (``pipeline.align.artifacts``) can rebuild it with ``load_state``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import types
-import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 import polars as pl
+
+from pipeline.align.kinds import kind_of
+from pipeline.align.params import params_to_dict
 
 CURVE_SCHEMA: dict[str, pl.DataType] = {
     "epoch": pl.Int64(),
@@ -70,18 +69,22 @@ def check_features(name: str, a: np.ndarray, width: int | None = None) -> np.nda
 def check_pairs(x: np.ndarray, y: np.ndarray, what: str = "training") -> tuple[np.ndarray, ...]:
     """Image and text features of the same pairs, as float64; else a ValueError naming why."""
     x, y = check_features(f"{what} image features", x), check_features(f"{what} text features", y)
-    if len(x) != len(y):
-        raise ValueError(f"{what} pairs: {len(x)} image rows but {len(y)} text rows")
-    if len(x) < 2:
-        raise ValueError(f"{what} pairs: need at least 2 pairs, got {len(x)}")
+    check_pair_count(len(x), len(y), what)
     return x, y
+
+
+def check_pair_count(image_rows: int, text_rows: int, what: str) -> None:
+    """A ValueError unless both sides hold the same number (>= 2) of pairs."""
+    if image_rows != text_rows:
+        raise ValueError(f"{what} pairs: {image_rows} image rows but {text_rows} text rows")
+    if image_rows < 2:
+        raise ValueError(f"{what} pairs: need at least 2 pairs, got {image_rows}")
 
 
 class Aligner(ABC):
     """A map of both modalities into a shared space; see the module docstring."""
 
-    kind: ClassVar[str]  # the aligner kind (``align.methods.<name>.aligner`` in the config)
-    Params: ClassVar[type]  # frozen dataclass of the method's config keys and their defaults
+    kind: ClassVar[str]  # the aligner kind (``align.methods.<name>.aligner``, ``kinds.KINDS``)
 
     def __init__(self, params: Any) -> None:
         self.params = params
@@ -110,6 +113,16 @@ class Aligner(ABC):
         """(n_img, n_txt) scores; cosine (inner product of normalised rows) by default."""
         return image_emb @ text_emb.T
 
+    @property
+    def scores_patches(self) -> bool:
+        """Whether this kind scores patch tokens itself (``patch_scores``; the table's flag)."""
+        return kind_of(self.kind).patch_scores
+
+    def patch_scores(self, patch_tokens: np.ndarray) -> np.ndarray:
+        """(..., P, K) float32 scores of patch tokens (..., P, D) in the shared space, no
+        pooling, for the kinds whose ``scores_patches`` is true (segmentation)."""
+        raise NotImplementedError(f"{self.kind} aligner does not score patch tokens")
+
     @abstractmethod
     def state(self) -> dict[str, np.ndarray]:
         """Every array needed to embed (weights, means, anchors...)."""
@@ -129,13 +142,42 @@ class Aligner(ABC):
 
 
 class ClosedFormAligner(Aligner):
-    """An aligner whose whole state is a few named arrays (``STATE_KEYS``) set by ``fit``."""
+    """An aligner whose whole state is a few named arrays (``STATE_KEYS``) computed from the
+    training pairs by ``solve``; validation pairs and seed are not used."""
 
     STATE_KEYS: ClassVar[tuple[str, ...]]
 
     def __init__(self, params: Any) -> None:
         super().__init__(params)
         self.arrays: dict[str, np.ndarray] = {}
+
+    @abstractmethod
+    def solve(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The state arrays and the fit's data-dependent choices from float64 pairs."""
+
+    @abstractmethod
+    def embed(self, a: np.ndarray, side: str) -> np.ndarray:
+        """(n, k) float32 unit embeddings of features ``a`` of ``side`` ("image" or "text"),
+        checked as ``f"{side} features"``."""
+
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        x_val: np.ndarray | None,
+        y_val: np.ndarray | None,
+        seed: int,
+    ) -> FitReport:
+        """Closed form on the training pairs; validation pairs and seed are not used."""
+        x, y = check_pairs(x, y)
+        self.arrays, self.choices = self.solve(x, y)
+        return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
+
+    def embed_image(self, x: np.ndarray) -> np.ndarray:
+        return self.embed(x, "image")
+
+    def embed_text(self, y: np.ndarray) -> np.ndarray:
+        return self.embed(y, "text")
 
     def fitted(self) -> dict[str, np.ndarray]:
         """The state arrays; a RuntimeError before ``fit`` or ``load_state``."""
@@ -157,107 +199,3 @@ def state_arrays(kind: str, state: dict[str, np.ndarray], keys: tuple[str, ...])
             f"{kind} state: missing keys {sorted(missing)}, unexpected keys {sorted(extra)}"
         )
     return {key: np.asarray(state[key]) for key in keys}
-
-
-ALIGNERS: dict[str, type[Aligner]] = {}
-"""Registry: aligner kind -> class; a kind's module registers it when first imported."""
-
-A = TypeVar("A", bound=type[Aligner])
-P = TypeVar("P")
-
-
-def register(cls: A) -> A:
-    """Class decorator adding an aligner to ``ALIGNERS`` under its ``method`` name."""
-    if cls.kind in ALIGNERS:
-        raise ValueError(f"aligner kind {cls.kind!r} is registered twice")
-    ALIGNERS[cls.kind] = cls
-    return cls
-
-
-def require(condition: bool, key: str, message: str) -> None:
-    """Raise ``ValueError("parameter 'key' message")`` unless ``condition``; for params checks."""
-    if not condition:
-        raise ValueError(f"parameter {key!r} {message}")
-
-
-def coerce_param(key: str, value: Any, hint: Any) -> Any:
-    """A config value checked against its params field's type hint; ints are accepted as
-    floats, numeric strings (YAML reads ``1e-3`` as one) parsed as floats, lists as tuples.
-    In a union (``float | str``) the first type is tried first, then the value as it is."""
-    options = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
-    if value is None:
-        require(type(None) in options, key, "must not be null")
-        return None
-    kinds = [option for option in options if option is not type(None)]
-    kind = kinds[0]
-    if dataclasses.is_dataclass(kind):  # a nested section, converted by the params class
-        require(isinstance(value, dict | kind), key, f"must be a mapping, got {value!r}")
-        return value
-    if typing.get_origin(kind) is tuple:
-        items = typing.get_args(kind)
-        require(
-            isinstance(value, list | tuple) and len(value) == len(items),
-            key,
-            f"must be a list of {len(items)}",
-        )
-        return tuple(
-            coerce_param(f"{key}[{i}]", v, t)
-            for i, (v, t) in enumerate(zip(value, items, strict=True))
-        )
-    if kind is float and not isinstance(value, bool):
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    ok = any(
-        isinstance(value, k) and not (k is not bool and isinstance(value, bool)) for k in kinds
-    )
-    names = " or ".join(k.__name__ for k in kinds)
-    require(ok, key, f"must be of type {names}, got {value!r}")
-    return value
-
-
-def make_params(cls: type[P], values: dict[str, Any], names: dict[str, str] | None = None) -> P:
-    """A params dataclass from config values, checking each key and its value's type.
-
-    ``names`` maps config keys to field names where they differ (default: the field names).
-    """
-    names = names or {f.name: f.name for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    for key in values:
-        require(key in names, key, f"is unknown (known: {sorted(names)})")
-    return cls(**{names[k]: coerce_param(k, v, hints[names[k]]) for k, v in values.items()})
-
-
-def params_to_dict(params: Any) -> dict[str, Any]:
-    """A params dataclass as a JSON-able dict (nested params use their own ``to_dict``)."""
-    out = {}
-    for f in dataclasses.fields(params):
-        value = getattr(params, f.name)
-        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
-        if isinstance(out[f.name], tuple):
-            out[f.name] = list(out[f.name])
-    return out
-
-
-def aligner_params(kind: str, params: dict[str, Any] | None = None) -> Any:
-    """The resolved params dataclass of ``kind`` from its config section, without building
-    the aligner (torch-free). Unknown kinds, unknown keys and invalid values raise a
-    ValueError naming the kind and key."""
-    from pipeline.align.params import KIND_PARAMS
-
-    if kind not in KIND_PARAMS:
-        raise ValueError(f"unknown aligner {kind!r} (known: {sorted(KIND_PARAMS)})")
-    try:
-        return make_params(KIND_PARAMS[kind], dict(params or {}))
-    except ValueError as err:
-        raise ValueError(f"aligner {kind!r}: {err}") from None
-
-
-def build_aligner(kind: str, params: dict[str, Any] | None = None) -> Aligner:
-    """An unfitted aligner of ``kind`` from its config section (missing keys take defaults)."""
-    from pipeline.align.params import ALIGNER_MODULES
-
-    resolved = aligner_params(kind, params)
-    importlib.import_module(ALIGNER_MODULES[kind])  # registers the kind
-    return ALIGNERS[kind](resolved)

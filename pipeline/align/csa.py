@@ -14,15 +14,11 @@ widths used are recorded in ``hyperparameters()["fitted"]["pca_dims"]`` (null: n
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from pipeline.align.base import (
-    ClosedFormAligner,
-    FitReport,
-    check_features,
-    check_pairs,
-    register,
-)
+from pipeline.align.base import ClosedFormAligner, check_features
 from pipeline.align.params import CSAParams
 from pipeline.linalg import l2_normalise
 
@@ -62,12 +58,10 @@ def cca(xc: np.ndarray, yc: np.ndarray, rank: int, eps: float) -> tuple[np.ndarr
 STATE_KEYS = ("image_mean", "text_mean", "image_directions", "text_directions", "correlations")
 
 
-@register
 class CSAAligner(ClosedFormAligner):
     """CCA directions per modality; scores weighted by the canonical correlations."""
 
     kind = "csa"
-    Params = CSAParams
     params: CSAParams
     STATE_KEYS = STATE_KEYS
 
@@ -83,16 +77,7 @@ class CSAAligner(ClosedFormAligner):
             k = n - 1
         return None if k == width else k
 
-    def fit(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_val: np.ndarray | None,
-        y_val: np.ndarray | None,
-        seed: int,
-    ) -> FitReport:
-        """Closed form on the training pairs; validation pairs and seed are not used."""
-        x, y = check_pairs(x, y)
+    def solve(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         n = len(x)
         means = {"image": x.mean(axis=0), "text": y.mean(axis=0)}
         centred = {"image": x - means["image"], "text": y - means["text"]}
@@ -104,27 +89,20 @@ class CSAAligner(ClosedFormAligner):
         reduced = {side: c if axes[side] is None else c @ axes[side] for side, c in centred.items()}
         rank = min(self.params.sim_dim, reduced["image"].shape[1], reduced["text"].shape[1])
         a, b, rho = cca(reduced["image"], reduced["text"], rank, self.params.eps)
-        self.arrays = {
+        arrays = {
             "image_mean": means["image"],
             "text_mean": means["text"],
             "image_directions": a if axes["image"] is None else axes["image"] @ a,
             "text_directions": b if axes["text"] is None else axes["text"] @ b,
             "correlations": rho,
         }
-        self.choices = {"rank": rank, "pca_dims": widths}
-        return FitReport(chosen_epoch=None, extra={"n_train": n})
+        return arrays, {"rank": rank, "pca_dims": widths}
 
-    def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
+    def embed(self, a: np.ndarray, side: str) -> np.ndarray:
         arrays = self.fitted()
-        a = check_features(name, a, len(arrays[f"{side}_mean"]))
+        a = check_features(f"{side} features", a, len(arrays[f"{side}_mean"]))
         coords = (a - arrays[f"{side}_mean"]) @ arrays[f"{side}_directions"]
         return l2_normalise(coords).astype(np.float32)
-
-    def embed_image(self, x: np.ndarray) -> np.ndarray:
-        return self._embed(x, "image", "image features")
-
-    def embed_text(self, y: np.ndarray) -> np.ndarray:
-        return self._embed(y, "text", "text features")
 
     def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """sum_i rho_i u_i v_i: coordinates weighted by the canonical correlations."""

@@ -24,7 +24,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from pipeline.align.artifacts import read_done, save_run
-from pipeline.align.base import aligner_params, build_aligner, params_to_dict
+from pipeline.align.kinds import aligner_params, build_aligner
+from pipeline.align.params import params_to_dict
 from pipeline.fingerprint import arrays_digest, spec_hash
 from pipeline.pairs import GridRun
 

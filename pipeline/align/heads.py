@@ -8,8 +8,10 @@ The MLP is Linear(d, hidden) - GELU - Dropout - Linear(hidden, dim), plus (``res
 a linear path Linear(d, dim) added to its output. The skip path is an ordinary trained layer:
 the reference code's residual branch is gated by sigmoid(-inf) = 0 and so never trains.
 
-Training (``pipeline.align.training``) is deterministic on CPU for a seed: torch's generator is
-forked and seeded for initialisation and dropout, and shuffling has its own seeded generator.
+A batch's loss is the symmetric InfoNCE of the two heads' unit embeddings, plus (with
+``structure``) lambda_t times (R_S(image) + R_S(text)) / 2. Training (``pipeline.align.training``)
+is deterministic on CPU for a seed: torch's generator is forked and seeded for initialisation
+and dropout, and shuffling has its own seeded generator.
 """
 
 from __future__ import annotations
@@ -20,15 +22,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.align.base import (
-    Aligner,
-    FitReport,
-    check_features,
-    check_pairs,
-    register,
-)
-from pipeline.align.params import LinearParams, MLPParams
-from pipeline.align.training import Towers, train_towers
+from pipeline.align.base import Aligner, FitReport, check_features, check_pairs
+from pipeline.align.losses import info_nce, structure_regulariser, structure_weight
+from pipeline.align.params import LinearParams, MLPParams, TrainConfig
+from pipeline.align.training import Loss, train_model
 
 EMBED_CHUNK = 16384  # rows per forward pass when embedding
 
@@ -70,6 +67,74 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.body(x)
         return out if self.skip is None else out + self.skip(x)
+
+
+class Towers(nn.Module):
+    """An image head and a text head; ``forward`` gives L2-normalised embeddings of both."""
+
+    def __init__(self, image: nn.Module, text: nn.Module) -> None:
+        super().__init__()
+        self.image = image
+        self.text = text
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed_image(x), self.embed_text(y)
+
+    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.image(x), dim=1)
+
+    def embed_text(self, y: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(self.text(y), dim=1)
+
+
+def batch_loss(
+    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig, step: int
+) -> Loss:
+    """A batch's loss at optimiser step ``step``: InfoNCE, plus with STRUCTURE lambda_t times
+    (R_S(image) + R_S(text)) / 2."""
+    z_img, z_txt = towers(x, y)
+    contrastive = info_nce(z_img, z_txt, config.tau)
+    s = config.structure
+    if s is None:
+        return Loss(contrastive, contrastive)
+    regulariser = 0.5 * (
+        structure_regulariser(x, z_img, config.tau, s.levels, s.divergence)
+        + structure_regulariser(y, z_txt, config.tau, s.levels, s.divergence)
+    )
+    weight = structure_weight(step, s.weight, s.warmup_steps)
+    return Loss(contrastive + weight * regulariser, contrastive, regulariser, weight)
+
+
+def settle_steps(config: TrainConfig) -> int:
+    """The optimiser steps before STRUCTURE has its full weight (0 without it). Early stopping
+    only counts epochs whose last batch had lambda_t = lambda (t = step - 1;
+    ``losses.structure_weight``): the warm-up counts steps, so at small n (one step per epoch)
+    patience would otherwise stop training, and choose a model, before lambda ever ramped up
+    (docs/methods.md)."""
+    return 0 if config.structure is None else config.structure.warmup_steps
+
+
+def train_towers(
+    towers: Towers,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_val: torch.Tensor | None,
+    y_val: torch.Tensor | None,
+    config: TrainConfig,
+    seed: int,
+) -> FitReport:
+    """Train ``towers`` in place on pairs (x[i], y[i]) (``training.train_model``)."""
+
+    def train_loss(model: nn.Module, rows: torch.Tensor, step: int) -> Loss:
+        return batch_loss(model, x[rows], y[rows], config, step)
+
+    def val_loss(model: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return info_nce(*model(x_val[rows], y_val[rows]), config.tau)
+
+    val = None if x_val is None else (len(x_val), val_loss)
+    return train_model(
+        towers, len(x), train_loss, val, config, seed, settle_steps=settle_steps(config)
+    )
 
 
 class HeadAligner(Aligner):
@@ -149,23 +214,20 @@ class HeadAligner(Aligner):
         self.towers = towers.eval()
 
 
-@register
 class LinearAligner(HeadAligner):
     """One linear layer (with bias) per modality, trained with InfoNCE (+ STRUCTURE)."""
 
     kind = "linear"
-    Params = LinearParams
 
     def make_head(self, width: int) -> nn.Module:
         return nn.Linear(width, self.params.dim)
 
 
-@register
 class MLPAligner(HeadAligner):
     """One MLP (see the module docstring) per modality, trained with InfoNCE (+ STRUCTURE)."""
 
     kind = "mlp"
-    Params = MLPParams
+    params: MLPParams
 
     def make_head(self, width: int) -> nn.Module:
         p = self.params

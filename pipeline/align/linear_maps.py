@@ -14,16 +14,11 @@ it with the training mean; all fitting is in float64.
 from __future__ import annotations
 
 from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 
-from pipeline.align.base import (
-    ClosedFormAligner,
-    FitReport,
-    check_features,
-    check_pairs,
-    register,
-)
+from pipeline.align.base import ClosedFormAligner, check_features
 from pipeline.align.csa import principal_axes
 from pipeline.align.params import ProcrustesParams, RidgeParams
 from pipeline.linalg import l2_normalise
@@ -49,61 +44,40 @@ class LinearMapAligner(ClosedFormAligner):
     STATE_KEYS = STATE_KEYS
 
     @abstractmethod
-    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image_map, text_map) fitted on centred unit rows."""
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        """(image_map, text_map, the fit's choices) fitted on centred unit rows."""
 
-    def fit(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        x_val: np.ndarray | None,
-        y_val: np.ndarray | None,
-        seed: int,
-    ) -> FitReport:
-        """Closed form on the training pairs; validation pairs and seed are not used."""
-        x, y = check_pairs(x, y)
+    def solve(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         x, y = l2_normalise(x), l2_normalise(y)
         means = x.mean(axis=0), y.mean(axis=0)
-        image_map, text_map = self.maps(x - means[0], y - means[1])
-        self.arrays = dict(zip(STATE_KEYS, (*means, image_map, text_map), strict=True))
-        return FitReport(chosen_epoch=None, extra={"n_train": len(x)})
+        image_map, text_map, choices = self.maps(x - means[0], y - means[1])
+        return dict(zip(STATE_KEYS, (*means, image_map, text_map), strict=True)), choices
 
-    def _embed(self, a: np.ndarray, side: str, name: str) -> np.ndarray:
+    def embed(self, a: np.ndarray, side: str) -> np.ndarray:
         arrays = self.fitted()
-        a = check_features(name, a, len(arrays[f"{side}_mean"]))
+        a = check_features(f"{side} features", a, len(arrays[f"{side}_mean"]))
         coords = (l2_normalise(a) - arrays[f"{side}_mean"]) @ arrays[f"{side}_map"]
         return l2_normalise(coords).astype(np.float32)
 
-    def embed_image(self, x: np.ndarray) -> np.ndarray:
-        return self._embed(x, "image", "image features")
 
-    def embed_text(self, y: np.ndarray) -> np.ndarray:
-        return self._embed(y, "text", "text features")
-
-
-@register
 class ProcrustesAligner(LinearMapAligner):
     """Common-width PCA of each side, then the orthogonal map from image to text."""
 
     kind = "procrustes"
-    Params = ProcrustesParams
     params: ProcrustesParams
 
-    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
         k = min(xc.shape[1], yc.shape[1], len(xc) - 1)
         k = min(self.params.dim or k, k)
-        self.choices = {"dim": k}
         px, py = principal_axes(xc, k), principal_axes(yc, k)
-        return px @ orthogonal_map(xc @ px, yc @ py), py
+        return px @ orthogonal_map(xc @ px, yc @ py), py, {"dim": k}
 
 
-@register
 class RidgeAligner(LinearMapAligner):
     """The ridge regression map from image features into the text feature space."""
 
     kind = "ridge"
-    Params = RidgeParams
     params: RidgeParams
 
-    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return ridge_map(xc, yc, self.params.alpha), np.eye(yc.shape[1])
+    def maps(self, xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
+        return ridge_map(xc, yc, self.params.alpha), np.eye(yc.shape[1]), {}

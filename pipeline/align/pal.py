@@ -1,4 +1,4 @@
-"""PAL: token-level alignment through learnable anchors (DESIGN.md section 7, docs/pal.md).
+"""PAL: token-level alignment through learnable anchors (docs/pal.md).
 
 Each modality has K learnable unit anchors (``A_img``: K x Dv, ``A_txt``: K x Dt); they are the
 only trained parameters. A sample's tokens z_t (CLS + patches of a ViT block, or every valid
@@ -8,7 +8,7 @@ an image and a text score by the cosine of their profiles. The default pooling i
 anchor, a softmax over the valid tokens of ``s / tau_p`` weights ``s``. ``mean`` (masked mean)
 and ``cls`` (first token) are ablations.
 
-Training is symmetric InfoNCE on the profiles (fixed tau 0.05) with the heads' optimisation
+Training is symmetric InfoNCE on the profiles (fixed tau 0.05) with the heads' training loop
 (``pipeline.align.training``, the same ``lr`` / ``schedule`` / ``clip`` options): AdamW (0.9,
 0.95), weight decay 1e-4, gradient-norm clipping, linear warm-up then cosine decay, early
 stopping on the validation InfoNCE keeping the best epoch's anchors. After every optimiser step
@@ -24,28 +24,19 @@ anchors' initialisation and the batch order have their own seeded generators.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.align.base import CURVE_SCHEMA, Aligner, FitReport, register, state_arrays
+from pipeline.align.base import Aligner, FitReport, check_pair_count, state_arrays
 from pipeline.align.losses import info_nce
-from pipeline.align.lr_finder import resolve_lr
 from pipeline.align.params import PAL_POOLINGS as POOLINGS
 from pipeline.align.params import PALParams
 from pipeline.align.params import PalPooling as Pooling
-from pipeline.align.training import (
-    EarlyStopping,
-    clip_gradients,
-    flushed_denormals,
-    near_equal_batches,
-    optimiser_for,
-)
+from pipeline.align.training import Loss, train_model
 
 PROFILE_ELEMENTS = 1 << 24
 """Budget of token-anchor cosines (rows x tokens x K) per chunk when computing profiles."""
@@ -241,17 +232,13 @@ class Anchors(nn.Module):
 # ---- training ----
 
 
-def pair_batches(
-    image: TokenSource,
-    text: TokenSource,
-    order: torch.Tensor,
-    batch_size: int,
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """(image tokens, image mask, text tokens, text mask) of ``order`` cut into near-equal
-    batches; each batch's rows are read in ascending order (InfoNCE does not depend on it)."""
-    for batch in near_equal_batches(order, batch_size):
-        rows = torch.sort(batch).values.numpy()
-        yield (*read_batch(image, rows), *read_batch(text, rows))
+def read_pairs(
+    image: TokenSource, text: TokenSource, rows: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """(image tokens, image mask, text tokens, text mask) of pairs ``rows``, read in ascending
+    row order (InfoNCE does not depend on it)."""
+    rows = torch.sort(rows).values.numpy()
+    return (*read_batch(image, rows), *read_batch(text, rows))
 
 
 def batch_loss(model: Anchors, batch: tuple[torch.Tensor, ...], params: PALParams) -> torch.Tensor:
@@ -262,43 +249,6 @@ def batch_loss(model: Anchors, batch: tuple[torch.Tensor, ...], params: PALParam
     return info_nce(h_img, h_txt, params.tau)
 
 
-@torch.no_grad()
-def validation_loss(
-    model: Anchors, image: TokenSource, text: TokenSource, params: PALParams
-) -> float:
-    """Pair-weighted mean InfoNCE over the validation pairs, in fixed near-equal batches."""
-    total = 0.0
-    for batch in pair_batches(image, text, torch.arange(len(image)), params.batch_size):
-        total += batch_loss(model, batch, params).item() * len(batch[0])
-    return total / len(image)
-
-
-def train_epoch(
-    model: Anchors,
-    train: tuple[TokenSource, TokenSource],
-    params: PALParams,
-    optimiser: torch.optim.Optimizer,
-    schedule: torch.optim.lr_scheduler.LRScheduler,
-    order: torch.Tensor,
-    step: int,
-) -> tuple[float, int]:
-    """One pass over the pairs in ``order``: its pair-weighted mean loss and the next step."""
-    total = 0.0
-    for batch in pair_batches(*train, order, params.batch_size):
-        loss = batch_loss(model, batch, params)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(model, params)
-        optimiser.step()
-        schedule.step()
-        model.renormalise()
-        step += 1
-        total += loss.item() * len(batch[0])
-    return total / len(order), step
-
-
 def train_anchors(
     model: Anchors,
     train: tuple[TokenSource, TokenSource],
@@ -306,64 +256,32 @@ def train_anchors(
     params: PALParams,
     seed: int,
 ) -> FitReport:
-    """Train ``model`` in place on (image, text) pairs; leaves it holding the chosen epoch."""
-    n = len(train[0])
+    """Train ``model`` in place on (image, text) pairs (``training.train_model``), the anchors
+    renormalised after every step; leaves it holding the chosen epoch."""
 
-    def sweep_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> torch.Tensor:
-        sorted_rows = torch.sort(rows).values.numpy()
-        batch = (*read_batch(train[0], sorted_rows), *read_batch(train[1], sorted_rows))
-        return batch_loss(probe, batch, params)
+    def train_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> Loss:
+        loss = batch_loss(probe, read_pairs(*train, rows), params)
+        return Loss(loss, loss)
 
-    with flushed_denormals():
-        lr, lr_facts = resolve_lr(model, sweep_loss, n, params, seed, Anchors.renormalise)
-    optimiser, schedule = optimiser_for(model.parameters(), params, n, lr)
-    shuffle = torch.Generator().manual_seed(seed)
-    rows: list[dict[str, Any]] = []
-    stopping, step = EarlyStopping(params.patience), 0
-    with flushed_denormals():
-        for epoch in range(1, params.max_epochs + 1):
-            start = time.perf_counter()
-            order = torch.randperm(n, generator=shuffle)
-            loss, step = train_epoch(model, train, params, optimiser, schedule, order, step)
-            val_loss = None if val is None else validation_loss(model, *val, params)
-            rows.append(
-                {
-                    **dict.fromkeys(CURVE_SCHEMA),
-                    "epoch": epoch,
-                    "step": step,
-                    "lr": schedule.get_last_lr()[0],
-                    "train_loss": loss,
-                    "infonce": loss,
-                    "val_loss": val_loss,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-            if val_loss is not None and stopping.should_stop(model, epoch, val_loss):
-                break
-    report = stopping.report(model, rows, val is not None, params.max_epochs)
-    report.extra |= lr_facts
-    return report
+    def val_loss(probe: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+        return batch_loss(probe, read_pairs(*val, rows), params)
 
-
-def check_pair_sources(image: TokenSource, text: TokenSource, what: str) -> None:
-    """A ValueError unless both sources hold the same number (>= 2) of pairs."""
-    if len(image) != len(text):
-        raise ValueError(f"{what} pairs: {len(image)} image rows but {len(text)} text rows")
-    if len(image) < 2:
-        raise ValueError(f"{what} pairs: need at least 2 pairs, got {len(image)}")
+    validation = None if val is None else (len(val[0]), val_loss)
+    return train_model(
+        model, len(train[0]), train_loss, validation, params, seed, after_step=Anchors.renormalise
+    )
 
 
 # ---- the aligner ----
 
 
-@register
 class PALAligner(Aligner):
     """PAL anchors of both modalities (kind ``pal``). Its inputs are ``TokenSource``s (or
-    (n, T, D) arrays), not pooled features: ``params.uses_tokens("pal")`` tells the align and
-    evaluate stages to read token caches for it."""
+    (n, T, D) arrays), not pooled features: the kinds table's ``tokens`` flag tells the align
+    and evaluate stages to read token caches for it, its ``patch_scores`` flag that the
+    segmentation scores patches with ``patch_scores``."""
 
     kind = "pal"
-    Params = PALParams
     params: PALParams
 
     def __init__(self, params: PALParams) -> None:
@@ -381,13 +299,13 @@ class PALAligner(Aligner):
         """Train the anchors on pairs (image_tokens[i], text_tokens[i]); validation pairs, when
         given, drive early stopping."""
         train = (as_source(image_tokens), as_source(text_tokens))
-        check_pair_sources(*train, "training")
+        check_pair_count(*map(len, train), "training")
         if (val_image_tokens is None) != (val_text_tokens is None):
             raise ValueError("validation pairs: give both image and text tokens, or neither")
         val = None
         if val_image_tokens is not None:
             val = (as_source(val_image_tokens), as_source(val_text_tokens))
-            check_pair_sources(*val, "validation")
+            check_pair_count(*map(len, val), "validation")
         widths = [token_width(source) for source in train]
         if val is not None and [token_width(source) for source in val] != widths:
             raise ValueError(f"validation token widths differ from the training widths {widths}")
@@ -431,7 +349,8 @@ class PALAligner(Aligner):
     @torch.no_grad()
     def patch_scores(self, patch_tokens: np.ndarray | torch.Tensor) -> np.ndarray:
         """(..., P, K) float32 cosines of patch tokens (..., P, Dv) and the image anchors, no
-        pooling (segmentation; drop the CLS token first: ``tokens[..., 1:, :]``)."""
+        pooling (drop the CLS token first: ``tokens[..., 1:, :]``); the profiles' coordinates,
+        so class profiles score them by an inner product."""
         self._require_fitted(self.anchors is not None)
         tokens = torch.as_tensor(patch_tokens, dtype=torch.float32)
         return token_anchor_cosine(tokens, self.anchors.image_anchors).numpy()

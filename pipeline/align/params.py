@@ -1,17 +1,86 @@
 """Every aligner kind's hyper-parameters: frozen dataclasses built from config sections.
 
 Torch-free on purpose: the config is validated when the workflow is read (``snakemake -n``
-included) by building these, without importing any model code. ``KIND_PARAMS`` maps an aligner
-kind to its params class, ``ALIGNER_MODULES`` to the module that defines and registers the
-aligner itself (imported only when one is built). Definitions: docs/methods.md.
+included) by building these (``make_params``), without importing any model code; the table of
+kinds (``pipeline.align.kinds``) names each kind's params class. Definitions: docs/methods.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
-from pipeline.align.base import make_params, require
+P = TypeVar("P")
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ``ValueError("parameter 'key' message")`` unless ``condition``; for params checks."""
+    if not condition:
+        raise ValueError(f"parameter {key!r} {message}")
+
+
+def coerce_param(key: str, value: Any, hint: Any) -> Any:
+    """A config value checked against its params field's type hint; ints are accepted as
+    floats, numeric strings (YAML reads ``1e-3`` as one) parsed as floats, lists as tuples.
+    In a union (``float | str``) the first type is tried first, then the value as it is."""
+    options = typing.get_args(hint) if typing.get_origin(hint) is types.UnionType else (hint,)
+    if value is None:
+        require(type(None) in options, key, "must not be null")
+        return None
+    kinds = [option for option in options if option is not type(None)]
+    kind = kinds[0]
+    if dataclasses.is_dataclass(kind):  # a nested section, converted by the params class
+        require(isinstance(value, dict | kind), key, f"must be a mapping, got {value!r}")
+        return value
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        require(
+            isinstance(value, list | tuple) and len(value) == len(items),
+            key,
+            f"must be a list of {len(items)}",
+        )
+        return tuple(
+            coerce_param(f"{key}[{i}]", v, t)
+            for i, (v, t) in enumerate(zip(value, items, strict=True))
+        )
+    if kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    ok = any(
+        isinstance(value, k) and not (k is not bool and isinstance(value, bool)) for k in kinds
+    )
+    names = " or ".join(k.__name__ for k in kinds)
+    require(ok, key, f"must be of type {names}, got {value!r}")
+    return value
+
+
+def make_params(cls: type[P], values: dict[str, Any], names: dict[str, str] | None = None) -> P:
+    """A params dataclass from config values, checking each key and its value's type.
+
+    ``names`` maps config keys to field names where they differ (default: the field names).
+    """
+    names = names or {f.name: f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key in values:
+        require(key in names, key, f"is unknown (known: {sorted(names)})")
+    return cls(**{names[k]: coerce_param(k, v, hints[names[k]]) for k, v in values.items()})
+
+
+def params_to_dict(params: Any) -> dict[str, Any]:
+    """A params dataclass as a JSON-able dict (nested params use their own ``to_dict``)."""
+    out = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        out[f.name] = value.to_dict() if hasattr(value, "to_dict") else value
+        if isinstance(out[f.name], tuple):
+            out[f.name] = list(out[f.name])
+    return out
+
 
 Divergence = Literal["js", "reference"]
 DIVERGENCES: tuple[str, ...] = get_args(Divergence)
@@ -227,31 +296,3 @@ class PALParams(Optimisation):
         require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
         require(self.pooling in PAL_POOLINGS, "pooling", f"must be one of {PAL_POOLINGS}")
         super().__post_init__()
-
-
-KIND_PARAMS: dict[str, type] = {
-    "linear": LinearParams,
-    "mlp": MLPParams,
-    "csa": CSAParams,
-    "asif": ASIFParams,
-    "procrustes": ProcrustesParams,
-    "ridge": RidgeParams,
-    "pal": PALParams,
-}
-ALIGNER_MODULES: dict[str, str] = {
-    "linear": "pipeline.align.heads",
-    "mlp": "pipeline.align.heads",
-    "csa": "pipeline.align.csa",
-    "asif": "pipeline.align.asif",
-    "procrustes": "pipeline.align.linear_maps",
-    "ridge": "pipeline.align.linear_maps",
-    "pal": "pipeline.align.pal",
-}
-TOKEN_KINDS: frozenset[str] = frozenset({"pal"})
-"""Kinds that align token sets (``pipeline.align.pal.TokenSource``s read from the token
-caches) rather than pooled feature arrays: their jobs read token stores, not feature stores."""
-
-
-def uses_tokens(kind: str) -> bool:
-    """Whether aligner ``kind`` fits on token caches (see ``TOKEN_KINDS``)."""
-    return kind in TOKEN_KINDS

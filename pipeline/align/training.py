@@ -1,4 +1,4 @@
-"""Training of a pair of heads: symmetric InfoNCE (+ STRUCTURE), AdamW, cosine schedule, early stop.
+"""The training loop of every trained aligner (heads and PAL): AdamW, schedule, early stop.
 
 The configuration follows STRUCTURE's reference settings (docs/methods.md): AdamW with betas
 (0.9, 0.95) and weight decay 1e-4, batch 4096 capped at n, an optional linear learning-rate
@@ -13,7 +13,9 @@ pairs the last epoch is kept.
 
 Each epoch visits the training pairs in a seeded random order, split into ceil(n / batch)
 batches of near-equal size (no tiny last batch). The caller seeds torch's global generator
-(dropout) for the whole fit; the shuffling has its own generator seeded here.
+(dropout) for the whole fit; the shuffling has its own generator seeded here. The model and
+its data are the caller's: ``train_model`` sees a batch only through its ``BatchLoss`` (rows
+-> the batch's loss terms) and the validation pairs through a ``ValLoss``.
 """
 
 from __future__ import annotations
@@ -21,18 +23,33 @@ from __future__ import annotations
 import functools
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import polars as pl
 import torch
 from torch import nn
 
 from pipeline.align.base import CURVE_SCHEMA, FitReport
-from pipeline.align.losses import info_nce, structure_regulariser, structure_weight
 from pipeline.align.lr_finder import resolve_lr
-from pipeline.align.params import Optimisation, TrainConfig
+from pipeline.align.params import Optimisation
+
+
+class Loss(NamedTuple):
+    """A batch's training loss, its InfoNCE term, and the regulariser and its weight lambda_t
+    (None without one)."""
+
+    total: torch.Tensor
+    infonce: torch.Tensor
+    structure: torch.Tensor | None = None
+    weight: float | None = None
+
+
+BatchLoss = Callable[[nn.Module, torch.Tensor, int], Loss]
+"""(model, training-row indices of a batch, optimiser step) -> the batch's ``Loss``."""
+ValLoss = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+"""(model, validation-row indices of a batch) -> the batch's InfoNCE."""
 
 
 @contextmanager
@@ -140,7 +157,7 @@ class EarlyStopping:
     ) -> FitReport:
         """Restore the best epoch's weights (if any was chosen); the fit's curve and summary.
         Without validation, or when no epoch could be chosen (training ended before the
-        STRUCTURE warm-up did: ``regulariser_at_full_weight``), the last epoch is kept."""
+        STRUCTURE warm-up did: ``heads.settle_steps``), the last epoch is kept."""
         if self.best_state is not None:
             module.load_state_dict(self.best_state)
         chosen = validated and self.best_state is not None
@@ -156,51 +173,6 @@ class EarlyStopping:
         )
 
 
-class Towers(nn.Module):
-    """An image head and a text head; ``forward`` gives L2-normalised embeddings of both."""
-
-    def __init__(self, image: nn.Module, text: nn.Module) -> None:
-        super().__init__()
-        self.image = image
-        self.text = text
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.embed_image(x), self.embed_text(y)
-
-    def embed_image(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.image(x), dim=1)
-
-    def embed_text(self, y: torch.Tensor) -> torch.Tensor:
-        return nn.functional.normalize(self.text(y), dim=1)
-
-
-def batch_losses(
-    towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """InfoNCE of a batch and, when configured, (R_S(image) + R_S(text)) / 2."""
-    z_img, z_txt = towers(x, y)
-    contrastive = info_nce(z_img, z_txt, config.tau)
-    s = config.structure
-    if s is None:
-        return contrastive, None
-    regulariser = 0.5 * (
-        structure_regulariser(x, z_img, config.tau, s.levels, s.divergence)
-        + structure_regulariser(y, z_txt, config.tau, s.levels, s.divergence)
-    )
-    return contrastive, regulariser
-
-
-def objective(
-    contrastive: torch.Tensor, regulariser: torch.Tensor | None, config: TrainConfig, step: int
-) -> tuple[torch.Tensor, float | None]:
-    """The training loss at optimiser step ``step`` and its lambda_t (None without STRUCTURE)."""
-    if regulariser is None:
-        return contrastive, None
-    s = config.structure
-    weight = structure_weight(step, s.weight, s.warmup_steps)
-    return contrastive + weight * regulariser, weight
-
-
 def batches_per_epoch(n: int, batch_size: int) -> int:
     """ceil(n / batch), the batch capped at n."""
     return math.ceil(n / min(batch_size, n))
@@ -212,75 +184,73 @@ def near_equal_batches(order: torch.Tensor, batch_size: int) -> tuple[torch.Tens
 
 
 @torch.no_grad()
-def validation_loss(towers: Towers, x: torch.Tensor, y: torch.Tensor, config: TrainConfig) -> float:
-    """Pair-weighted mean InfoNCE over the validation pairs, in fixed near-equal batches."""
-    towers.eval()
+def validation_loss(model: nn.Module, n: int, loss: ValLoss, batch_size: int) -> float:
+    """Pair-weighted mean InfoNCE over the n validation pairs, in fixed near-equal batches."""
+    model.eval()
     total = 0.0
-    for rows in near_equal_batches(torch.arange(len(x)), config.batch_size):
-        total += info_nce(*towers(x[rows], y[rows]), config.tau).item() * len(rows)
-    return total / len(x)
+    for rows in near_equal_batches(torch.arange(n), batch_size):
+        total += loss(model, rows).item() * len(rows)
+    return total / n
 
 
 def train_epoch(
-    towers: Towers,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    config: TrainConfig,
+    model: nn.Module,
+    n: int,
+    batch_loss: BatchLoss,
+    config: Optimisation,
     optimiser: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
     shuffle: torch.Generator,
     step: int,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
-    """One pass over the pairs in a shuffled order; returns the epoch's curve entries."""
-    towers.train()
-    n = len(x)
+    """One pass over the n pairs in a shuffled order; returns the epoch's curve entries.
+    ``after_step`` runs after every optimiser step (PAL's anchor renormalisation)."""
+    model.train()
     row = {"train_loss": 0.0, "infonce": 0.0, "structure": None, "structure_lambda": None}
     for batch in near_equal_batches(torch.randperm(n, generator=shuffle), config.batch_size):
-        contrastive, regulariser = batch_losses(towers, x[batch], y[batch], config)
-        loss, weight = objective(contrastive, regulariser, config, step)
-        if regulariser is not None:
-            row["structure_lambda"] = weight
-            row["structure"] = (row["structure"] or 0.0) + regulariser.item() * len(batch) / n
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training diverged: loss {loss.item()} at step {step}")
+        loss = batch_loss(model, batch, step)
+        if loss.structure is not None:
+            row["structure_lambda"] = loss.weight
+            row["structure"] = (row["structure"] or 0.0) + loss.structure.item() * len(batch) / n
+        if not torch.isfinite(loss.total):
+            raise FloatingPointError(f"training diverged: loss {loss.total.item()} at step {step}")
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        clip_gradients(towers, config)
+        loss.total.backward()
+        clip_gradients(model, config)
         optimiser.step()
         schedule.step()
+        if after_step is not None:
+            after_step(model)
         step += 1
-        row["train_loss"] += loss.item() * len(batch) / n
-        row["infonce"] += contrastive.item() * len(batch) / n
+        row["train_loss"] += loss.total.item() * len(batch) / n
+        row["infonce"] += loss.infonce.item() * len(batch) / n
     return {**row, "step": step, "lr": schedule.get_last_lr()[0]}
 
 
-def regulariser_at_full_weight(config: TrainConfig, step: int) -> bool:
-    """Whether the last batch of an epoch that ended after ``step`` optimiser steps had the
-    full STRUCTURE weight (lambda_t at t = step - 1; ``losses.structure_weight``). Early
-    stopping only starts then, and only such epochs can be chosen: the warm-up counts steps,
-    so at small n (one step per epoch) patience would otherwise stop training, and choose a
-    model, before lambda ever ramped up (docs/methods.md)."""
-    return config.structure is None or step - 1 >= config.structure.warmup_steps
-
-
-def train_towers(
-    towers: Towers,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    x_val: torch.Tensor | None,
-    y_val: torch.Tensor | None,
-    config: TrainConfig,
+def train_model(
+    model: nn.Module,
+    n: int,
+    batch_loss: BatchLoss,
+    val: tuple[int, ValLoss] | None,
+    config: Optimisation,
     seed: int,
+    *,
+    settle_steps: int = 0,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> FitReport:
-    """Train ``towers`` in place on pairs (x[i], y[i]); leaves it holding the chosen epoch.
-    With ``lr: auto`` the learning-rate finder first sweeps a copy of ``towers``."""
+    """Train ``model`` in place on n pairs; leaves it holding the chosen epoch, in eval mode.
+    ``val``: the number of validation pairs and their loss (None: keep the last epoch). An
+    epoch counts for early stopping only once its last step is >= ``settle_steps`` (the
+    heads' STRUCTURE warm-up: ``heads.settle_steps``). With ``lr: auto`` the learning-rate
+    finder first sweeps a copy of ``model``."""
 
     def sweep_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> torch.Tensor:
-        return objective(*batch_losses(probe, x[rows], y[rows], config), config, step)[0]
+        return batch_loss(probe, rows, step).total
 
     with flushed_denormals():
-        lr, lr_facts = resolve_lr(towers, sweep_loss, len(x), config, seed)
-    optimiser, schedule = optimiser_for(towers.parameters(), config, len(x), lr)
+        lr, lr_facts = resolve_lr(model, sweep_loss, n, config, seed, after_step)
+    optimiser, schedule = optimiser_for(model.parameters(), config, n, lr)
     shuffle = torch.Generator().manual_seed(seed)
     rows: list[dict[str, Any]] = []
     stopping = EarlyStopping(config.patience)
@@ -288,15 +258,17 @@ def train_towers(
         for epoch in range(1, config.max_epochs + 1):
             start = time.perf_counter()
             step = rows[-1]["step"] if rows else 0
-            row = train_epoch(towers, x, y, config, optimiser, schedule, shuffle, step)
-            val_loss = None if x_val is None else validation_loss(towers, x_val, y_val, config)
+            row = train_epoch(
+                model, n, batch_loss, config, optimiser, schedule, shuffle, step, after_step
+            )
+            val_loss = None if val is None else validation_loss(model, *val, config.batch_size)
             seconds = time.perf_counter() - start
             rows.append({"epoch": epoch, **row, "val_loss": val_loss, "seconds": seconds})
-            if val_loss is None or not regulariser_at_full_weight(config, row["step"]):
+            if val_loss is None or row["step"] - 1 < settle_steps:
                 continue
-            if stopping.should_stop(towers, epoch, val_loss):
+            if stopping.should_stop(model, epoch, val_loss):
                 break
-    report = stopping.report(towers, rows, x_val is not None, config.max_epochs)
+    report = stopping.report(model, rows, val is not None, config.max_epochs)
     report.extra |= lr_facts
-    towers.eval()
+    model.eval()
     return report

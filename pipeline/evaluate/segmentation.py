@@ -102,11 +102,11 @@ IMAGES_PER_BATCH = 32
 def patch_class_scores(aligner: Any, patches: np.ndarray, class_emb: np.ndarray) -> np.ndarray:
     """(N, C) scores of patch tokens (N, D) against unit class embeddings (C, k).
 
-    PAL (an aligner with ``patch_scores``): the patch-anchor cosines times the class profiles
+    PAL (``aligner.scores_patches``): the patch-anchor cosines times the class profiles
     (docs/pal.md). Any pooled aligner, the standard patch baseline: each patch token through
     the image map (``embed_image``) as if it were a pooled feature, scored by the aligner's own
     ``similarity``."""
-    if hasattr(aligner, "patch_scores"):
+    if aligner.scores_patches:
         return np.asarray(aligner.patch_scores(patches), np.float64) @ class_emb.T
     return np.asarray(aligner.similarity(aligner.embed_image(patches), class_emb), np.float64)
 

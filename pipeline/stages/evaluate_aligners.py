@@ -31,9 +31,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from pipeline import layout
-from pipeline.align import load_aligner
-from pipeline.align.artifacts import read_params
-from pipeline.align.params import uses_tokens
+from pipeline.align.artifacts import load_aligner, read_params
+from pipeline.align.kinds import uses_tokens
 from pipeline.atomic import write_parquet
 from pipeline.data import load_prompts, load_split, load_tasks
 from pipeline.data.tasks import (

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from pipeline import atomic, layout, pairs
 from pipeline.align.grid import ArrayPairs, TokenPairs, fit_runs
-from pipeline.align.params import uses_tokens
+from pipeline.align.kinds import uses_tokens
 from pipeline.data import load_split
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, Pairs, grid_runs

@@ -29,8 +29,8 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from pipeline import layout
-from pipeline.align.base import build_aligner
 from pipeline.align.grid import compute_threads
+from pipeline.align.kinds import build_aligner
 from pipeline.data.tasks import CLASSIFICATION, RETRIEVAL
 from pipeline.evaluate.tables import RunKey, concat_metrics, write_metrics
 from pipeline.jobs import Job
