@@ -12,6 +12,7 @@ MARKER_SUFFIX = ".done"  # a feature store's completion marker sits beside it (p
 
 METRICS_TABLE = f"{RESULTS}/tables/metrics.parquet"
 SUMMARY_TABLE = f"{RESULTS}/tables/summary.parquet"
+COMPARISONS_TABLE = f"{RESULTS}/tables/comparisons.parquet"  # paired differences, intervals
 SWEEP_TABLE = f"{RESULTS}/tables/sweep.parquet"  # every sweep row with its layer pair's similarity
 SWEEP_RHO_TABLE = f"{RESULTS}/tables/sweep_rho.parquet"  # Spearman's rho of the sweep
 PLOTS_DIR = f"{RESULTS}/plots"
@@ -146,6 +147,11 @@ def evaluation(vision: str, text: str, method: str, choice: str) -> str:
 def segmentation_examples(vision: str, text: str, method: str, choice: str) -> str:
     """A few predicted label maps of one evaluate job (its example run), for the report."""
     return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.examples.parquet"
+
+
+def outcomes(vision: str, text: str, method: str, choice: str) -> str:
+    """Per-item hits of one evaluate job's runs (the aggregate's bootstrap over test images)."""
+    return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.outcomes.parquet"
 
 
 def log(rule: str, *parts: str) -> str:
