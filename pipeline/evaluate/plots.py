@@ -69,7 +69,7 @@ def plot_metric_vs_pairs(
     level = _level(rows)
     fig.suptitle(
         f"{task}: {metric} vs. paired data\n(mean over seeds; band: {level} t-interval over "
-        f"seeds; bars: {level} bootstrap interval over test images)"
+        f"seeds;\nbars: {level} bootstrap interval over test images)"
     )
     return _save(fig, path)
 
@@ -147,8 +147,8 @@ def plot_relative_improvement(
     title = f"{task}: improvement over {baseline[0]} ({baseline[1]} layers)"
     if comparisons is not None:
         title += (
-            f"\n(black: {_level(rows)} bootstrap interval over test images; grey: t-interval "
-            "over seeds; of the paired difference)"
+            f"\n({_level(rows)} intervals of the paired difference, black: bootstrap over test "
+            "images,\ngrey: t-interval over seeds)"
         )
     fig.suptitle(title)
     return _save(fig, path)
