@@ -345,7 +345,9 @@ def test_comparisons_pair_only_shared_seeds_and_need_two_for_a_seed_interval() -
 def test_plots_draw_the_intervals(tmp_path: Path) -> None:
     rates = {("linear", "last"): 0.5, ("mlp", "last"): 0.62, ("mlp", "best"): 0.58}
     metrics, outcomes = planted(rates)
-    metrics = pl.concat([metrics, planted(rates, seed=1)[0].with_columns(n_pairs=pl.lit(1000, pl.Int64))])
+    metrics = pl.concat(
+        [metrics, planted(rates, seed=1)[0].with_columns(n_pairs=pl.lit(1000, pl.Int64))]
+    )
     statistics = Statistics(bootstrap=200)
     reps = bootstrap_replicates(outcomes, metrics, statistics)
     summary = summarise(metrics, reps, statistics)
