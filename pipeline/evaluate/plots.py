@@ -116,9 +116,7 @@ def plot_relative_improvement(
                     ("seed_ci", {"color": "grey", "lw": 0.8, "capsize": 3}),
                     ("item_ci", {"color": "black", "lw": 2.0, "capsize": 0}),
                 ):
-                    low, high = (
-                        100 * intervals.select(f"{prefix}_low", f"{prefix}_high").to_numpy().T
-                    )
+                    low, high = 100 * _columns(intervals, prefix)
                     ax.errorbar(
                         offsets,
                         (low + high) / 2,
@@ -260,7 +258,7 @@ def _error_bars(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarr
 
 
 def _level(rows: pl.DataFrame) -> str:
-    levels = rows["level"].unique().to_list() if "level" in rows.columns else []
+    levels = rows["level"].unique().to_list()
     return f"{levels[0]:.0%}" if len(levels) == 1 else "CI"
 
 
@@ -288,11 +286,7 @@ def _relative_intervals(
     )
     ends = [f"{p}_{e}" for p in ("seed_ci", "item_ci") for e in ("low", "high")]
     relative = rows.select("n_pairs", *(pl.col(end) / pl.col("baseline_mean") for end in ends))
-    return (
-        pl.DataFrame({"n_pairs": n_pairs})
-        .join(relative, on="n_pairs", how="left")
-        .fill_null(np.nan)
-    )
+    return pl.DataFrame({"n_pairs": n_pairs}).join(relative, on="n_pairs", how="left")
 
 
 def _is_baseline(baseline: tuple[str, str]) -> pl.Expr:
