@@ -11,10 +11,11 @@ Two sources of noise, two intervals:
 A bootstrappable metric is a mean of per-item hits (top-k accuracy, Recall@k) or a mean over
 classes of the per-class mean hit (balanced accuracy): ``Hits`` holds the hits, the image of
 each item and its class. A replicate weights each item by how often its image was drawn, so
-the B replicates are B matrix products, and they equal the metric recomputed on the resampled
-items (tests check it). The draws depend only on the seed and the number of
-images, so every run of a task sees the same resampled test sets and the difference of two
-runs is paired over images as well as over seeds.
+all B replicates are one matrix product (counts of each image per replicate times per-image
+sums of hits and items), equal to the metric recomputed on the resampled items (tests check
+it). The draws depend only on the seed and the number of images, so every run of a task sees
+the same resampled test sets and the difference of two runs is paired over images as well as
+over seeds.
 """
 
 from __future__ import annotations
