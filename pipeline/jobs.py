@@ -415,6 +415,7 @@ def evaluate_aligners(
         outputs={
             "metrics": layout.evaluation(vision, text, method, choice),
             "examples": layout.segmentation_examples(vision, text, method, choice),
+            "outcomes": layout.outcomes(vision, text, method, choice),
         },
     )
 
@@ -463,6 +464,7 @@ def aggregate(config: dict[str, Any]) -> Job:
     inputs: dict[str, str | list[str]] = {
         "evaluations": [layout.evaluation(*cell) for cell in grid_cells(config)],
         "examples": [layout.segmentation_examples(*cell) for cell in grid_cells(config)],
+        "outcomes": [layout.outcomes(*cell) for cell in grid_cells(config)],
         "similarities": [layout.similarity_table(v, t) for v, t in encoder_pairs(config)],
         "datasets": sorted(
             {layout.dataset_manifest(ref["dataset"]) for ref in experiment(config)["evaluate"]}
@@ -471,6 +473,7 @@ def aggregate(config: dict[str, Any]) -> Job:
     outputs: dict[str, str | list[str]] = {
         "metrics": layout.METRICS_TABLE,
         "summary": layout.SUMMARY_TABLE,
+        "comparisons": layout.COMPARISONS_TABLE,
         "plots": layout.PLOTS_DIR,
     }
     if has_sweep(config):
@@ -478,10 +481,28 @@ def aggregate(config: dict[str, Any]) -> Job:
         outputs |= {"sweep": layout.SWEEP_TABLE, "sweep_rho": layout.SWEEP_RHO_TABLE}
     return Job(
         "aggregate",
-        {"token_methods": sorted(m for m in methods if method_uses_tokens(config, m))},
+        {
+            "token_methods": sorted(m for m in methods if method_uses_tokens(config, m)),
+            "baselines": structure_baselines(methods),
+            "statistics": config["statistics"],
+        },
         inputs=inputs,
         outputs=outputs,
     )
+
+
+def structure_baselines(methods: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Method name -> the method it regularises: a method with a ``structure`` entry over the
+    method whose entry is the same without it (linear_structure over linear), where one is."""
+    baselines = {}
+    for name, entry in sorted(methods.items()):
+        plain = {k: v for k, v in entry.items() if k != "structure"}
+        matches = sorted(
+            other for other in methods if "structure" in entry and methods[other] == plain
+        )
+        if matches:
+            baselines[name] = matches[0]
+    return baselines
 
 
 def _training_features(

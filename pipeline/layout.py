@@ -12,6 +12,7 @@ MARKER_SUFFIX = ".done"  # a feature store's completion marker sits beside it (p
 
 METRICS_TABLE = f"{RESULTS}/tables/metrics.parquet"
 SUMMARY_TABLE = f"{RESULTS}/tables/summary.parquet"
+COMPARISONS_TABLE = f"{RESULTS}/tables/comparisons.parquet"  # paired differences, intervals
 SWEEP_TABLE = f"{RESULTS}/tables/sweep.parquet"  # every sweep row with its layer pair's similarity
 SWEEP_RHO_TABLE = f"{RESULTS}/tables/sweep_rho.parquet"  # Spearman's rho of the sweep
 PLOTS_DIR = f"{RESULTS}/plots"
@@ -157,6 +158,11 @@ def spec_record(rule: str, *wildcards: str) -> str:
 def made_record(spec_record: str) -> str:
     """Beside a spec record: the hash of the spec the job's outputs were made with."""
     return spec_record.removesuffix(".json") + ".made.json"
+
+
+def outcomes(vision: str, text: str, method: str, choice: str) -> str:
+    """Per-item hits of one evaluate job's runs (the aggregate's bootstrap over test images)."""
+    return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.outcomes.parquet"
 
 
 def log(rule: str, *parts: str) -> str:

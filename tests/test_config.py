@@ -25,6 +25,7 @@ def test_default_config_is_valid_and_gets_defaults(default):
     assert config["datasets"]["shapes"]["image_size"] == 64
     without_runtime = {k: v for k, v in default.items() if k != "runtime"}
     assert validate_config(without_runtime)["runtime"]["batch_size"] == 128
+    assert config["statistics"] == {"bootstrap": 1000, "level": 0.95, "seed": 0}
 
 
 def test_the_sweep_is_optional_and_gets_defaults(default):
@@ -72,6 +73,18 @@ CASES = [
         "texture",
     ),
     ("unknown top-level key", lambda c: c.update(extra=1), "<top level>", "extra"),
+    (
+        "a confidence level of 1",
+        lambda c: c.update(statistics={"level": 1.0}),
+        "statistics.level",
+        "1.0",
+    ),
+    (
+        "negative bootstrap replicates",
+        lambda c: c.update(statistics={"bootstrap": -1}),
+        "statistics.bootstrap",
+        "-1",
+    ),
     (
         "unknown encoder source",
         lambda c: c["encoders"]["vit_tiny"].update(source="keras"),

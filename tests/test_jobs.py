@@ -58,6 +58,29 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
     }
 
 
+def test_aggregate_reads_every_outcomes_table_and_knows_the_statistics(config):
+    evaluate = jobs.evaluate_aligners(config, "vit_tiny", "minilm", "csa", "last")
+    assert evaluate.output("outcomes") == layout.outcomes("vit_tiny", "minilm", "csa", "last")
+    aggregate = jobs.aggregate(config)
+    assert aggregate.input_list("outcomes") == [
+        layout.outcomes(*cell) for cell in jobs.grid_cells(config)
+    ]
+    assert aggregate.output("comparisons") == layout.COMPARISONS_TABLE
+    assert aggregate.spec["statistics"] == {"bootstrap": 1000, "level": 0.95, "seed": 0}
+    assert aggregate.spec["baselines"] == {"linear_structure": "linear"}
+
+
+def test_structure_baselines_pair_a_method_with_its_plain_twin():
+    head = {"aligner": "mlp", "dim": 8}
+    methods = {
+        "mlp": head,
+        "mlp_structure": {**head, "structure": {"lambda": 1.0}},
+        "wide_structure": {**head, "dim": 16, "structure": {"lambda": 1.0}},  # no plain twin
+        "csa": {"aligner": "csa"},
+    }
+    assert jobs.structure_baselines(methods) == {"mlp_structure": "mlp"}
+
+
 def test_sharded_extraction_jobs(config):
     """runtime.extract_shards = 3: three shard jobs with the extraction spec write a store's
     (or a token set's) blocks, its own job only completes it (one thread); prompts are never
@@ -125,6 +148,7 @@ def test_without_a_sweep_section_there_is_no_sweep(config, tmp_path):
     assert "sweeps" not in aggregate.inputs and set(aggregate.outputs) == {
         "metrics",
         "summary",
+        "comparisons",
         "plots",
     }
     path = tmp_path / "config.yaml"

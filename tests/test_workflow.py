@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from pipeline import layout
-from pipeline.evaluate.tables import read_metrics, read_summary
+from pipeline.evaluate.tables import read_comparisons, read_metrics, read_summary
 from pipeline.store import open_store
 from pipeline.tokens import open_token_store
 
@@ -217,6 +217,18 @@ def test_every_artefact_of_the_dag(tiny_run):
     assert summary["count"].max() == 2  # two seeds
     baseline = summary.filter((pl.col("method") == "linear") & (pl.col("layer_choice") == "last"))
     assert (baseline["relative_improvement"].fill_null(0) == 0).all()
+    scored = summary.filter(pl.col("task_kind") != "segmentation")
+    assert (scored["item_ci_low"] <= scored["mean"]).all()
+    assert (scored["mean"] <= scored["item_ci_high"]).all()
+    assert summary["seed_ci_low"].is_not_null().all()  # two seeds everywhere
+    comparisons = read_comparisons(results / "tables/comparisons.parquet")
+    assert {("linear_structure", "linear"), ("csa", "linear")} <= set(
+        comparisons.select("method", "baseline_method").unique().rows()
+    )
+    best_over_last = comparisons.filter(
+        (pl.col("method") == pl.col("baseline_method")) & (pl.col("baseline_choice") == "last")
+    )
+    assert set(best_over_last["layer_choice"]) == {"best"} and (best_over_last["seeds"] == 2).all()
     sweep = read_metrics(results / "similarity/vit/minilm/sweep.parquet")
     assert sweep.select("vision_layer", "text_layer").unique().height == 3 * 7  # every pair
     assert set(sweep["task_kind"]) == {"classification", "retrieval"}

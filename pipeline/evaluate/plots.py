@@ -30,7 +30,9 @@ DPI = 120
 def plot_metric_vs_pairs(
     summary: pl.DataFrame, task: str, metric: str, path: str | os.PathLike[str]
 ) -> Path:
-    """Metric against n_pairs (log x) per method and layer choice: mean line, +-1 std band."""
+    """Metric against n_pairs (log x) per method and layer choice: the mean over seeds, its
+    t-interval over seeds as a band (clipped to [0, 1]: every metric is a fraction) and its
+    bootstrap interval over test images as error bars (where the summary has them)."""
     rows = _select(summary, task, metric, "summary")
     colours = _series_colours(rows)
     fig, panels = _panels(rows)
@@ -42,18 +44,20 @@ def plot_metric_vs_pairs(
         ):
             n_pairs = series["n_pairs"].to_numpy()
             mean = series["mean"].to_numpy()
-            std = series["std"].fill_null(0.0).to_numpy()
             colour = colours[(method, choice)]
-            ax.plot(
+            ax.errorbar(
                 n_pairs,
                 mean,
+                yerr=_error_bars(mean, *_columns(series, "item_ci")),
                 marker="o",
                 ms=3,
+                capsize=2,
                 color=colour,
                 ls=_line_style(choice),
                 label=f"{method} ({choice})",
             )
-            ax.fill_between(n_pairs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            low, high = np.clip(_columns(series, "seed_ci"), 0.0, 1.0)
+            ax.fill_between(n_pairs, low, high, color=colour, alpha=0.15, lw=0)
         ax.set_xscale("log")
         _n_pairs_ticks(ax, panel["n_pairs"].unique().sort().to_list())
         ax.set(title=f"{vision} + {text}", xlabel="paired training samples (n_pairs)")
@@ -62,7 +66,11 @@ def plot_metric_vs_pairs(
         ax.legend(
             fontsize="small", title="method (layers)", loc="upper left", bbox_to_anchor=(1.02, 1.0)
         )
-    fig.suptitle(f"{task}: {metric} vs. paired data\n(mean ± 1 std over seeds)")
+    level = _level(rows)
+    fig.suptitle(
+        f"{task}: {metric} vs. paired data\n(mean over seeds; band: {level} t-interval over "
+        f"seeds;\nbars: {level} bootstrap interval over test images)"
+    )
     return _save(fig, path)
 
 
@@ -72,8 +80,11 @@ def plot_relative_improvement(
     metric: str,
     path: str | os.PathLike[str],
     baseline: tuple[str, str] = BASELINE,
+    comparisons: pl.DataFrame | None = None,
 ) -> Path:
-    """Grouped bars per n_pairs: relative improvement (%) of each method over the baseline."""
+    """Grouped bars per n_pairs: relative improvement (%) of each method over the baseline, with
+    the intervals of its paired difference from ``comparisons`` (divided by the baseline's mean,
+    held fixed): over test images as thick black bars, over seeds as thin grey caps."""
     rows = _select(summary, task, metric, "summary").filter(~_is_baseline(baseline))
     if rows.is_empty():
         raise ValueError(f"no method other than the baseline {baseline} for {task}/{metric}")
@@ -97,6 +108,23 @@ def plot_relative_improvement(
                 .to_numpy()
             )
             offsets = np.arange(len(n_pairs)) + (i - (len(series) - 1) / 2) * width
+            if comparisons is not None:
+                intervals = _relative_intervals(
+                    comparisons, (vision, text, method, choice), baseline, task, metric, n_pairs
+                )
+                for prefix, style in (
+                    ("seed_ci", {"color": "grey", "lw": 0.8, "capsize": 3}),
+                    ("item_ci", {"color": "black", "lw": 2.0, "capsize": 0}),
+                ):
+                    low, high = 100 * _columns(intervals, prefix)
+                    ax.errorbar(
+                        offsets,
+                        (low + high) / 2,
+                        yerr=(high - low) / 2,
+                        fmt="none",
+                        zorder=3,
+                        **style,
+                    )
             ax.bar(
                 offsets,
                 100 * improvement,
@@ -114,7 +142,13 @@ def plot_relative_improvement(
         ax.legend(
             fontsize="small", title="method (layers)", loc="upper left", bbox_to_anchor=(1.02, 1.0)
         )
-    fig.suptitle(f"{task}: improvement over {baseline[0]} ({baseline[1]} layers)")
+    title = f"{task}: improvement over {baseline[0]} ({baseline[1]} layers)"
+    if comparisons is not None:
+        title += (
+            f"\n({_level(rows)} intervals of the paired difference, black: bootstrap over test "
+            "images,\ngrey: t-interval over seeds)"
+        )
+    fig.suptitle(title)
     return _save(fig, path)
 
 
@@ -183,8 +217,13 @@ def plot_similarity_vs_metric(
     return _save(fig, path)
 
 
-def plot_all(summary: pl.DataFrame, out_dir: str | os.PathLike[str]) -> list[Path]:
-    """Every metric-vs-n_pairs and relative-improvement figure of a summary table."""
+def plot_all(
+    summary: pl.DataFrame,
+    out_dir: str | os.PathLike[str],
+    comparisons: pl.DataFrame | None = None,
+) -> list[Path]:
+    """Every metric-vs-n_pairs and relative-improvement figure of a summary table (the latter
+    with the intervals of ``comparisons``, when given)."""
     paths = []
     for task, metric in summary.select("task", "metric").unique().sort(pl.all()).rows():
         stem = Path(out_dir) / _file_stem(f"{task}__{metric}")
@@ -194,7 +233,9 @@ def plot_all(summary: pl.DataFrame, out_dir: str | os.PathLike[str]) -> list[Pat
         )
         if compared["relative_improvement"].is_not_null().any():
             paths.append(
-                plot_relative_improvement(summary, task, metric, f"{stem}__improvement.png")
+                plot_relative_improvement(
+                    summary, task, metric, f"{stem}__improvement.png", comparisons=comparisons
+                )
             )
     return paths
 
@@ -204,6 +245,48 @@ def spearman_rho(x: np.ndarray, y: np.ndarray) -> float:
     if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
     return float(spearmanr(x, y).statistic)
+
+
+def _columns(rows: pl.DataFrame, prefix: str) -> np.ndarray:
+    """(2, n) lower and upper ends of an interval's columns, NaN where null."""
+    return rows.select(f"{prefix}_low", f"{prefix}_high").fill_null(np.nan).to_numpy().T
+
+
+def _error_bars(mean: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """Matplotlib's (2, n) distances below and above the mean; none where an end is NaN."""
+    return np.nan_to_num(np.stack([mean - low, high - mean]), nan=0.0)
+
+
+def _level(rows: pl.DataFrame) -> str:
+    levels = rows["level"].unique().to_list()
+    return f"{levels[0]:.0%}" if len(levels) == 1 else "CI"
+
+
+def _relative_intervals(
+    comparisons: pl.DataFrame,
+    series: tuple[str, str, str, str],
+    baseline: tuple[str, str],
+    task: str,
+    metric: str,
+    n_pairs: list[int],
+) -> pl.DataFrame:
+    """Per n_pairs (in order), a series' interval columns over the baseline divided by the
+    baseline's mean (nulls where the comparison or its interval is absent)."""
+    vision, text, method, choice = series
+    rows = comparisons.filter(
+        (pl.col("vision_encoder") == vision)
+        & (pl.col("text_encoder") == text)
+        & (pl.col("method") == method)
+        & (pl.col("layer_choice") == choice)
+        & (pl.col("baseline_method") == baseline[0])
+        & (pl.col("baseline_choice") == baseline[1])
+        & (pl.col("task") == task)
+        & (pl.col("metric") == metric)
+        & (pl.col("baseline_mean") != 0)
+    )
+    ends = [f"{p}_{e}" for p in ("seed_ci", "item_ci") for e in ("low", "high")]
+    relative = rows.select("n_pairs", *(pl.col(end) / pl.col("baseline_mean") for end in ends))
+    return pl.DataFrame({"n_pairs": n_pairs}).join(relative, on="n_pairs", how="left")
 
 
 def _is_baseline(baseline: tuple[str, str]) -> pl.Expr:

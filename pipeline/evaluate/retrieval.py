@@ -22,6 +22,8 @@ from typing import Protocol
 
 import numpy as np
 
+from pipeline.evaluate.intervals import Hits
+
 RECALL_KS = (1, 5, 10)
 BLOCK_ELEMENTS = 1 << 22
 
@@ -80,11 +82,22 @@ def text_to_image_ranks(
     return ranks
 
 
-def recall_at_k(ranks: np.ndarray, ks: Sequence[int] = RECALL_KS) -> dict[int, float]:
-    """Fraction of queries whose target ranks in the top k, for each k."""
-    if len(ranks) == 0:
+def retrieval_outcomes(
+    scores: np.ndarray,
+    caption_image: np.ndarray,
+    ks: Sequence[int] = RECALL_KS,
+    block_size: int | None = None,
+) -> dict[str, Hits]:
+    """Per-query hits of ``i2t_recall@k`` (per image) and ``t2i_recall@k`` (per caption, its
+    unit its image: the bootstrap resamples images with all their captions)."""
+    i2t = image_to_text_ranks(scores, caption_image, block_size)
+    t2i = text_to_image_ranks(scores, caption_image, block_size)
+    if len(i2t) == 0 or len(t2i) == 0:
         raise ValueError("recall needs at least one query")
-    return {k: float(np.mean(ranks < k)) for k in ks}
+    images = np.arange(len(i2t))
+    return {f"i2t_recall@{k}": Hits(i2t < k, images) for k in ks} | {
+        f"t2i_recall@{k}": Hits(t2i < k, np.asarray(caption_image)) for k in ks
+    }
 
 
 def retrieval_metrics(
@@ -94,9 +107,8 @@ def retrieval_metrics(
     block_size: int | None = None,
 ) -> dict[str, float]:
     """``i2t_recall@k`` and ``t2i_recall@k`` (fractions in [0, 1]) for each k."""
-    i2t = recall_at_k(image_to_text_ranks(scores, caption_image, block_size), ks)
-    t2i = recall_at_k(text_to_image_ranks(scores, caption_image, block_size), ks)
-    return {f"i2t_recall@{k}": i2t[k] for k in ks} | {f"t2i_recall@{k}": t2i[k] for k in ks}
+    outcomes = retrieval_outcomes(scores, caption_image, ks, block_size)
+    return {name: hits.value() for name, hits in outcomes.items()}
 
 
 def retrieval_scores(

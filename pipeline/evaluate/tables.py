@@ -1,13 +1,19 @@
-"""The run's metrics table and its summary over seeds (docs/formats.md).
+"""The run's metrics table, its summary over seeds and the paired comparisons (docs/formats.md).
 
 ``metrics.parquet`` holds one row per number, keyed by the run (encoder pair, method, layer
 choice and the layers it chose, n_pairs, seed) and the task and metric. ``summary.parquet``
 aggregates over seeds for each (encoder pair, method, layer choice, n_pairs, task, metric):
-mean, sample standard deviation (ddof=1; null when only one seed), count of seeds, and the
+mean, sample standard deviation (ddof=1; null when only one seed), count of seeds, the
 relative improvement (mean - baseline mean) / baseline mean over the ``linear``/``last``
 baseline of the same encoder pair, n_pairs, task and metric (null when that baseline is
-absent or its mean is zero; 0.5 means +50%). Layers are not a summary key: a layer choice
+absent or its mean is zero; 0.5 means +50%), and the intervals of ``pipeline.evaluate.
+intervals``: over seeds and over test images. Layers are not a summary key: a layer choice
 such as ``best`` may pick different layers for different seeds.
+
+The outcomes table (one per evaluate job) keeps the per-item hits of every bootstrappable
+metric, from which the aggregate draws the test-image bootstrap. ``comparisons.parquet``
+holds the paired difference per seed of a method over its baselines (``comparison_pairs``)
+with both intervals.
 
 The layer sweep's tables (``pipeline.stages.sweep_layers``): ``sweep.parquet`` repeats every
 sweep row (a metrics row) once per similarity metric of its encoder pair, with that layer
@@ -28,11 +34,22 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.atomic import write_parquet
+from pipeline.evaluate.intervals import (
+    Hits,
+    Statistics,
+    excludes_zero,
+    percentile_interval,
+    replicates,
+    resample_counts,
+    resample_draws,
+    seed_interval,
+)
 
 TASK_KINDS = ("classification", "retrieval", "segmentation")
 BASELINE = ("linear", "last")
 ENCODER_PAIR = ["vision_encoder", "text_encoder"]
 LAYER_PAIR = ["vision_layer", "text_layer"]
+DEFAULT_STATISTICS = Statistics()
 
 METRICS_SCHEMA = pa.schema(
     [
@@ -65,6 +82,16 @@ SUMMARY_KEY = [
     "task_kind",
     "metric",
 ]
+# The settings and the two intervals (over seeds, over test images) of a summary or comparison.
+INTERVAL_FIELDS = [
+    pa.field("level", pa.float64(), nullable=False),
+    pa.field("seed_ci_low", pa.float64()),
+    pa.field("seed_ci_high", pa.float64()),
+    pa.field("bootstrap", pa.int64(), nullable=False),
+    pa.field("bootstrap_seed", pa.int64(), nullable=False),
+    pa.field("item_ci_low", pa.float64()),
+    pa.field("item_ci_high", pa.float64()),
+]
 SUMMARY_SCHEMA = pa.schema(
     [METRICS_SCHEMA.field(name) for name in SUMMARY_KEY]
     + [
@@ -72,6 +99,34 @@ SUMMARY_SCHEMA = pa.schema(
         pa.field("std", pa.float64()),
         pa.field("count", pa.int64(), nullable=False),
         pa.field("relative_improvement", pa.float64()),
+        *INTERVAL_FIELDS,
+    ]
+)
+REPLICATE_KEY = [*SUMMARY_KEY, "seed"]  # one run's task and metric (layers follow from the run)
+
+OUTCOMES_SCHEMA = pa.schema(
+    [METRICS_SCHEMA.field(name) for name in METRICS_KEY]
+    + [
+        pa.field("unit", pa.list_(pa.int64()), nullable=False),
+        pa.field("stratum", pa.list_(pa.int64())),
+        pa.field("hit", pa.list_(pa.bool_()), nullable=False),
+    ]
+)
+
+COMPARISON_SERIES = ["method", "layer_choice", "baseline_method", "baseline_choice"]
+COMPARISON_KEY = [*ENCODER_PAIR, *COMPARISON_SERIES, "n_pairs", "task", "task_kind", "metric"]
+COMPARISONS_SCHEMA = pa.schema(
+    [pa.field(name, pa.string(), nullable=False) for name in [*ENCODER_PAIR, *COMPARISON_SERIES]]
+    + [METRICS_SCHEMA.field(name) for name in ("n_pairs", "task", "task_kind", "metric")]
+    + [
+        pa.field("seeds", pa.int64(), nullable=False),
+        pa.field("mean", pa.float64(), nullable=False),
+        pa.field("baseline_mean", pa.float64(), nullable=False),
+        pa.field("difference", pa.float64(), nullable=False),
+        pa.field("relative", pa.float64()),
+        *INTERVAL_FIELDS,
+        pa.field("seed_excludes_zero", pa.bool_()),
+        pa.field("item_excludes_zero", pa.bool_()),
     ]
 )
 
@@ -135,8 +190,92 @@ def concat_metrics(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
     return metrics
 
 
-def summarise(metrics: pl.DataFrame, baseline: tuple[str, str] = BASELINE) -> pl.DataFrame:
-    """Mean, std (ddof=1), count over seeds and relative improvement over the baseline."""
+def outcome_rows(
+    run: RunKey, task: str, task_kind: str, outcomes: Mapping[str, Hits]
+) -> pl.DataFrame:
+    """Rows of the outcomes table for one run on one task, one row per bootstrappable metric."""
+    rows = [
+        asdict(run)
+        | {
+            "task": task,
+            "task_kind": task_kind,
+            "metric": metric,
+            "unit": np.asarray(hits.unit, np.int64).tolist(),
+            "stratum": None if hits.stratum is None else np.asarray(hits.stratum).tolist(),
+            "hit": np.asarray(hits.hit, bool).tolist(),
+        }
+        for metric, hits in outcomes.items()
+    ]
+    return validate(pl.DataFrame(rows, schema=polars_schema(OUTCOMES_SCHEMA)), OUTCOMES_SCHEMA)
+
+
+def concat_outcomes(frames: Iterable[pl.DataFrame]) -> pl.DataFrame:
+    """One validated outcomes table from many frames (possibly none), sorted by its key."""
+    frames = [validate(frame, OUTCOMES_SCHEMA) for frame in frames]
+    empty = pl.DataFrame(schema=polars_schema(OUTCOMES_SCHEMA))
+    outcomes = pl.concat([empty, *frames]).sort(METRICS_KEY)
+    duplicated = outcomes.filter(pl.struct(METRICS_KEY).is_duplicated())
+    if len(duplicated):
+        raise ValueError(f"outcomes table has two rows for one key, e.g. {duplicated.row(0)[:-3]}")
+    return outcomes
+
+
+def hits_of(row: Mapping[str, object]) -> Hits:
+    """The ``Hits`` of one outcomes row."""
+    stratum = row["stratum"]
+    return Hits(
+        np.asarray(row["hit"], bool),
+        np.asarray(row["unit"], np.int64),
+        None if stratum is None else np.asarray(stratum, np.int64),
+    )
+
+
+Replicates = dict[tuple, np.ndarray]  # REPLICATE_KEY values -> the metric on each replicate
+
+
+def bootstrap_replicates(
+    outcomes: pl.DataFrame, metrics: pl.DataFrame, statistics: Statistics
+) -> Replicates:
+    """The metric of every outcomes row on each of ``statistics.bootstrap`` resamples of its
+    task's test images: one draw per task, shared by every run (paired). Each row's metric
+    must equal its value in ``metrics``."""
+    outcomes = validate(outcomes, OUTCOMES_SCHEMA)
+    values = {
+        row[: len(METRICS_KEY)]: row[-1] for row in validate(metrics, METRICS_SCHEMA).iter_rows()
+    }
+    result: Replicates = {}
+    if statistics.bootstrap == 0:
+        return result
+    for (task,), rows in outcomes.group_by(["task"], maintain_order=True):
+        units, counts = None, None
+        for row in rows.iter_rows(named=True):
+            hits = hits_of(row)
+            run = tuple(row[k] for k in METRICS_KEY)
+            if run not in values:
+                raise ValueError(f"outcomes row {run} has no row in the metrics table")
+            if not np.isclose(hits.value(), values[run], rtol=0, atol=1e-9):
+                raise ValueError(
+                    f"outcomes of {run} give {hits.value()}, the metrics table {values[run]}"
+                )
+            if units is None:
+                units = np.unique(hits.unit)
+                draws = resample_draws(len(units), statistics.bootstrap, statistics.seed)
+                counts = resample_counts(draws)
+            elif not np.array_equal(np.unique(hits.unit), units):
+                raise ValueError(f"{task}: the outcomes of {run} cover other test images")
+            result[tuple(row[k] for k in REPLICATE_KEY)] = replicates(hits, units, counts)
+    return result
+
+
+def summarise(
+    metrics: pl.DataFrame,
+    replicates: Replicates | None = None,
+    statistics: Statistics = DEFAULT_STATISTICS,
+    baseline: tuple[str, str] = BASELINE,
+) -> pl.DataFrame:
+    """Mean, std (ddof=1), count over seeds, relative improvement over the baseline, and the
+    intervals of the mean: over seeds and (where ``replicates`` holds every seed's run) over
+    test images."""
     metrics = validate(metrics, METRICS_SCHEMA).sort(METRICS_KEY)  # fixed summation order
     repeated = metrics.filter(pl.struct([*SUMMARY_KEY, "seed"]).is_duplicated())
     if len(repeated):
@@ -148,6 +287,8 @@ def summarise(metrics: pl.DataFrame, baseline: tuple[str, str] = BASELINE) -> pl
         mean=pl.col("value").mean(),
         std=pl.col("value").std(ddof=1),
         count=pl.len().cast(pl.Int64),
+        seeds=pl.col("seed"),
+        values=pl.col("value"),
     )
     baseline_method, baseline_choice = baseline
     pair_task = [k for k in SUMMARY_KEY if k not in ("method", "layer_choice")]
@@ -159,7 +300,127 @@ def summarise(metrics: pl.DataFrame, baseline: tuple[str, str] = BASELINE) -> pl
             (pl.col("mean") - pl.col("baseline_mean")) / pl.col("baseline_mean")
         )
     )
-    return validate(summary.drop("baseline_mean").sort(SUMMARY_KEY), SUMMARY_SCHEMA)
+    reps = replicates or {}
+    intervals = []
+    for row in summary.iter_rows(named=True):
+        key = tuple(row[k] for k in SUMMARY_KEY)
+        per_seed = [reps.get((*key, seed)) for seed in row["seeds"]]
+        intervals.append(_intervals(np.asarray(row["values"]), per_seed, statistics)[0])
+    summary = pl.concat([summary, _interval_frame(intervals)], how="horizontal")
+    return validate(
+        summary.drop("baseline_mean", "seeds", "values").sort(SUMMARY_KEY), SUMMARY_SCHEMA
+    )
+
+
+def comparison_pairs(
+    series: Iterable[tuple[str, str]],
+    method_baselines: Mapping[str, str],
+    baseline: tuple[str, str] = BASELINE,
+) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """(series, its baseline series) of every comparison the table makes, each once: every
+    (method, layer choice) over ``baseline``; every layer choice but ``last`` over ``last`` of
+    its method; a method over ``method_baselines[method]`` at the same layer choice."""
+    present = set(series)
+    pairs = set()
+    for method, choice in present:
+        candidates = [baseline, (method, "last"), (method_baselines.get(method), choice)]
+        pairs |= {
+            ((method, choice), other)
+            for other in candidates
+            if other in present and other != (method, choice)
+        }
+    return sorted(pairs)
+
+
+def compare(
+    metrics: pl.DataFrame,
+    method_baselines: Mapping[str, str],
+    replicates: Replicates | None = None,
+    statistics: Statistics = DEFAULT_STATISTICS,
+    baseline: tuple[str, str] = BASELINE,
+) -> pl.DataFrame:
+    """The comparisons table: per ``comparison_pairs`` pair and encoder pair, n_pairs, task and
+    metric, the difference of the two series paired by seed (over the seeds both ran), its
+    intervals (over seeds: of the per-seed differences; over test images: the same resampled
+    images for both) and whether each excludes zero."""
+    metrics = validate(metrics, METRICS_SCHEMA).sort(METRICS_KEY)
+    matched = [*ENCODER_PAIR, "n_pairs", "task", "task_kind", "metric"]
+    series = metrics.select("method", "layer_choice").unique().rows()
+    reps = replicates or {}
+    rows = []
+    for (method, choice), (base_method, base_choice) in comparison_pairs(
+        series, method_baselines, baseline
+    ):
+        runs = metrics.filter((pl.col("method") == method) & (pl.col("layer_choice") == choice))
+        base = metrics.filter(
+            (pl.col("method") == base_method) & (pl.col("layer_choice") == base_choice)
+        ).select([*matched, "seed", pl.col("value").alias("baseline_value")])
+        paired = runs.join(base, on=[*matched, "seed"], how="inner")
+        for values, group in paired.group_by(matched, maintain_order=True):
+            key = dict(zip(matched, values, strict=True))
+            value, base_value = group["value"].to_numpy(), group["baseline_value"].to_numpy()
+            per_seed = []
+            for seed in group["seed"].to_list():
+                a = _replicate_key(key, method, choice, seed)
+                b = _replicate_key(key, base_method, base_choice, seed)
+                per_seed.append(reps[a] - reps[b] if a in reps and b in reps else None)
+            columns, seed_ci, item_ci = _intervals(value - base_value, per_seed, statistics)
+            baseline_mean = float(base_value.mean())
+            difference = float((value - base_value).mean())
+            rows.append(
+                key
+                | {
+                    "method": method,
+                    "layer_choice": choice,
+                    "baseline_method": base_method,
+                    "baseline_choice": base_choice,
+                    "seeds": len(group),
+                    "mean": float(value.mean()),
+                    "baseline_mean": baseline_mean,
+                    "difference": difference,
+                    "relative": difference / baseline_mean if baseline_mean != 0 else None,
+                    **columns,
+                    "seed_excludes_zero": excludes_zero(seed_ci),
+                    "item_excludes_zero": excludes_zero(item_ci),
+                }
+            )
+    frame = pl.DataFrame(rows, schema=polars_schema(COMPARISONS_SCHEMA))
+    return validate(frame, COMPARISONS_SCHEMA).sort(COMPARISON_KEY)
+
+
+Interval = tuple[float, float] | None
+
+
+def _replicate_key(matched: Mapping[str, object], method: str, choice: str, seed: int) -> tuple:
+    row = {**matched, "method": method, "layer_choice": choice}
+    return (*(row[k] for k in SUMMARY_KEY), seed)
+
+
+def _intervals(
+    values: np.ndarray, per_seed: list[np.ndarray | None], statistics: Statistics
+) -> tuple[dict[str, object], Interval, Interval]:
+    """The ``INTERVAL_FIELDS`` of a mean over seeds of ``values``, whose runs have the
+    bootstrap replicates ``per_seed`` (an image interval only when every seed has them), and
+    both intervals."""
+    seed_ci = seed_interval(values, statistics.level)
+    item_ci = None
+    if per_seed and all(reps is not None for reps in per_seed):
+        item_ci = percentile_interval(np.mean(per_seed, axis=0), statistics.level)
+    columns = {
+        "level": statistics.level,
+        "seed_ci_low": None if seed_ci is None else seed_ci[0],
+        "seed_ci_high": None if seed_ci is None else seed_ci[1],
+        "bootstrap": statistics.bootstrap,
+        "bootstrap_seed": statistics.seed,
+        "item_ci_low": None if item_ci is None else item_ci[0],
+        "item_ci_high": None if item_ci is None else item_ci[1],
+    }
+    return columns, seed_ci, item_ci
+
+
+def _interval_frame(rows: list[dict[str, object]]) -> pl.DataFrame:
+    schema = polars_schema(pa.schema(INTERVAL_FIELDS))
+    return pl.DataFrame(rows, schema=schema)
 
 
 def layer_pair_similarity(
@@ -241,6 +502,16 @@ def write_summary(summary: pl.DataFrame, path: str | os.PathLike[str]) -> None:
     _write(validate(summary, SUMMARY_SCHEMA), SUMMARY_SCHEMA, path)
 
 
+def write_outcomes(outcomes: pl.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write an outcomes table atomically with ``OUTCOMES_SCHEMA``."""
+    _write(validate(outcomes, OUTCOMES_SCHEMA), OUTCOMES_SCHEMA, path)
+
+
+def write_comparisons(comparisons: pl.DataFrame, path: str | os.PathLike[str]) -> None:
+    """Write the comparisons table atomically with ``COMPARISONS_SCHEMA``."""
+    _write(validate(comparisons, COMPARISONS_SCHEMA), COMPARISONS_SCHEMA, path)
+
+
 def write_sweep(sweep: pl.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write the sweep table (``sweep_with_similarity``) atomically with ``SWEEP_SCHEMA``."""
     _write(validate(sweep, SWEEP_SCHEMA), SWEEP_SCHEMA, path)
@@ -259,6 +530,16 @@ def read_metrics(path: str | os.PathLike[str]) -> pl.DataFrame:
 def read_summary(path: str | os.PathLike[str]) -> pl.DataFrame:
     """The summary table at ``path``, validated against ``SUMMARY_SCHEMA``."""
     return validate(pl.read_parquet(path), SUMMARY_SCHEMA)
+
+
+def read_outcomes(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """An outcomes table at ``path``, validated against ``OUTCOMES_SCHEMA``."""
+    return validate(pl.read_parquet(path), OUTCOMES_SCHEMA)
+
+
+def read_comparisons(path: str | os.PathLike[str]) -> pl.DataFrame:
+    """The comparisons table at ``path``, validated against ``COMPARISONS_SCHEMA``."""
+    return validate(pl.read_parquet(path), COMPARISONS_SCHEMA)
 
 
 def _write(frame: pl.DataFrame, schema: pa.Schema, path: str | os.PathLike[str]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.evaluate.intervals import Hits
 from pipeline.evaluate.retrieval import SharedSpace, target_ranks
 from pipeline.linalg import l2_normalise
 
@@ -83,26 +84,24 @@ def class_ranks(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return target_ranks(logits, labels)
 
 
-def top_k_accuracy(ranks: np.ndarray, k: int) -> float:
-    """Fraction of images whose true class ranks in the top k."""
-    return float(np.mean(ranks < k))
-
-
-def balanced_accuracy(ranks: np.ndarray, labels: np.ndarray) -> float:
-    """Mean top-1 recall over the classes present in ``labels``."""
-    present, class_of = np.unique(labels, return_inverse=True)
-    hits = np.bincount(class_of, weights=(ranks == 0).astype(np.float64), minlength=len(present))
-    return float(np.mean(hits / np.bincount(class_of, minlength=len(present))))
+def classification_outcomes(
+    logits: np.ndarray, labels: np.ndarray, images: np.ndarray | None = None
+) -> dict[str, Hits]:
+    """Per-image hits of ``top1``, ``top5`` (only with at least 5 classes) and
+    ``balanced_accuracy`` (top-1 hits by class); ``images``: each row's image (default its
+    index), the unit the bootstrap resamples."""
+    ranks = class_ranks(logits, labels)
+    images = np.arange(len(ranks)) if images is None else np.asarray(images)
+    outcomes = {"top1": Hits(ranks < 1, images)}
+    if logits.shape[1] >= TOP5_MIN_CLASSES:
+        outcomes["top5"] = Hits(ranks < 5, images)
+    outcomes["balanced_accuracy"] = Hits(ranks == 0, images, labels)
+    return outcomes
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """``top1``, ``top5`` (only with at least 5 classes) and ``balanced_accuracy``, in [0, 1]."""
-    ranks = class_ranks(logits, labels)
-    metrics = {"top1": top_k_accuracy(ranks, 1)}
-    if logits.shape[1] >= TOP5_MIN_CLASSES:
-        metrics["top5"] = top_k_accuracy(ranks, 5)
-    metrics["balanced_accuracy"] = balanced_accuracy(ranks, labels)
-    return metrics
+    return {name: hits.value() for name, hits in classification_outcomes(logits, labels).items()}
 
 
 def zero_shot_classification(

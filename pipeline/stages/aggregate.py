@@ -1,7 +1,12 @@
-"""The aggregate stage: one metrics table, its summary over seeds, and the plots drawn from them.
+"""The aggregate stage: one metrics table, its summary over seeds, the paired comparisons, and
+the plots drawn from them.
 
-Writes the job's ``metrics`` and ``summary`` tables and, into its ``plots`` folder,
-metric-vs-n_pairs and improvement-over-baseline figures per task and metric, plus layer-pair
+Writes the job's ``metrics``, ``summary`` and ``comparisons`` tables (the intervals: a
+t-interval over seeds and a bootstrap over the test images of the evaluate jobs' outcomes,
+``statistics`` in the spec; the comparisons' baselines: ``baselines`` in the spec, plus the
+linear head on the last layers and each method's last layers) and, into its ``plots`` folder,
+metric-vs-n_pairs and improvement-over-baseline figures per task and metric with their
+intervals, plus layer-pair
 similarity against the downstream metric for every layer pair an encoder pair's runs used (one
 figure per similarity metric, method and n_pairs with more than two points), and, per
 segmentation task, a few predicted label maps of PAL and of the best global method
@@ -27,16 +32,22 @@ import polars as pl
 
 from pipeline import layout
 from pipeline.data import load_split, load_tasks, read_manifest
+from pipeline.evaluate.intervals import Statistics
 from pipeline.evaluate.tables import (
     SWEEP_RHO_KEY,
     SWEEP_RHO_SCHEMA,
+    bootstrap_replicates,
+    compare,
     concat_metrics,
+    concat_outcomes,
     polars_schema,
     read_metrics,
+    read_outcomes,
     similarity_metrics,
     summarise,
     sweep_with_similarity,
     validate,
+    write_comparisons,
     write_metrics,
     write_summary,
     write_sweep,
@@ -51,14 +62,19 @@ def run(job: Job) -> None:
     from pipeline.evaluate import plots  # matplotlib: imported only where figures are drawn
 
     metrics = concat_metrics(pl.read_parquet(path) for path in job.input_list("evaluations"))
-    summary = summarise(metrics)
+    statistics = Statistics(**job.spec["statistics"])
+    outcomes = concat_outcomes(read_outcomes(path) for path in job.input_list("outcomes"))
+    replicates = bootstrap_replicates(outcomes, metrics, statistics)
+    summary = summarise(metrics, replicates, statistics)
+    comparisons = compare(metrics, job.spec["baselines"], replicates, statistics)
     write_metrics(metrics, job.output("metrics"))
     write_summary(summary, job.output("summary"))
+    write_comparisons(comparisons, job.output("comparisons"))
     plots_dir = Path(job.output("plots"))
     similarities = job.input_list("similarities")
 
     shutil.rmtree(plots_dir, ignore_errors=True)  # only figures of this run, none left over
-    written = plots.plot_all(summary, plots_dir)
+    written = plots.plot_all(summary, plots_dir, comparisons)
     similarity = pl.concat([pl.read_parquet(path) for path in similarities], how="diagonal")
     written += similarity_plots(plots, similarity, metrics, plots_dir)
     if "sweeps" in job.inputs:
@@ -75,7 +91,13 @@ def run(job: Job) -> None:
         plots, summary, examples, datasets, set(job.spec.get("token_methods", ())), plots_dir
     )
     log.info(
-        "%d metric rows, %d summary rows, %d figures", len(metrics), len(summary), len(written)
+        "%d metric rows, %d summary rows, %d comparisons (%d with an image interval excluding "
+        "zero), %d figures",
+        len(metrics),
+        len(summary),
+        len(comparisons),
+        comparisons["item_excludes_zero"].sum(),
+        len(written),
     )
 
 

@@ -13,8 +13,10 @@ needs them, then scores every task from those embeddings (tasks are named
 A pooled aligner reads feature stores (and, for segmentation, the vision token set); a token
 aligner (PAL) reads token sets for everything, batch by batch. The job also writes a few
 predicted label maps of its example run (the largest n_pairs, its smallest seed) for the
-report's figure. The aggregate stage concatenates the per-job tables into
-``results/tables/metrics.parquet`` and ``summary.parquet`` and draws the plots.
+report's figure, and the per-item hits of every classification and retrieval metric of every
+run (the outcomes table: the aggregate's bootstrap over test images). The aggregate stage
+concatenates the per-job tables into ``results/tables/metrics.parquet``, ``summary.parquet``
+and ``comparisons.parquet`` and draws the plots.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +46,19 @@ from pipeline.data.tasks import (
     SEGMENTATION,
     Task,
 )
-from pipeline.evaluate.retrieval import retrieval_metrics
+from pipeline.evaluate.intervals import Hits
+from pipeline.evaluate.retrieval import retrieval_outcomes
 from pipeline.evaluate.segmentation import segment, segmentation_metrics
-from pipeline.evaluate.tables import RunKey, concat_metrics, metric_rows, write_metrics
-from pipeline.evaluate.zeroshot import class_embeddings_of, classification_metrics, logits_of
+from pipeline.evaluate.tables import (
+    RunKey,
+    concat_metrics,
+    concat_outcomes,
+    metric_rows,
+    outcome_rows,
+    write_metrics,
+    write_outcomes,
+)
+from pipeline.evaluate.zeroshot import class_embeddings_of, classification_outcomes, logits_of
 from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
 from pipeline.tokens import StoreTokens, TokenSet
@@ -82,7 +94,7 @@ def run(job: Job) -> None:
     runs = json.loads(Path(runs_json).read_text())["runs"]
     tokens = uses_tokens(job.spec["aligner"])
     keep = example_run(runs)
-    frames, examples = [], []
+    frames, examples, outcomes = [], [], []
     for i, split in enumerate(job.spec["splits"]):
         dataset = f"dataset_{i}"
         if tokens:
@@ -108,10 +120,12 @@ def run(job: Job) -> None:
             patches=patches,
         )
         for run in tqdm(runs, desc=f"evaluate {aligner_dir.parent.name}/{aligner_dir.name}"):
-            rows, kept = evaluate_run(aligner_dir / run, inputs, examples=run == keep)
-            frames += rows
-            examples += kept
+            evaluation = evaluate_run(aligner_dir / run, inputs, examples=run == keep)
+            frames += evaluation.metrics
+            examples += evaluation.examples
+            outcomes += evaluation.outcomes
     write_metrics(concat_metrics(frames), job.output("metrics"))
+    write_outcomes(concat_outcomes(outcomes), job.output("outcomes"))
     write_parquet(pl.DataFrame(examples, schema=EXAMPLE_SCHEMA), job.output("examples"))
 
 
@@ -202,11 +216,18 @@ class SplitInputs:
         return self._masks[task.name]
 
 
-def evaluate_run(
-    run_dir: Path, inputs: SplitInputs, examples: bool = False
-) -> tuple[list[pl.DataFrame], list[dict[str, Any]]]:
-    """Metric rows of one aligner run on every task of one split, and (``examples``) a few
-    predicted label maps of each segmentation task."""
+@dataclass
+class Evaluation:
+    """One run on one split: metric rows, (``examples``) a few predicted label maps of each
+    segmentation task, and the outcomes rows of every classification and retrieval metric."""
+
+    metrics: list[pl.DataFrame] = field(default_factory=list)
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    outcomes: list[pl.DataFrame] = field(default_factory=list)
+
+
+def evaluate_run(run_dir: Path, inputs: SplitInputs, examples: bool = False) -> Evaluation:
+    """The evaluation of one aligner run on every task of one split."""
     meta = read_params(run_dir)["meta"]
     key = RunKey(
         vision_encoder=meta["vision_encoder"],
@@ -223,23 +244,24 @@ def evaluate_run(
 
 def evaluate_aligner(
     aligner: Any, key: RunKey, inputs: SplitInputs, examples: bool = False
-) -> tuple[list[pl.DataFrame], list[dict[str, Any]]]:
-    """Metric rows of a fitted aligner (the run ``key`` names, whose layers it reads) on every
-    task of one split, and (``examples``) a few predicted label maps of each segmentation task."""
+) -> Evaluation:
+    """The evaluation of a fitted aligner (the run ``key`` names, whose layers it reads) on
+    every task of one split."""
     image_emb = aligner.embed_image(inputs.source("vision", key.vision_layer))
     caption_emb = _once(lambda: aligner.embed_text(inputs.source("text", key.text_layer)))
     prompt_emb = _once(lambda: aligner.embed_text(inputs.source("prompts", key.text_layer)))
-    rows, kept = [], []
+    result = Evaluation()
     for task in inputs.tasks:
         name = f"{inputs.dataset}.{task.name}"
+        hits: dict[str, Hits] = {}
         if task.kind == RETRIEVAL:
             scores = aligner.similarity(image_emb, caption_emb())
-            metrics = retrieval_metrics(scores, inputs.caption_image)
+            hits = retrieval_outcomes(scores, inputs.caption_image)
         elif task.kind == CLASSIFICATION:
             labels = inputs.images[task.label_column].to_numpy()
             member = labels >= 0  # -1: the image is not part of this task
             logits = logits_of(aligner, image_emb[member], _class_emb(inputs, task, prompt_emb()))
-            metrics = classification_metrics(logits, labels[member])
+            hits = classification_outcomes(logits, labels[member], np.flatnonzero(member))
         elif task.kind == SEGMENTATION:
             images, masks = inputs.masks(task)
             store = inputs.patches.layer(key.vision_layer)
@@ -247,7 +269,7 @@ def evaluate_aligner(
             keep = EXAMPLES_PER_TASK if examples else 0
             confusion, maps = segment(aligner, store, class_emb, images, masks, keep)
             metrics = _finite(name, segmentation_metrics(confusion, background=BACKGROUND))
-            kept += [
+            result.examples += [
                 {
                     **{k: v for k, v in vars(key).items() if k in EXAMPLE_SCHEMA},
                     "task": name,
@@ -261,8 +283,11 @@ def evaluate_aligner(
             ]
         else:
             raise ValueError(f"{name}: task kind {task.kind!r} has no evaluation")
-        rows.append(metric_rows(key, name, task.kind, metrics))
-    return rows, kept
+        if hits:
+            metrics = {metric: outcome.value() for metric, outcome in hits.items()}
+            result.outcomes.append(outcome_rows(key, name, task.kind, hits))
+        result.metrics.append(metric_rows(key, name, task.kind, metrics))
+    return result
 
 
 def _class_emb(inputs: SplitInputs, task: Task, prompt_emb: np.ndarray) -> np.ndarray:

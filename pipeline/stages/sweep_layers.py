@@ -109,7 +109,7 @@ def run(job: Job) -> None:
                     seed=run.seed,
                 )
                 for inputs in splits:
-                    frames += evaluate_aligner(aligner, key, inputs)[0]
+                    frames += evaluate_aligner(aligner, key, inputs).metrics
                 bar.update()
             for inputs in splits:
                 inputs.forget("vision")

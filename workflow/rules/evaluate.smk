@@ -1,11 +1,12 @@
 rule evaluate_aligners:
-    """Zero-shot classification, retrieval and segmentation of every run of one align job, and a
-    few predicted label maps of its example run."""
+    """Zero-shot classification, retrieval and segmentation of every run of one align job, a few
+    predicted label maps of its example run, and the per-item hits of its runs."""
     input:
         unpack(inputs_of(jobs.evaluate_aligners)),
     output:
         metrics=layout.evaluation("{vision}", "{text}", "{method}", "{choice}"),
         examples=layout.segmentation_examples("{vision}", "{text}", "{method}", "{choice}"),
+        outcomes=layout.outcomes("{vision}", "{text}", "{method}", "{choice}"),
     params:
         spec=spec_of(jobs.evaluate_aligners),
         inputs=lambda wildcards, input: cli_paths(input),
@@ -37,14 +38,17 @@ localrules:
 
 
 rule aggregate:
-    """One metrics table, its summary over seeds, and the plots drawn from them; with a layer
-    sweep, its tables and similarity-against-accuracy plots too. Light (reads the evaluate
+    """One metrics table, its summary over seeds, the paired comparisons and the plots; with a
+    layer sweep, its tables and similarity-against-accuracy plots too. Light (reads the evaluate
     jobs' small tables): on a cluster it runs where Snakemake runs, not as a SLURM job."""
     input:
         unpack(inputs_of(jobs.aggregate)),
     output:
         metrics=report(layout.METRICS_TABLE, category="Tables", caption="../report/metrics.rst"),
         summary=report(layout.SUMMARY_TABLE, category="Tables", caption="../report/summary.rst"),
+        comparisons=report(
+            layout.COMPARISONS_TABLE, category="Tables", caption="../report/comparisons.rst"
+        ),
         plots=report(
             directory(layout.PLOTS_DIR),
             patterns=["{name}.png"],
