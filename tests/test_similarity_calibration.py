@@ -62,10 +62,11 @@ def test_group_bootstrap_draws_images_with_all_their_captions():
     assert counts[:, groups == groups[0]].mean() == pytest.approx(1.0, abs=0.25)
 
 
-def test_permuted_and_resampled_cka_equal_recomputing_on_the_features():
+@pytest.mark.parametrize(("vision_dims", "text_dims"), [([5, 7], [6, 4, 3]), ([6, 4, 3], [5, 7])])
+def test_permuted_and_resampled_cka_equal_recomputing_on_the_features(vision_dims, text_dims):
     n = 40
     latent = np.random.default_rng(9).standard_normal((n, 3))
-    vision, text = layers(n, [5, 7], 1, latent), layers(n, [6, 4, 3], 2, latent)
+    vision, text = layers(n, vision_dims, 1, latent), layers(n, text_dims, 2, latent)
     rng = np.random.default_rng(3)
     perms = group_permutations(np.arange(n), 4, rng)
     counts = group_bootstrap(np.arange(n), 3, rng)
@@ -190,7 +191,10 @@ def test_structure_preprocessing_stops_an_outlier_dimension_dominating_cka():
     assert np.allclose(np.linalg.norm(vision[0:n], axis=1), 1.0)
     t = outlier_threshold([x_outlier], STRUCTURE_QUANTILE, 64)
     assert t == pytest.approx(np.mean(np.quantile(np.abs(x_outlier), 0.95, axis=1)))
-    assert np.abs(vision[0:n] * np.linalg.norm(np.clip(x_outlier, -t, t), axis=1)[:, None]).max() <= t + 1e-9
+    assert (
+        np.abs(vision[0:n] * np.linalg.norm(np.clip(x_outlier, -t, t), axis=1)[:, None]).max()
+        <= t + 1e-9
+    )
     assert preprocess_layers([x], "none", 64)[0] is x
     with pytest.raises(ValueError, match="similarity.preprocess"):
         preprocess_layers([x], "clamp", 64)

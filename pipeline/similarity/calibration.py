@@ -89,9 +89,7 @@ def group_bootstrap(groups: np.ndarray, count: int, rng: np.random.Generator) ->
     return per_group[:, groups]
 
 
-def draw_replicates(
-    image_rows: np.ndarray, settings: CalibrationSettings, seed: int
-) -> Replicates:
+def draw_replicates(image_rows: np.ndarray, settings: CalibrationSettings, seed: int) -> Replicates:
     groups = image_groups(image_rows)
     rng = np.random.default_rng([seed, len(groups)])
     return Replicates(
@@ -122,8 +120,9 @@ class GramTerms:
 def gram_terms(gram: np.ndarray) -> GramTerms:
     diag = np.diag(gram).copy()
     rows = gram.sum(axis=1)
-    return GramTerms(gram, diag, float(np.vdot(gram, gram)), float(rows.sum() - diag.sum()),
-                     rows - diag)
+    return GramTerms(
+        gram, diag, float(np.vdot(gram, gram)), float(rows.sum() - diag.sum()), rows - diag
+    )
 
 
 def _song(tr: np.ndarray, sum_k, sum_l, rows_dot, n) -> np.ndarray:
@@ -166,52 +165,74 @@ def cka_replicates(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"linear_cka" | "unbiased_cka": (null (P, La, Lb), bootstrap (B, La, Lb))}``.
 
-    Text Grams are held (Lb n^2 float64); vision Grams are built one at a time.
+    The side with more layers has its Grams held (L n^2 float64); the other side's are built
+    one at a time and permuted (vision rows by pi = text rows by pi^-1), so each
+    permutation gathers min(La, Lb) Gram matrices.
     """
-    n = sample_count(vision, text)
+    sample_count(vision, text)
+    if len(text) > len(vision):
+        return _cka_replicates(text, vision, replicates, progress)
+    inverse = Replicates(np.argsort(replicates.permutations, axis=1), replicates.counts)
+    swapped = _cka_replicates(vision, text, inverse, progress)
+    return {name: (a.transpose(0, 2, 1), b.transpose(0, 2, 1)) for name, (a, b) in swapped.items()}
+
+
+def _cka_replicates(
+    held: Sequence[RowSource],
+    streamed: Sequence[RowSource],
+    replicates: Replicates,
+    progress: bool,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``cka_replicates`` with the rows of ``streamed`` permuted; arrays (R, streamed, held)."""
+    n = held[0].shape[0]
     perms, counts = replicates.permutations, replicates.counts
     m = counts.sum(axis=1)
-    la, lb = len(vision), len(text)
-    shape_p, shape_b = (len(perms), la, lb), (len(counts), la, lb)
+    shape_p, shape_b = (len(perms), len(streamed), len(held)), (len(counts), len(streamed), len(held))
     out = {name: (np.zeros(shape_p), np.zeros(shape_b)) for name in ("linear", "unbiased")}
-    texts = [gram_terms(centred_gram(layer)) for layer in text]
-    stacked = np.stack([t.gram.ravel() for t in texts])  # (Lb, n^2)
-    t_diag = np.stack([t.diag for t in texts])
-    t_rows = np.stack([t.off_rows for t in texts])
-    t_norm = np.array([t.self_norm for t in texts])
-    t_sum = np.array([t.off_sum for t in texts])
-    t_self_u = np.array([_self_unbiased(t, n) for t in texts])
-    t_counts = [t.gram @ counts.T for t in texts]
-    t_boot = [_weighted_hsic(t, t, c, c, counts, m) for t, c in zip(texts, t_counts, strict=True)]
-    for a, layer in enumerate(tqdm(vision, desc="null + bootstrap", disable=not progress, leave=False)):
+    grams = [gram_terms(centred_gram(layer)) for layer in held]
+    stacked = np.stack([g.gram.ravel() for g in grams])  # (L, n^2)
+    h_diag = np.stack([g.diag for g in grams])
+    h_rows = np.stack([g.off_rows for g in grams])
+    h_norm = np.array([g.self_norm for g in grams])
+    h_sum = np.array([g.off_sum for g in grams])
+    h_self_u = np.array([_self_unbiased(g, n) for g in grams])
+    h_counts = [g.gram @ counts.T for g in grams]
+    h_boot = [_weighted_hsic(g, g, c, c, counts, m) for g, c in zip(grams, h_counts, strict=True)]
+    layers = tqdm(streamed, desc="null + bootstrap", disable=not progress, leave=False)
+    for a, layer in enumerate(layers):
         k = gram_terms(centred_gram(layer))
         k_self_u = _self_unbiased(k, n)
         for j, pi in enumerate(perms):
-            cross = stacked @ k.gram[np.ix_(pi, pi)].ravel()  # <K[pi,pi], L_b> for every b
-            out["linear"][0][j, a] = cka_ratio(cross, k.self_norm, t_norm)
-            tr = cross - t_diag @ k.diag[pi]
-            hsic = _song(tr, k.off_sum, t_sum, t_rows @ k.off_rows[pi], n)
-            out["unbiased"][0][j, a] = cka_ratio(hsic, k_self_u, t_self_u)
+            permuted = np.take(k.gram[pi], pi, axis=1)
+            cross = stacked @ permuted.ravel()  # <K[pi, pi], L> for every held L
+            out["linear"][0][j, a] = cka_ratio(cross, k.self_norm, h_norm)
+            tr = cross - h_diag @ k.diag[pi]
+            hsic = _song(tr, k.off_sum, h_sum, h_rows @ k.off_rows[pi], n)
+            out["unbiased"][0][j, a] = cka_ratio(hsic, k_self_u, h_self_u)
         if len(counts):
             kc = k.gram @ counts.T
             k_lin, k_unb = _weighted_hsic(k, k, kc, kc, counts, m)
-            for b, (t, tc) in enumerate(zip(texts, t_counts, strict=True)):
-                linear, unbiased = _weighted_hsic(k, t, kc, tc, counts, m)
-                out["linear"][1][:, a, b] = cka_ratio(linear, k_lin, t_boot[b][0])
-                out["unbiased"][1][:, a, b] = cka_ratio(unbiased, k_unb, t_boot[b][1])
+            for b, (g, gc) in enumerate(zip(grams, h_counts, strict=True)):
+                linear, unbiased = _weighted_hsic(k, g, kc, gc, counts, m)
+                out["linear"][1][:, a, b] = cka_ratio(linear, k_lin, h_boot[b][0])
+                out["unbiased"][1][:, a, b] = cka_ratio(unbiased, k_unb, h_boot[b][1])
     return {f"{name}_cka": value for name, value in out.items()}
 
 
 # ---- mutual kNN: relabelled neighbour sets and reweighted per-anchor overlaps ----
 
 
-def anchor_overlaps(vision_sets: Sequence[np.ndarray], text_sets: Sequence[np.ndarray]) -> np.ndarray:
+def anchor_overlaps(
+    vision_sets: Sequence[np.ndarray], text_sets: Sequence[np.ndarray]
+) -> np.ndarray:
     """(n, La, Lb): |N_a(i) ∩ N_b(i)| / k for every anchor i and layer pair."""
     n, k = vision_sets[0].shape
 
     def indicator(sets: np.ndarray) -> sparse.csr_array:
         data = np.ones(n * k)
-        return sparse.csr_array((data, np.sort(sets, axis=1).ravel(), np.arange(n + 1) * k), shape=(n, n))
+        return sparse.csr_array(
+            (data, np.sort(sets, axis=1).ravel(), np.arange(n + 1) * k), shape=(n, n)
+        )
 
     text_ind = [indicator(s) for s in text_sets]
     overlaps = np.empty((n, len(vision_sets), len(text_sets)))
@@ -297,7 +318,11 @@ def summarise(
         }
     if len(boot) >= 2:
         out["ci_low"], out["ci_high"] = np.quantile(boot, [tail, 1.0 - tail], axis=0)
-        stat_boot = boot if mean is None or settings.statistic == "raw" else standardise(boot, mean, std)
+        stat_boot = (
+            boot if mean is None or settings.statistic == "raw" else standardise(boot, mean, std)
+        )
         difference = stat_boot - stat_boot[:, -1:, -1:]
-        out["vs_last_low"], out["vs_last_high"] = np.quantile(difference, [tail, 1.0 - tail], axis=0)
+        out["vs_last_low"], out["vs_last_high"] = np.quantile(
+            difference, [tail, 1.0 - tail], axis=0
+        )
     return out

@@ -52,9 +52,7 @@ class ClampedRows:
         return l2_normalise(np.clip(values, -self.threshold, self.threshold))
 
 
-def preprocess_layers(
-    layers: Sequence[RowSource], method: str, chunk_rows: int
-) -> list[RowSource]:
+def preprocess_layers(layers: Sequence[RowSource], method: str, chunk_rows: int) -> list[RowSource]:
     """One encoder's layers under ``method`` (module docstring)."""
     if method == "none":
         return list(layers)
