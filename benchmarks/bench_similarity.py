@@ -338,8 +338,8 @@ def main() -> None:
     parser.add_argument("--stream-width", type=int, help="layer width (1024, quick 512)")
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--budget-gib", type=float, default=1.0)
-    parser.add_argument("--permutations", type=int, default=100, help="part 3's null size")
-    parser.add_argument("--bootstrap", type=int, default=100, help="part 3's resamples")
+    parser.add_argument("--permutations", type=int, default=20, help="part 3's null size")
+    parser.add_argument("--bootstrap", type=int, default=20, help="part 3's resamples")
     parser.add_argument("--calibration-n", type=int, default=1500, help="part 3's pool size")
     parser.add_argument("--repeats", type=int, default=1, help="part 3 keeps the best of these")
     parser.add_argument(

@@ -32,7 +32,8 @@ def layers(n: int, dims: list[int], seed: int, latent: np.ndarray | None = None,
 
 
 def bf_unbiased_resampled(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> float:
-    """Song's estimator on resampled pool-centred Grams, pairs of copies zeroed like the diagonal."""
+    """Song's estimator on resampled pool-centred Grams, copies of a sample zeroed like the
+    diagonal."""
     ties = rows[:, None] == rows[None, :]
     k, l = (metrics.linear_gram(metrics.centred(z))[np.ix_(rows, rows)] for z in (x, y))  # noqa: E741
     k[ties], l[ties] = 0.0, 0.0
@@ -196,12 +197,12 @@ def test_structure_preprocessing_stops_an_outlier_dimension_dominating_cka():
         <= t + 1e-9
     )
     assert preprocess_layers([x], "none", 64)[0] is x
-    with pytest.raises(ValueError, match="similarity.preprocess"):
+    with pytest.raises(ValueError, match=r"similarity\.preprocess"):
         preprocess_layers([x], "clamp", 64)
 
 
 def test_settings_reject_a_calibrated_selection_without_a_null():
-    with pytest.raises(ValueError, match="similarity.permutations"):
+    with pytest.raises(ValueError, match=r"similarity\.permutations"):
         CalibrationSettings(permutations=0, statistic="calibrated")
-    with pytest.raises(ValueError, match="similarity.selection"):
+    with pytest.raises(ValueError, match=r"similarity\.selection"):
         CalibrationSettings(statistic="best")

@@ -165,9 +165,9 @@ def cka_replicates(
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"linear_cka" | "unbiased_cka": (null (P, La, Lb), bootstrap (B, La, Lb))}``.
 
-    The side with more layers has its Grams held (L n^2 float64); the other side's are built
-    one at a time and permuted (vision rows by pi = text rows by pi^-1), so each
-    permutation gathers min(La, Lb) Gram matrices.
+    Every Gram is held, (La + 2 min(La, Lb)) n^2 float64 with the permuted copies: each
+    permutation gathers the Grams of the side with fewer layers (vision rows by pi = text
+    rows by pi^-1) and multiplies them with the other side's in one matrix product.
     """
     sample_count(vision, text)
     if len(text) > len(vision):
@@ -187,7 +187,10 @@ def _cka_replicates(
     n = held[0].shape[0]
     perms, counts = replicates.permutations, replicates.counts
     m = counts.sum(axis=1)
-    shape_p, shape_b = (len(perms), len(streamed), len(held)), (len(counts), len(streamed), len(held))
+    shape_p, shape_b = (
+        (len(perms), len(streamed), len(held)),
+        (len(counts), len(streamed), len(held)),
+    )
     out = {name: (np.zeros(shape_p), np.zeros(shape_b)) for name in ("linear", "unbiased")}
     grams = [gram_terms(centred_gram(layer)) for layer in held]
     stacked = np.stack([g.gram.ravel() for g in grams])  # (L, n^2)
@@ -198,24 +201,28 @@ def _cka_replicates(
     h_self_u = np.array([_self_unbiased(g, n) for g in grams])
     h_counts = [g.gram @ counts.T for g in grams]
     h_boot = [_weighted_hsic(g, g, c, c, counts, m) for g, c in zip(grams, h_counts, strict=True)]
-    layers = tqdm(streamed, desc="null + bootstrap", disable=not progress, leave=False)
-    for a, layer in enumerate(layers):
-        k = gram_terms(centred_gram(layer))
-        k_self_u = _self_unbiased(k, n)
-        for j, pi in enumerate(perms):
-            permuted = np.take(k.gram[pi], pi, axis=1)
-            cross = stacked @ permuted.ravel()  # <K[pi, pi], L> for every held L
-            out["linear"][0][j, a] = cka_ratio(cross, k.self_norm, h_norm)
-            tr = cross - h_diag @ k.diag[pi]
+    ks = [gram_terms(centred_gram(layer)) for layer in streamed]
+    k_self_u = np.array([_self_unbiased(k, n) for k in ks])
+    k_norm = np.array([k.self_norm for k in ks])[:, None]
+    permuted = np.empty((len(ks), n * n))
+    for j, pi in enumerate(tqdm(perms, desc="null", disable=not progress, leave=False)):
+        for a, k in enumerate(ks):
+            permuted[a] = np.take(k.gram[pi], pi, axis=1).ravel()
+        cross = permuted @ stacked.T  # (streamed, held): <K[pi, pi], L>, one matrix product
+        out["linear"][0][j] = cka_ratio(cross, k_norm, h_norm[None, :])
+        for a, k in enumerate(ks):
+            tr = cross[a] - h_diag @ k.diag[pi]
             hsic = _song(tr, k.off_sum, h_sum, h_rows @ k.off_rows[pi], n)
-            out["unbiased"][0][j, a] = cka_ratio(hsic, k_self_u, h_self_u)
-        if len(counts):
-            kc = k.gram @ counts.T
-            k_lin, k_unb = _weighted_hsic(k, k, kc, kc, counts, m)
-            for b, (g, gc) in enumerate(zip(grams, h_counts, strict=True)):
-                linear, unbiased = _weighted_hsic(k, g, kc, gc, counts, m)
-                out["linear"][1][:, a, b] = cka_ratio(linear, k_lin, h_boot[b][0])
-                out["unbiased"][1][:, a, b] = cka_ratio(unbiased, k_unb, h_boot[b][1])
+            out["unbiased"][0][j, a] = cka_ratio(hsic, k_self_u[a], h_self_u)
+    for a, k in enumerate(tqdm(ks, desc="bootstrap", disable=not progress or not len(counts))):
+        if not len(counts):
+            break
+        kc = k.gram @ counts.T
+        k_lin, k_unb = _weighted_hsic(k, k, kc, kc, counts, m)
+        for b, (g, gc) in enumerate(zip(grams, h_counts, strict=True)):
+            linear, unbiased = _weighted_hsic(k, g, kc, gc, counts, m)
+            out["linear"][1][:, a, b] = cka_ratio(linear, k_lin, h_boot[b][0])
+            out["unbiased"][1][:, a, b] = cka_ratio(unbiased, k_unb, h_boot[b][1])
     return {f"{name}_cka": value for name, value in out.items()}
 
 

@@ -42,6 +42,7 @@ from pipeline.store import open_store
 METRICS = ("linear_cka", "unbiased_cka", "minibatch_cka", "mutual_knn")
 DEFAULT_MINIBATCH_SIZE = 1000
 FULL = "full"
+NO_CALIBRATION = CalibrationSettings()
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,7 @@ def compute_similarity(
     progress: bool = True,
     pool_sizes: Sequence[int | str] = (FULL,),
     preprocess: str = "none",
-    calibration: CalibrationSettings = CalibrationSettings(),
+    calibration: CalibrationSettings = NO_CALIBRATION,
 ) -> pl.DataFrame:
     """Every requested metric for every (vision layer, text layer) pair on the given pairs.
 
@@ -177,9 +178,15 @@ def compute_similarity(
         preprocess=preprocess,
         calibration=calibration,
     )
-    sizes = pool_sizes_of(pool_sizes, len(pairs))
     stores = Path(vision_store), Path(text_store)
-    return pl.concat(_score_pool(*stores, pairs.take(np.arange(m)), **settings) for m in sizes)
+    tables = []
+    for m in pool_sizes_of(pool_sizes, len(pairs)):
+        # Sub-pools show how values and choices move with n; they carry the null only when
+        # the choice needs it (a calibrated selection), which keeps their cost small.
+        raw_only = m < len(pairs) and calibration.statistic == "raw"
+        sub = {**settings, "calibration": NO_CALIBRATION if raw_only else calibration}
+        tables.append(_score_pool(*stores, pairs.take(np.arange(m)), **sub))
+    return pl.concat(tables)
 
 
 def _score_pool(
