@@ -138,22 +138,24 @@ def _self_unbiased(t: GramTerms, n: int) -> float:
 def _weighted_hsic(k: GramTerms, l: GramTerms, kc, lc, counts, m) -> tuple[np.ndarray, ...]:  # noqa: E741
     """Biased and unbiased HSIC of every resample (``counts`` (B, n), sizes ``m``).
 
-    Linear (a V-statistic): the pool weighted by w = c/m, weight-centred. Unbiased: Song's
-    estimator on the resampled Grams with every pair of copies of one sample zeroed like the
-    diagonal (a copy is no independent draw), which the weighted sums below give exactly.
+    A copy of a sample is no independent draw, so the resampled Grams have the entries of
+    two copies of one sample zeroed: for the unbiased estimate (Song's) like the diagonal,
+    for the biased one (the plain centred ``tr(K H L H)``) off the diagonal only, each
+    sample keeping one diagonal term per copy. Otherwise duplicated rows, identical in both
+    modalities, would inflate the resampled scores. All from weighted sums of the pool.
     """
     ct = counts.T
-    klc = (k.gram * l.gram) @ ct  # (n, B)
-    cmc = np.einsum("ib,ib->b", ct, klc)
-    alpha, lam = kc / m, lc / m
-    beta, gamma = np.einsum("ib,ib->b", ct, alpha) / m, np.einsum("ib,ib->b", ct, lam) / m
-    linear = cmc / m**2 - 2.0 * np.einsum("ib,ib,ib->b", ct, alpha, lam) / m + beta * gamma
-    c2 = ct**2
-    tr = cmc - np.einsum("ib,i->b", c2, k.diag * l.diag)
-    sum_k = np.einsum("ib,ib->b", ct, kc) - c2.T @ k.diag
-    sum_l = np.einsum("ib,ib->b", ct, lc) - c2.T @ l.diag
-    k_rows, l_rows = kc - k.diag[:, None] * ct, lc - l.diag[:, None] * ct
-    unbiased = _song(tr, sum_k, sum_l, np.einsum("ib,ib,ib->b", ct, k_rows, l_rows), m)
+    cmc = np.einsum("ib,ib->b", ct, (k.gram * l.gram) @ ct)  # sum_uv c_u c_v K_uv L_uv
+    ckc, clc = np.einsum("ib,ib->b", ct, kc), np.einsum("ib,ib->b", ct, lc)
+    out = []
+    for zeroed in (ct - 1.0, ct):  # entries zeroed per row of a copy: biased, unbiased
+        tr = cmc - np.einsum("ib,ib,i->b", ct, zeroed, k.diag * l.diag)
+        sum_k = ckc - np.einsum("ib,ib,i->b", ct, zeroed, k.diag)
+        sum_l = clc - np.einsum("ib,ib,i->b", ct, zeroed, l.diag)
+        k_rows, l_rows = kc - zeroed * k.diag[:, None], lc - zeroed * l.diag[:, None]
+        out.append((tr, sum_k, sum_l, np.einsum("ib,ib,ib->b", ct, k_rows, l_rows)))
+    (tr, sum_k, sum_l, rows), unbiased = out[0], _song(*out[1], m)
+    linear = (tr - 2.0 / m * rows + sum_k * sum_l / m**2) / m**2
     return linear, unbiased
 
 
