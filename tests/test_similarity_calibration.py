@@ -216,3 +216,24 @@ def test_settings_reject_a_calibrated_selection_without_a_null():
         CalibrationSettings(permutations=0, statistic="calibrated")
     with pytest.raises(ValueError, match=r"similarity\.selection"):
         CalibrationSettings(statistic="best")
+
+
+def test_the_config_schema_knows_the_calibration_settings():
+    from pipeline.config import load_config, load_schema, validate_config
+    from pipeline.similarity.calibration import STATISTICS
+    from pipeline.similarity.preprocess import PREPROCESS
+
+    similarity = load_schema()["properties"]["similarity"]["properties"]
+    assert similarity["selection"]["enum"] == list(STATISTICS)
+    assert similarity["preprocess"]["enum"] == list(PREPROCESS)
+    default = load_config("config.yaml")
+    assert {key: default["similarity"][key] for key in ("selection", "preprocess")} == {
+        "selection": "raw",
+        "preprocess": "none",
+    }
+    config = {**default, "similarity": {**default["similarity"], "selection": "calibrated"}}
+    config["similarity"]["permutations"] = 0
+    with pytest.raises(Exception, match=r"similarity\.permutations"):
+        validate_config(config)
+    config["similarity"].update(permutations=5, pool_sizes=[250, "full"])
+    assert validate_config(config)["similarity"]["pool_sizes"] == [250, "full"]
