@@ -11,8 +11,9 @@ the maxima and differences taken over layer pairs are paired (docs/similarity.md
   pair i is drawn (pairs of one image share their count).
 
 Neither recomputes a feature. With ``K = Xc Xc^T`` the centred Gram of a layer (``L`` of the
-other side), permuting rows of X is ``K[pi][:, pi]``, so a permuted cross term is one
-gathered Gram and one product with every text Gram; a resample is a weighting of the pool,
+other side), permuting rows of X is ``K[pi][:, pi]``, so the permuted cross terms of all
+layer pairs are one gathered Gram per layer of one side and one matrix product with the
+other side's Grams; a resample is a weighting of the pool,
 so its HSIC terms are products of ``K``, ``K o L`` and the count vectors (all replicates in
 one matrix product). Mutual kNN keeps each layer's neighbour sets: a permutation relabels
 them (``pi^-1[N(pi_i)]``), and a resample reweights the per-anchor overlaps.

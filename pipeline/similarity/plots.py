@@ -76,18 +76,16 @@ def write_heatmap(
         figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
 
 
-def _error_bars(rows: pl.DataFrame) -> np.ndarray | None:
-    """(2, N) distances from each value to its bootstrap interval, or None without one."""
+def _error_bars(rows: pl.DataFrame) -> np.ndarray:
+    """(2, N) distances from each value to its bootstrap interval (0 where it has none)."""
     low, high, value = (rows[c].to_numpy() for c in ("ci_low", "ci_high", "value"))
-    if np.isnan(low).any() or np.isnan(high).any():
-        return None
-    return np.clip(np.stack([value - low, high - value]), 0.0, None)
+    return np.nan_to_num(np.clip(np.stack([value - low, high - value]), 0.0, None))
 
 
 def write_pool_size_plot(
     table: pl.DataFrame, path: str | os.PathLike[str], statistic: str = "raw"
 ) -> None:
-    """PNG with one panel per metric: against the pool size n, the score of the best layer
+    """PNG with one panel per metric: against the pool size n, the value of the best layer
     pair at each n (by ``statistic``, labelled v<vision>/t<text>) and of the last pair, with
     their bootstrap intervals where the table has them."""
     column = "value" if statistic == "raw" else "calibrated"
@@ -124,7 +122,10 @@ def write_pool_size_plot(
                 xytext=(3, 5),
                 fontsize=7,
             )
+        sizes = best["pool_size"].to_list()
         axes.set_xscale("log")
+        axes.set_xticks(sizes, [str(size) for size in sizes])
+        axes.minorticks_off()
         axes.set(xlabel="scoring pairs n", ylabel=metric, title=f"{metric} (best by {statistic})")
         axes.legend(fontsize=7)
     figure.suptitle(
