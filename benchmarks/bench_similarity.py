@@ -16,8 +16,16 @@
    cores): ``--stream-n 1024,8192`` shows the memory at full width on fewer rows, and
    ``--stream-n 10000,200000 --stream-width 128`` the memory over all 200,000 rows.
 
+3. The cost of calibration in one run: ``compute_similarity`` (what ``compare_layers`` runs)
+   on two feature stores shaped like the default config's (a pool of 1500 pairs, 12 vision
+   layers of width 96, 7 text layers of width 384, the default metrics), once as before
+   (the full pool, no null, no bootstrap), once with the permutation null and bootstrap,
+   and once with the default settings (null, bootstrap and the pool sizes 250, 1000, full).
+   Prints each time and its ratio to the first.
+
     python benchmarks/bench_similarity.py            # full size
     python benchmarks/bench_similarity.py --quick    # n = 1000; streams of 2,000 and 10,000 rows
+    python benchmarks/bench_similarity.py --parts calibration   # part 3 only
 """
 
 from __future__ import annotations
@@ -25,15 +33,21 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
+import tempfile
 import time
 import tracemalloc
 from concurrent.futures import ProcessPoolExecutor
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from pipeline.pairs import Pairs
+from pipeline.similarity.calibration import CalibrationSettings
+from pipeline.similarity.compute import FULL, compute_similarity
 from pipeline.similarity.matrix import centred_moments, linear_cka_matrix, unbiased_cka_matrix
+from pipeline.store import StoreWriter
 
 # ---- part 1: vectorised matrix against a per-pair loop over Gram matrices ----
 
@@ -235,6 +249,75 @@ def bench_stream(sizes: list[int], layers: int, width: int, chunk_rows: int, bud
     )
 
 
+# ---- part 3: the cost of the permutation null and the bootstrap ----
+
+
+def write_store(path: Path, layers: list[np.ndarray]) -> Path:
+    writer = StoreWriter.create_or_resume(
+        path,
+        fingerprint="bench",
+        sample_ids=[f"s{i}" for i in range(len(layers[0]))],
+        layer_names=[f"layer{i}" for i in range(len(layers))],
+        dims=[layer.shape[1] for layer in layers],
+        attrs={},
+    )
+    for block, start, stop in writer.pending_blocks():
+        writer.write_block(block, [layer[start:stop] for layer in layers])
+    writer.finalize()
+    return path
+
+
+def bench_calibration(n: int, permutations: int, bootstrap: int, repeats: int) -> None:
+    latent = np.random.default_rng(0).standard_normal((n, 16))
+    vision = layered_features(n, [96] * 12, seed=1, latent=latent)
+    text = layered_features(n, [384] * 7, seed=2, latent=latent)
+    order = np.random.default_rng(3).permutation(n)
+    pairs = Pairs(order, order)
+    metrics = ["linear_cka", "unbiased_cka", "mutual_knn"]
+    print(
+        f"\n[3] compute_similarity, n={n} pairs, 12 x 96 (vision) by 7 x 384 (text), {metrics},"
+        f" best of {repeats}"
+    )
+    runs = {
+        "as before (full pool, no calibration)": ((FULL,), CalibrationSettings()),
+        f"null ({permutations}) + bootstrap ({bootstrap}), full pool": (
+            (FULL,),
+            CalibrationSettings(permutations, bootstrap),
+        ),
+        f"defaults: null + bootstrap, pools 250, 1000, {FULL}": (
+            (250, 1000, FULL),
+            CalibrationSettings(permutations, bootstrap),
+        ),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        stores = (
+            write_store(Path(folder) / "v.zarr", vision),
+            write_store(Path(folder) / "t.zarr", text),
+        )
+        times = {}
+        for name, (sizes, settings) in runs.items():
+            best = np.inf
+            for _ in range(repeats):
+                start = time.perf_counter()
+                compute_similarity(
+                    *stores,
+                    pairs,
+                    metrics,
+                    "rice",
+                    "v",
+                    "t",
+                    0,
+                    progress=False,
+                    pool_sizes=sizes,
+                    calibration=settings,
+                )
+                best = min(best, time.perf_counter() - start)
+            times[name] = best
+    base = next(iter(times.values()))
+    for name, seconds in times.items():
+        print(f"  {name}: {seconds:.2f} s, {seconds / base:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
@@ -255,7 +338,13 @@ def main() -> None:
     parser.add_argument("--stream-width", type=int, help="layer width (1024, quick 512)")
     parser.add_argument("--chunk-rows", type=int, default=1024)
     parser.add_argument("--budget-gib", type=float, default=1.0)
-    parser.add_argument("--parts", default="stream,matrix", help="which parts, comma-separated")
+    parser.add_argument("--permutations", type=int, default=20, help="part 3's null size")
+    parser.add_argument("--bootstrap", type=int, default=20, help="part 3's resamples")
+    parser.add_argument("--calibration-n", type=int, default=1500, help="part 3's pool size")
+    parser.add_argument("--repeats", type=int, default=1, help="part 3 keeps the best of these")
+    parser.add_argument(
+        "--parts", default="stream,matrix,calibration", help="which parts, comma-separated"
+    )
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "stream" in parts:
@@ -270,6 +359,8 @@ def main() -> None:
     if "matrix" in parts:
         n = args.n or (1000 if args.quick else 5000)
         bench_matrix(n, args.baseline_pairs, args.explicit_h_pairs)
+    if "calibration" in parts:
+        bench_calibration(args.calibration_n, args.permutations, args.bootstrap, args.repeats)
 
 
 if __name__ == "__main__":

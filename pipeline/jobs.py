@@ -348,6 +348,7 @@ def compare_layers(config: dict[str, Any], vision: str, text: str) -> Job:
             "table": layout.similarity_table(vision, text),
             "layers": layout.layers_json(vision, text),
             "heatmaps": [layout.heatmap(vision, text, m) for m in similarity["metrics"]],
+            "by_pool_size": layout.pool_size_plot(vision, text),
         },
     )
 

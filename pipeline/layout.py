@@ -125,6 +125,11 @@ def heatmap(vision: str, text: str, metric: str) -> str:
     return f"{similarity_dir(vision, text)}/heatmaps/{metric}.png"
 
 
+def pool_size_plot(vision: str, text: str) -> str:
+    """Every similarity metric against the scoring pool size (``similarity.pool_sizes``)."""
+    return f"{similarity_dir(vision, text)}/by_pool_size.png"
+
+
 def sweep_table(vision: str, text: str) -> str:
     """The layer sweep's metric rows of one encoder pair (``pipeline.stages.sweep_layers``)."""
     return f"{similarity_dir(vision, text)}/sweep.parquet"

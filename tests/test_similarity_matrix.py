@@ -22,7 +22,9 @@ from pipeline.similarity import (
     similarity_table,
     write_layer_choice,
 )
-from pipeline.similarity.plots import score_grid, write_heatmap
+from pipeline.similarity.calibration import CalibrationSettings
+from pipeline.similarity.plots import score_grid, write_heatmap, write_pool_size_plot
+from pipeline.similarity.selection import CALIBRATION_KEYS
 from pipeline.store import IncompleteStoreError, StoreWriter, open_store
 
 # ---- brute force, written plainly from the formulas (docs/similarity.md) ----
@@ -419,3 +421,62 @@ def test_stage_errors_name_the_problem(planted_stores, tmp_path):
             n_samples=3,
             sample_seed=0,
         )
+
+
+def test_calibrated_pool_sizes_keep_the_raw_table_and_choice(planted_stores, tmp_path):
+    vision_store, text_store, pairs, _, _ = planted_stores
+    scoring = scoring_pairs(pairs, "pool", pool_size=120, seed=5)
+    args = (vision_store, text_store, scoring, list(METRICS), "rice", "vit", "minilm", 5)
+    plain = compute_similarity(*args, minibatch_size=50, progress=False)
+    settings = CalibrationSettings(permutations=30, bootstrap=30, level=0.9, statistic="calibrated")
+    table = compute_similarity(
+        *args,
+        minibatch_size=50,
+        progress=False,
+        pool_sizes=[30, 60, "full", 10_000],
+        calibration=settings,
+    )
+    assert table.columns[: len(plain.columns)] == plain.columns
+    assert table["pool_size"].unique(maintain_order=True).to_list() == [120, 60, 30]
+    full = table.filter(pl.col("pool_size") == 120)
+    assert full.select(plain.columns[:11]).equals(plain.select(plain.columns[:11]))
+    calibrated = full.filter(pl.col("metric") != "minibatch_cka")
+    for column in ("null_mean", "null_std", "calibrated", "p_value", "ci_low", "vs_last_low"):
+        assert calibrated[column].is_finite().all(), column
+    assert full.filter(pl.col("metric") == "minibatch_cka")["calibrated"].is_nan().all()
+    assert (calibrated["ci_low"] <= calibrated["value"] + 1e-12).all()
+    assert (calibrated["p_value_max"] >= calibrated["p_value"] - 1e-12).all()
+
+    raw_choice = select_layers(plain, "mutual_knn")
+    assert select_layers(table, "mutual_knn")["choices"]["best"] == {
+        **raw_choice["choices"]["best"],
+        **{
+            key: select_layers(table, "mutual_knn")["choices"]["best"][key]
+            for key in CALIBRATION_KEYS
+        },
+    }
+    choice = select_layers(table, "mutual_knn", statistic="calibrated")
+    best = choice["choices"]["best"]
+    assert (best["vision_layer"], best["text_layer"]) == (2, 1)
+    assert best["p_value_max"] == pytest.approx(1 / 31)
+    assert choice["best_vs_last"]["distinguishable"] is True
+    assert [entry["pool_size"] for entry in choice["by_pool_size"]] == [30, 60, 120]
+    write_layer_choice(tmp_path / "layers.json", choice)
+    assert json.loads((tmp_path / "layers.json").read_text()) == choice
+    write_pool_size_plot(table, tmp_path / "by_pool_size.png", "calibrated")
+    assert imread(tmp_path / "by_pool_size.png").ndim == 3
+    write_heatmap(table, "mutual_knn", tmp_path / "mutual_knn.png", choice)
+
+    repeats = compute_similarity(  # two captions per image: the null permutes image groups
+        vision_store,
+        text_store,
+        pairs,
+        ["linear_cka"],
+        "rice",
+        "vit",
+        "minilm",
+        0,
+        progress=False,
+        calibration=CalibrationSettings(permutations=10, bootstrap=5),
+    )
+    assert repeats["p_value"].is_finite().all() and repeats["ci_high"].is_finite().all()

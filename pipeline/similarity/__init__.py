@@ -1,8 +1,9 @@
 """Cross-modal similarity of every layer pair, and the layer choice it drives.
 
-The math lives in ``metrics`` (one pair) and ``matrix`` (all pairs), reading the stores and
-building the table in ``compute``, the scoring sample and the ``layers.json`` format in
-``selection``, the heatmaps in ``plots``, the stage in ``stage``.
+The math lives in ``metrics`` (one pair) and ``matrix`` (all pairs), the permutation null
+and bootstrap in ``calibration``, feature preprocessing in ``preprocess``, reading the stores
+and building the table in ``compute``, the scoring sample and the ``layers.json`` format in
+``selection``, the figures in ``plots``; the stage is ``pipeline.stages.compare_layers``.
 """
 
 from pipeline.similarity.compute import METRICS, StoreRows, compute_similarity, similarity_table

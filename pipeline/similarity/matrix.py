@@ -363,9 +363,16 @@ def mutual_knn_matrix(
     vision: Sequence[RowSource], text: Sequence[RowSource], k: int | str, progress: bool = True
 ) -> np.ndarray:
     """(La, Lb) mutual kNN: mean over samples of |N_a(i) ∩ N_b(i)| / k, for every pair."""
-    n = sample_count(vision, text)
-    k = resolve_k(k, n)
-    vision_sets = _neighbour_indicators(layer_neighbours(vision, k, "vision", progress))
-    text_sets = _neighbour_indicators(layer_neighbours(text, k, "text", progress))
-    shared = (vision_sets @ text_sets.T).toarray()
-    return shared / (n * k)
+    k = resolve_k(k, sample_count(vision, text))
+    return mutual_knn_of_sets(
+        layer_neighbours(vision, k, "vision", progress), layer_neighbours(text, k, "text", progress)
+    )
+
+
+def mutual_knn_of_sets(
+    vision_sets: Sequence[np.ndarray], text_sets: Sequence[np.ndarray]
+) -> np.ndarray:
+    """(La, Lb) mutual kNN from every layer's (n, k) neighbour sets."""
+    n, k = vision_sets[0].shape
+    shared = _neighbour_indicators(vision_sets) @ _neighbour_indicators(text_sets).T
+    return shared.toarray() / (n * k)

@@ -12,6 +12,7 @@ rule compare_layers:
             subcategory="{vision} x {text}",
             caption="../report/similarity.rst",
         ),
+        by_pool_size=layout.pool_size_plot("{vision}", "{text}"),
     params:
         spec=spec_of(jobs.compare_layers),
         inputs=lambda wildcards, input: cli_paths(input),
