@@ -257,6 +257,7 @@ SIMILARITY_COLUMNS = [
     "value",
     "n_samples",
     "sample_seed",
+    "pool_size",
 ]
 
 
@@ -266,10 +267,18 @@ def layer_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
     for v in (2, 5, 8):
         for t in (3, 6):
             cka = 0.1 * v + 0.01 * t
-            # the largest n_samples counts (mean over its seeds: cka + 0.01), n_samples=50 not
-            for n_samples, sample_seed, shift in [(500, 0, 0.0), (500, 1, 0.02), (50, 0, -1.0)]:
-                sim_rows.append(("vit", "minilm", v, t, "cka", cka + shift, n_samples, sample_seed))
-            sim_rows.append(("vit", "minilm", v, t, "mutual_knn", -cka, 500, 0))
+            # the full pool counts (mean over its seeds: cka + 0.01), not the pool of 50 nor
+            # the pool of 1000 whose minibatch score has the full pool's n_samples
+            for n_samples, sample_seed, pool, shift in [
+                (500, 0, 2000, 0.0),
+                (500, 1, 2000, 0.02),
+                (500, 0, 1000, 0.5),
+                (50, 0, 50, -1.0),
+            ]:
+                sim_rows.append(
+                    ("vit", "minilm", v, t, "cka", cka + shift, n_samples, sample_seed, pool)
+                )
+            sim_rows.append(("vit", "minilm", v, t, "mutual_knn", -cka, 500, 0, 2000))
             for seed in (1, 2):
                 key = run("linear", f"v{v}_t{t}", vision_layer=v, text_layer=t, seed=seed)
                 frames.append(cls_rows(key, cka**2 + 0.001 * seed))
@@ -320,9 +329,9 @@ def planted_sweep() -> tuple[pl.DataFrame, pl.DataFrame]:
     for v in (0, 3, 6):
         for t in (0, 2, 4):
             cka = 0.05 * v + 0.01 * t
-            sim_rows.append(("vit", "minilm", v, t, "cka", cka, 500, 0))
-            sim_rows.append(("vit", "minilm", v, t, "cka", 1.0 - cka, 50, 0))
-            sim_rows.append(("vit", "minilm", v, t, "mutual_knn", -(cka**3), 500, 0))
+            sim_rows.append(("vit", "minilm", v, t, "cka", cka, 500, 0, 500))
+            sim_rows.append(("vit", "minilm", v, t, "cka", 1.0 - cka, 50, 0, 50))
+            sim_rows.append(("vit", "minilm", v, t, "mutual_knn", -(cka**3), 500, 0, 500))
             key = run("ridge", "sweep", n_pairs=1000, seed=0, vision_layer=v, text_layer=t)
             frames.append(
                 metric_rows(key, "shapes", "classification", {"top1": 0.2 + cka, "top5": 0.9})

@@ -427,7 +427,8 @@ def layer_pair_similarity(
     similarity: pl.DataFrame, similarity_metric: str, vision: str, text: str
 ) -> pl.DataFrame:
     """``vision_layer, text_layer, similarity`` of one encoder pair and similarity metric: the
-    score at the table's largest ``n_samples``, averaged over its sample seeds."""
+    score on the full scoring pool (the largest ``pool_size``; minibatch CKA's ``n_samples`` is
+    its batch size, so two pools can share one), averaged over its sample seeds."""
     rows = similarity.filter(
         (pl.col("metric") == similarity_metric)
         & (pl.col("vision_encoder") == vision)
@@ -435,7 +436,7 @@ def layer_pair_similarity(
     )
     if rows.is_empty():
         raise ValueError(f"similarity table has no {similarity_metric!r} rows for {vision}+{text}")
-    largest = rows.filter(pl.col("n_samples") == pl.col("n_samples").max())
+    largest = rows.filter(pl.col("pool_size") == pl.col("pool_size").max())
     return largest.group_by(LAYER_PAIR).agg(similarity=pl.col("value").mean())
 
 
