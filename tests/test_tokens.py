@@ -184,7 +184,7 @@ def test_damaged_shards_are_named_on_read_and_rewritten_on_resume(tmp_path):
     core.marker_path(path).unlink()
     zarr.open_group(path, mode="r+").attrs["complete"] = False
     again = write_store(path, values)
-    assert again.pending_blocks() == [1]
+    assert again.missing_blocks() == [1]
     fill(again, values)
     again.finalize()
     assert TokenStore.open(path).integrity_problems() == []
@@ -198,12 +198,12 @@ def test_stale_stores_are_recomputed_or_refused_and_finished_ones_made_again(tmp
     writer.finalize()
     with pytest.raises(core.StaleStoreError, match="another configuration"):
         write_store(path, values, fingerprint="f2", on_stale="error")
-    assert write_store(path, values).pending_blocks() == list(range(writer.n_blocks))  # finished
+    assert write_store(path, values).missing_blocks() == list(range(writer.n_blocks))  # finished
     half = write_store(path, values)
     fill(half, values, stop=int(half.block_rows[2]))
-    assert write_store(path, values).pending_blocks() == list(range(2, writer.n_blocks))
-    assert len(write_store(path, values, fresh=True).pending_blocks()) == writer.n_blocks
-    assert len(write_store(path, values, fingerprint="f2").pending_blocks()) == writer.n_blocks
+    assert write_store(path, values).missing_blocks() == list(range(2, writer.n_blocks))
+    assert len(write_store(path, values, fresh=True).missing_blocks()) == writer.n_blocks
+    assert len(write_store(path, values, fingerprint="f2").missing_blocks()) == writer.n_blocks
 
 
 def test_a_layer_missing_from_a_token_set_is_an_error(tmp_path):
