@@ -179,9 +179,15 @@ class StoreReader:
     made on opening it complete (``open``) or for a reading job (``open_requested``)."""
 
     fmt: ClassVar[Format]
+    required: ClassVar[tuple[str, ...]]  # attributes the layout cannot be read without
+    ids: ClassVar[str]  # the array of sample ids
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    @property
+    def where(self) -> str:
+        return f"{self.fmt.kind} {self.path}"
 
     @cached_property
     def group(self) -> zarr.Group:
@@ -198,6 +204,47 @@ class StoreReader:
     @property
     def n_samples(self) -> int:
         return int(self.attrs["n_samples"])
+
+    def sample_ids(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def block_problems(self) -> list[StoreIntegrityError]:
+        """Every damaged block of the layout's arrays (missing, undecodable, not finite)."""
+        raise NotImplementedError
+
+    def problem(self, text: str, array: str | None = None) -> StoreIntegrityError:
+        return StoreIntegrityError(f"{self.where}: {text}", path=self.path, array=array)
+
+    def integrity_problems(self) -> list[StoreIntegrityError]:
+        """Everything wrong with the store's contents: attributes, flags, ids, every block."""
+        try:
+            attrs = self.attrs
+        except StoreIntegrityError as error:
+            return [error]
+        if missing := [k for k in ("fingerprint", *self.required) if k not in attrs]:
+            return [self.problem(f"attributes {missing} are missing")]
+        found = []
+        if (version := attrs.get("format_version")) != self.fmt.version:
+            found.append(
+                self.problem(
+                    f"format version {version} (this code writes {self.fmt.version}): extract "
+                    "it again"
+                )
+            )
+        try:
+            flags = self.group["block_complete"][:]
+            if not flags.all():
+                found.append(self.problem(f"{int((~flags).sum())} blocks are not written"))
+        except Exception as error:
+            found.append(self.problem(f"block_complete cannot be read ({error})", "block_complete"))
+        try:
+            if len(self.sample_ids()) != self.n_samples:
+                found.append(
+                    self.problem(f"{self.ids} does not hold {self.n_samples} ids", self.ids)
+                )
+        except StoreIntegrityError as error:
+            found.append(error)
+        return found + self.block_problems()
 
     @property
     def job_marker(self) -> Path:

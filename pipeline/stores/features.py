@@ -271,6 +271,8 @@ class FeatureStore(StoreReader):
     """Read access to a feature store; every read is verified (see ``CheckedLayer``)."""
 
     fmt = FEATURES
+    required = ("layer_names", "dims", "n_samples")
+    ids = "sample_id"
 
     @property
     def layer_names(self) -> list[str]:
@@ -330,49 +332,17 @@ class FeatureStore(StoreReader):
             ) from error
         return values
 
-    def integrity_problems(self) -> list[StoreIntegrityError]:
-        """Everything wrong with the store's contents: attributes, flags, ids, every chunk."""
-
-        def problem(text: str, array: str | None = None) -> StoreIntegrityError:
-            return StoreIntegrityError(
-                f"feature store {self.path}: {text}", path=self.path, array=array
-            )
-
-        try:
-            attrs = self.attrs
-        except StoreIntegrityError as error:
-            return [error]
-        missing = [k for k in ("fingerprint", "layer_names", "dims", "n_samples") if k not in attrs]
-        if missing:
-            return [problem(f"attributes {missing} are missing")]
+    def block_problems(self) -> list[StoreIntegrityError]:
         found = []
-        if attrs.get("format_version") != FEATURES.version:
-            found.append(
-                problem(
-                    f"format version {attrs.get('format_version')} (this code writes "
-                    f"{FEATURES.version}): its chunks carry no checksums, extract it again"
-                )
-            )
-        try:
-            flags = self.group["block_complete"][:]
-            if not flags.all():
-                found.append(problem(f"{int((~flags).sum())} blocks are not written"))
-        except Exception as error:
-            found.append(problem(f"block_complete cannot be read ({error})", "block_complete"))
-        try:
-            if len(self.sample_ids()) != self.n_samples:
-                found.append(problem(f"sample_id does not hold {self.n_samples} ids", "sample_id"))
-        except StoreIntegrityError as error:
-            found.append(error)
         for index in range(self.num_layers):
             try:
                 layer = self.layer(index)
             except Exception as error:
-                found.append(problem(f"layer {index} cannot be opened ({error})", str(index)))
+                found.append(self.problem(f"layer {index} cannot be opened ({error})", str(index)))
                 continue
             expected = (self.n_samples, self.dims[index])
             if layer.shape != expected:
-                found.append(problem(f"layer {index} has shape {layer.shape}, not {expected}"))
+                found.append(self.problem(f"layer {index} has shape {layer.shape}, not {expected}"))
                 continue
             found += layer.problems()
         return found

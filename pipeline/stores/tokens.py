@@ -333,6 +333,8 @@ class TokenStore(StoreReader):
     stays bounded whatever the store's size."""
 
     fmt = TOKENS
+    required = ("layer", "dim", "n_samples")
+    ids = "sample"
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path)
@@ -519,35 +521,14 @@ class TokenStore(StoreReader):
         tokens[_slots(np.arange(len(rows)) * longest, counts)] = flat
         return tokens.reshape(len(rows), longest, self.dim), mask
 
-    def integrity_problems(self) -> list[StoreIntegrityError]:
-        """Everything wrong with the store: attributes, flags, index arrays, every block."""
-
-        def problem(text: str) -> StoreIntegrityError:
-            return StoreIntegrityError(f"{self.where}: {text}", path=self.path)
-
-        try:
-            attrs = self.attrs
-        except StoreIntegrityError as error:
-            return [error]
-        missing = [k for k in ("fingerprint", "layer", "dim", "n_samples") if k not in attrs]
-        if missing:
-            return [problem(f"attributes {missing} are missing")]
-        found = []
-        if attrs.get("format_version") != TOKENS.version:
-            found.append(problem(f"format version {attrs.get('format_version')}"))
+    def block_problems(self) -> list[StoreIntegrityError]:
         try:
             for name in ("token_start", "token_count", "block_rows"):
                 getattr(self, name)
-            if len(self.sample_ids()) != self.n_samples:
-                found.append(problem(f"sample does not hold {self.n_samples} ids"))
-            flags = self.group["block_complete"][:]
-            if not flags.all():
-                found.append(problem(f"{int((~flags).sum())} blocks are not written"))
         except StoreIntegrityError as error:
-            return [*found, error]
-        except Exception as error:
-            return [*found, problem(f"block_complete cannot be read ({error})")]
-        for block in range(len(self.block_rows) - 1):
+            return [error]
+        found = []
+        for block in range(self.n_blocks):
             try:
                 self.check_block(block)
             except StoreIntegrityError as error:
