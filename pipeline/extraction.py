@@ -98,8 +98,8 @@ def split_items(
 @dataclass
 class Source:
     """One encoder over one dataset split: what every store of an extraction job is made of.
-    ``runtime``: the job's runtime settings (``pipeline.jobs.EXTRACT_RUNTIME``) and
-    ``num_workers``."""
+    ``runtime``: the job's runtime settings (``pipeline.jobs.EXTRACT_RUNTIME``,
+    ``TOKEN_RUNTIME``) and ``num_workers``."""
 
     encoder_name: str
     encoder_spec: dict[str, Any]
@@ -345,7 +345,9 @@ class Features(Kind):
             return Path(layout.store_of_shard_marker(marker))
         return Path(layout.store_of_marker(marker))
 
-    def stores(self, source, target, layers):
+    def stores(
+        self, source: Source, target: Path, layers: Sequence[int] | None
+    ) -> dict[Path, tuple[str, Callable[..., BlockStoreWriter]]]:
         encoder, runtime = source.encoder, source.runtime
         key = source.fingerprint(self.fmt)
         open_writer = partial(
@@ -361,13 +363,13 @@ class Features(Kind):
         )
         return {target: (key, open_writer)}
 
-    def forward(self, encoder, batch):
+    def forward(self, encoder: Encoder, batch: dict[str, torch.Tensor]) -> list[Any]:
         return [[layer.float().cpu().numpy() for layer in encoder.pooled_layers(batch)]]
 
-    def row(self, output, b):
+    def row(self, output: Any, b: int) -> Any:
         return [layer[b] for layer in output]
 
-    def passes(self, writers, blocks):
+    def passes(self, writers: Sequence[BlockStoreWriter], blocks: Sequence[range]) -> list[Any]:
         """One pass per block: a batch never spans two blocks."""
         return [
             np.arange(rows.start, rows.stop)
@@ -375,13 +377,13 @@ class Features(Kind):
             for rows in map(writer.rows_of, writer.missing_blocks(own))
         ]
 
-    def summary(self, writer):
+    def summary(self, writer: BlockStoreWriter) -> dict[str, Any]:
         return {**super().summary(writer), "layers": len(writer.group.attrs["layer_names"])}
 
-    def shard_record(self, target, prints):
+    def shard_record(self, target: Path, prints: dict[Path, str]) -> dict[str, Any]:
         return {"fingerprint": prints[target]}
 
-    def shard_prints(self, target, record):
+    def shard_prints(self, target: Path, record: dict[str, Any]) -> dict[Path, str]:
         return {target: record["fingerprint"]}
 
 
@@ -401,7 +403,9 @@ class Tokens(Kind):
             return Path(layout.tokens_dir_of_shard_marker(marker))
         return Path(layout.tokens_dir_of_marker(marker))
 
-    def stores(self, source, target, layers):
+    def stores(
+        self, source: Source, target: Path, layers: Sequence[int] | None
+    ) -> dict[Path, tuple[str, Callable[..., BlockStoreWriter]]]:
         encoder, (sample_ids, load_item) = source.encoder, source.items
         for layer in layers:
             if not 0 <= layer < len(encoder.layer_names):
@@ -447,20 +451,20 @@ class Tokens(Kind):
         self.layers = list(layers)
         return stores
 
-    def forward(self, encoder, batch):
+    def forward(self, encoder: Encoder, batch: dict[str, torch.Tensor]) -> list[Any]:
         return [
             (values.float().cpu().numpy(), mask.cpu().numpy())
             for values, mask in encoder.token_layers(batch, self.layers)
         ]
 
-    def row(self, output, b):
+    def row(self, output: Any, b: int) -> Any:
         values, mask = output
         return values[b][mask[b]]
 
-    def shard_record(self, target, prints):
+    def shard_record(self, target: Path, prints: dict[Path, str]) -> dict[str, Any]:
         return {"layers": {str(self.layer_of(path)): fp for path, fp in prints.items()}}
 
-    def shard_prints(self, target, record):
+    def shard_prints(self, target: Path, record: dict[str, Any]) -> dict[Path, str]:
         layers = record["layers"].items()
         return {Path(layout.token_store(str(target), layer)): fp for layer, fp in layers}
 
