@@ -31,7 +31,7 @@ import yaml
 from PIL import Image
 
 from pipeline.encoders import build_encoder
-from pipeline.store import StoreWriter
+from pipeline.stores.features import FeatureWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 VIT_LARGE = {  # ViT-L/14 shape at 224 px (the CLIP vision tower), random weights
@@ -145,7 +145,7 @@ def time_extract(encoder, batches, device, autocast, out: Path) -> float:
     n = sum(len(next(iter(b.values()))) for b in batches)
     sync(device)
     start = time.perf_counter()
-    writer = StoreWriter.create_or_resume(
+    writer = FeatureWriter.create_or_resume(
         out,
         fingerprint="bench",
         sample_ids=[str(i) for i in range(n)],

@@ -47,7 +47,7 @@ from pipeline.pairs import Pairs
 from pipeline.similarity.calibration import CalibrationSettings
 from pipeline.similarity.compute import FULL, compute_similarity
 from pipeline.similarity.matrix import centred_moments, linear_cka_matrix, unbiased_cka_matrix
-from pipeline.store import StoreWriter
+from pipeline.stores.features import FeatureWriter
 
 # ---- part 1: vectorised matrix against a per-pair loop over Gram matrices ----
 
@@ -253,7 +253,7 @@ def bench_stream(sizes: list[int], layers: int, width: int, chunk_rows: int, bud
 
 
 def write_store(path: Path, layers: list[np.ndarray]) -> Path:
-    writer = StoreWriter.create_or_resume(
+    writer = FeatureWriter.create_or_resume(
         path,
         fingerprint="bench",
         sample_ids=[f"s{i}" for i in range(len(layers[0]))],

@@ -35,7 +35,8 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from pipeline import store
+from pipeline.stores import core
+from pipeline.stores.features import FeatureStore, FeatureWriter, rows_per_chunk
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {"vision 12 x 192": [192] * 12, "text 7 x 384": [384] * 7}
@@ -49,7 +50,7 @@ def features(n: int, dims: list[int], seed: int = 0) -> list[np.ndarray]:
 
 def write_checked(path: Path, values: list[np.ndarray]) -> None:
     n = len(values[0])
-    writer = store.StoreWriter.create_or_resume(
+    writer = FeatureWriter.create_or_resume(
         path,
         fingerprint="bench",
         sample_ids=[f"s{i}" for i in range(n)],
@@ -65,7 +66,7 @@ def write_checked(path: Path, values: list[np.ndarray]) -> None:
 def write_bare(path: Path, values: list[np.ndarray]) -> None:
     """The same layout and block-by-block writes, without checksums or checks."""
     n, dims = len(values[0]), [v.shape[1] for v in values]
-    rows = store.rows_per_chunk(n, dims)
+    rows = rows_per_chunk(n, dims)
     group = zarr.open_group(path, mode="w")
     dense = {"write_empty_chunks": True}
     layers = [
@@ -91,16 +92,16 @@ def write_bare(path: Path, values: list[np.ndarray]) -> None:
         for array, value in zip(layers, values, strict=True):
             array[start : start + rows] = value[start : start + rows]
         flags[block] = True
-    with warnings.catch_warnings():  # as in store.finalize
+    with warnings.catch_warnings():  # as in BlockStoreWriter.finalize
         warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
         zarr.consolidate_metadata(path)
-    store.marker_path(path).write_text("{}")
+    core.marker_path(path).write_text("{}")
 
 
 def reads(path: Path, checked: bool, rows: np.ndarray) -> dict[str, Callable[[], object]]:
     """The three read patterns, through the checked reader or bare Zarr."""
     if checked:
-        opened = store.open_store(path)
+        opened = FeatureStore.open(path)
         layer, count = opened.layer, opened.num_layers
 
         def pairs() -> None:
@@ -199,9 +200,7 @@ def main() -> None:
                 for kind, pattern_reads in patterns.items():
                     for pattern, read in pattern_reads.items():
                         times[kind].setdefault(pattern, []).append(timed(read))
-            verify = timed(
-                lambda: store.FeatureStore(Path(tmp) / "checked.zarr").integrity_problems()
-            )
+            verify = timed(lambda: FeatureStore(Path(tmp) / "checked.zarr").integrity_problems())
             times["checked"]["verify (every chunk)"] = [verify]
 
     extraction = extraction_seconds(args.config, args.n, args.forward_n) if args.forward_n else {}

@@ -20,7 +20,7 @@ ViT tokens need not compress like a pretrained ViT's.
 Time. Both loops run on the same pre-collated batches, as in bench_extract.py: the bare
 forward (``forward_features`` / the text model's forward) against token extraction of the
 chosen layers (the encoder's ``token_layers``, the copy to the host, and the stores' block
-writes, ``extract_tokens.write_batch``). Repeats alternate and medians are compared.
+writes, ``extraction.Tokens``). Repeats alternate and medians are compared.
 Goal (issue 10): ratio <= 1.10.
 """
 
@@ -39,9 +39,10 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline import layout, tokens
+from pipeline import layout
 from pipeline.encoders import build_encoder
-from pipeline.extract_tokens import extract_tokens, write_batch
+from pipeline.extraction import Source, Tokens, extract
+from pipeline.stores.tokens import TokenStore, TokenWriter, plan_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -51,13 +52,21 @@ COCO_IMAGES, COCO_CAPTIONS = 82_783, 414_113
 VIT_L_TOKENS, WIDTH = 257, 1024
 GB = 1e9
 
+CPU_RUNTIME = {
+    "device": "cpu",
+    "precision": "float32",
+    "batch_size": 128,
+    "on_stale": "recompute",
+    "num_workers": 0,
+}
+
 
 def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def store_bytes(path: Path) -> dict[str, float]:
-    store = tokens.open_token_store(path)
+    store = TokenStore.open(path)
     itemsize = np.dtype(store.attrs["dtype"]).itemsize
     counts = store.token_count
     return {
@@ -88,16 +97,10 @@ def default_stores(config: dict, results: Path) -> dict[str, list[Path]]:
         name = pair[side]
         encoder = build_encoder(name, config["encoders"][name])
         last = len(encoder.layer_names) - 1
-        paths = extract_tokens(
-            encoder_name=name,
-            encoder_spec=config["encoders"][name],
-            dataset_dir=dataset,
-            split=train["split"],
-            layers=[last],
-            out_dir=tmp / name,
-            runtime={"device": "cpu", "batch_size": 128},
+        source = Source(name, config["encoders"][name], dataset, train["split"], CPU_RUNTIME)
+        found[side] = extract(
+            Tokens({"dtype": "float16", "shard_mb": 64}), source, tmp / name, [last]
         )
-        found[side] = list(paths.values())
     return found
 
 
@@ -220,12 +223,12 @@ def bench_time(encoder, spec, layers, args, device) -> None:
     def extract(out: Path) -> float:
         sync(device)
         start = time.perf_counter()
-        writers = {}
+        writers = []
         for layer in layers:
-            plan = tokens.plan_blocks(
+            plan = plan_blocks(
                 counts, encoder.dims[layer], 2, 64 << 20, encoder.tokens_per_sample is not None
             )
-            writers[layer] = tokens.TokenStoreWriter.create_or_resume(
+            writer = TokenWriter.create_or_resume(
                 out / f"layer_{layer}.zarr",
                 fingerprint="bench",
                 sample_ids=[str(i) for i in range(args.n)],
@@ -234,15 +237,18 @@ def bench_time(encoder, spec, layers, args, device) -> None:
                 dtype="float16",
                 attrs={"encoder": {"name": encoder.name}, "layer": layer},
             )
-        needs = {layer: set(range(args.n)) for layer in layers}
+            writers.append(writer)
+        kind = Tokens({"dtype": "float16", "shard_mb": 64})
+        kind.layers = layers
         row = 0
         with torch.inference_mode(), autocast():
             for batch in batches:
                 n = len(next(iter(batch.values())))
-                outputs = dict(zip(layers, encoder.token_layers(batch, layers), strict=True))
-                write_batch(writers, needs, outputs, list(range(row, row + n)))
+                for writer, output in zip(writers, kind.forward(encoder, batch), strict=True):
+                    for b in range(n):
+                        writer.add(row + b, kind.row(output, b))
                 row += n
-        for writer in writers.values():
+        for writer in writers:
             writer.finalize()
         return time.perf_counter() - start
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipeline import layout
 from pipeline.align.kinds import uses_tokens
+from pipeline.stores import keys
 
 PROMPTS_SPLIT = "prompts"  # the text-only pseudo-split of a dataset's zero-shot prompts
 # Runtime settings an extraction job is told; ``num_workers`` is not one: it only sets how
@@ -41,25 +41,6 @@ class Job:
 
     def output(self, name: str) -> str:
         return _single(self.outputs, name, "output")
-
-    def feature_store(self, role: str, dataset_role: str):
-        """Open input store ``role``, checked to hold what this job's config asks for
-        (``spec["stores"][role]``) of the prepared dataset at input ``dataset_role``."""
-        from pipeline.data import read_manifest
-        from pipeline.store import open_requested
-
-        manifest = read_manifest(Path(layout.dataset_of_manifest(self.input(dataset_role))))
-        path = layout.store_of_marker(self.input(role))
-        return open_requested(path, self.spec["stores"][role], manifest["content_hash"])
-
-    def token_set(self, role: str, dataset_role: str):
-        """The token set at input ``role`` (a ``tokens_marker``), its stores checked to hold what
-        this job's config asks for (``spec["tokens"][role]``) of the dataset at ``dataset_role``."""
-        from pipeline.data import read_manifest
-        from pipeline.tokens import TokenSet
-
-        manifest = read_manifest(Path(layout.dataset_of_manifest(self.input(dataset_role))))
-        return TokenSet(self.input(role), self.spec["tokens"][role], manifest["content_hash"])
 
     def input_list(self, name: str) -> list[str]:
         return _many(self.inputs, name, "input")
@@ -94,19 +75,17 @@ def grid_spec(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
-    """The ``request`` a reading job expects of a feature store (``store.request_hash``)."""
-    from pipeline.store import request_hash
-
+    """The ``request`` a reading job expects of a feature store (``keys.request_hash``)."""
     precision = config["runtime"]["precision"]
-    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision)
+    spec = encoder_spec(config, encoder)
+    return keys.request_hash(keys.FEATURES, encoder, spec, dataset, split, precision)
 
 
 def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
-    """The ``request`` a reading job expects of a token set's stores (``tokens.request_hash``)."""
-    from pipeline.tokens import request_hash
-
+    """The ``request`` a reading job expects of a token set's stores (``keys.request_hash``)."""
     precision, dtype = config["runtime"]["precision"], config["tokens"]["dtype"]
-    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision, dtype)
+    spec = encoder_spec(config, encoder)
+    return keys.request_hash(keys.TOKENS, encoder, spec, dataset, split, precision, dtype=dtype)
 
 
 def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:

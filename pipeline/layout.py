@@ -8,7 +8,12 @@ the paths they read and write from the rules, so no file name is spelled twice.
 from __future__ import annotations
 
 RESULTS = "results"
-MARKER_SUFFIX = ".done"  # a feature store's completion marker sits beside it (pipeline/store.py)
+STORE_SUFFIX = ".zarr"  # a feature or token store: one Zarr group
+RUNS_JSON = "runs.json"  # an align job's declared output, beside its runs
+MARKER_SUFFIX = ".done"  # a store's completion marker sits beside it (pipeline/stores/core.py)
+LOCK_SUFFIX = ".lock"  # shard jobs of one store take turns on it
+RUN_MARK = ".in_progress"  # a job's folder while the job works (token sets, aligner runs)
+SHARD_RUN_SUFFIX = ".running"  # beside a shard job's marker while the shard works
 
 METRICS_TABLE = f"{RESULTS}/tables/metrics.parquet"
 SUMMARY_TABLE = f"{RESULTS}/tables/summary.parquet"
@@ -43,13 +48,33 @@ def pretrain_record(encoder: str) -> str:
     return f"{RESULTS}/pretrained/{encoder}.json"
 
 
+def store_marker(store: str) -> str:
+    """The completion marker beside a feature store or token store (written last)."""
+    return f"{store}{MARKER_SUFFIX}"
+
+
+def store_lock(store: str) -> str:
+    """The lock file the shard jobs of one store take turns on."""
+    return f"{store}{LOCK_SUFFIX}"
+
+
+def run_mark(folder: str) -> str:
+    """The mark of a job working in ``folder`` (a token set's, an align job's)."""
+    return f"{folder}/{RUN_MARK}"
+
+
+def shard_run_mark(shard_marker: str) -> str:
+    """The mark of a shard job working towards ``shard_marker``."""
+    return shard_marker.removesuffix(MARKER_SUFFIX) + SHARD_RUN_SUFFIX
+
+
 def feature_store(dataset: str, split: str, encoder: str) -> str:
-    return f"{RESULTS}/features/{dataset}/{split}/{encoder}.zarr"
+    return f"{RESULTS}/features/{dataset}/{split}/{encoder}{STORE_SUFFIX}"
 
 
 def feature_marker(dataset: str, split: str, encoder: str) -> str:
-    """The store's completion marker: what Snakemake tracks (pipeline/store.py says why)."""
-    return feature_store(dataset, split, encoder) + MARKER_SUFFIX
+    """The store's completion marker: what Snakemake tracks (pipeline/stores/core.py says why)."""
+    return store_marker(feature_store(dataset, split, encoder))
 
 
 def store_of_marker(marker: str) -> str:
@@ -65,6 +90,11 @@ def feature_shard_marker(dataset: str, split: str, encoder: str, shard: str) -> 
     return f"{feature_store(dataset, split, encoder)}.shard-{shard}{MARKER_SUFFIX}"
 
 
+def is_shard_marker(marker: str) -> bool:
+    """Whether ``marker`` is a shard job's marker (of a feature store or a token set)."""
+    return ".shard-" in marker.rpartition("/")[2]
+
+
 def store_of_shard_marker(marker: str) -> str:
     """The feature store a shard marker belongs to."""
     store, sep, shard = marker.rpartition(".shard-")
@@ -75,7 +105,7 @@ def store_of_shard_marker(marker: str) -> str:
 
 def tokens_dir(dataset: str, split: str, encoder: str) -> str:
     """The token set of one (dataset, split, encoder): one token store per chosen layer
-    (``pipeline.tokens``), written by one ``extract_tokens`` job."""
+    (``pipeline.stores.tokens``), written by one ``extract_tokens`` job."""
     return f"{RESULTS}/tokens/{dataset}/{split}/{encoder}"
 
 
@@ -106,7 +136,10 @@ def tokens_dir_of_shard_marker(marker: str) -> str:
 
 def token_store(tokens_directory: str, layer: int) -> str:
     """The token store of one layer inside a token set's folder."""
-    return f"{tokens_directory}/layer_{int(layer)}.zarr"
+    return f"{tokens_directory}/layer_{int(layer)}{STORE_SUFFIX}"
+
+
+TOKEN_STORE_FILES = "layer_*.zarr*"  # glob of a token set's stores, markers and locks
 
 
 def similarity_dir(vision: str, text: str) -> str:
@@ -142,7 +175,7 @@ def aligner_dir(vision: str, text: str, method: str, choice: str) -> str:
 
 def aligner_runs(vision: str, text: str, method: str, choice: str) -> str:
     """The align job's declared output, written after all its runs."""
-    return f"{aligner_dir(vision, text, method, choice)}/runs.json"
+    return f"{aligner_dir(vision, text, method, choice)}/{RUNS_JSON}"
 
 
 def evaluation(vision: str, text: str, method: str, choice: str) -> str:

@@ -2,18 +2,17 @@
 
 ``verify_results(results_dir)`` returns one ``Problem`` per thing found wrong, each with what
 is wrong, where, and a shell command (run from the workflow root) that repairs it;
-``print_report`` prints them and returns the exit code. Feature stores are checked by the
-store format's own reader (``FeatureStore.integrity_problems``): marker present and agreeing
-with the store, attributes, block flags, sample ids, and every chunk of every layer present,
-matching its checksum and finite. Aligner runs: ``done.json`` present with a fingerprint,
-``params.json`` consistent with it and with the run's folder name, the weights loadable into
-the aligner, the curve readable, and the features it was fitted on still the ones in
-``results/features``.
+``print_report`` prints them and returns the exit code. Feature stores and token stores are
+checked alike (``check_store``), each by its layout's own reader (``integrity_problems``):
+marker present and agreeing with the store, attributes, block flags, sample ids, and every
+chunk present, matching its checksum and finite. Aligner runs: ``done.json`` present with a
+fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
+loadable into the aligner, the curve readable, and the features it was fitted on still the
+ones in ``results/features``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -23,12 +22,14 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline import store, tokens
+from pipeline import layout
 from pipeline.align import artifacts
 from pipeline.pairs import is_run_name, run_name
+from pipeline.stores.core import StoreIntegrityError, StoreReader, marked_fingerprint, marker_path
+from pipeline.stores.features import FeatureStore
+from pipeline.stores.tokens import TokenStore
 
 SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
-RUNS_JSON = "runs.json"  # the align job's declared output, beside its runs
 
 
 @dataclass(frozen=True)
@@ -41,30 +42,20 @@ class Problem:
 
 
 def verify_results(results_dir: Path) -> list[Problem]:
-    """Every problem of the feature stores and aligner runs under ``results_dir``."""
+    """Every problem of the feature stores, token stores and aligner runs under ``results_dir``."""
     results_dir = Path(results_dir)
     problems: list[Problem] = []
-    fingerprints: set[str] = set()
-    for path in feature_stores(results_dir):
-        found, fingerprint = check_store(path, results_dir)
-        problems += found
-        if fingerprint:
-            fingerprints.add(fingerprint)
-    token_prints: set[str] = set()
-    for path in token_stores(results_dir):
-        found, fingerprint = check_token_store(path, results_dir)
-        problems += found
-        if fingerprint:
-            token_prints.add(fingerprint)
-    features_exist = (results_dir / "features").is_dir()
-    tokens_exist = (results_dir / "tokens").is_dir()
+    known: dict[str, set[str] | None] = {}
+    for reader, folder in ((FeatureStore, "features"), (TokenStore, "tokens")):
+        fingerprints: set[str] = set()
+        for path in zarr_stores(results_dir / folder):
+            found, fingerprint = check_store(reader(path), results_dir)
+            problems += found
+            if fingerprint:
+                fingerprints.add(fingerprint)
+        known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
-        problems += check_run(
-            run_dir,
-            results_dir,
-            fingerprints if features_exist else None,
-            token_prints if tokens_exist else None,
-        )
+        problems += check_run(run_dir, results_dir, known["features"], known["tokens"])
     return problems
 
 
@@ -89,51 +80,17 @@ def print_report(problems: list[Problem], file: TextIO | None = None) -> int:
 def zarr_stores(folder: Path) -> list[Path]:
     """Every ``*.zarr`` store under ``folder``, and the stores of orphan ``*.zarr.done``
     markers (the chunks inside a store are not walked)."""
+    marker = layout.store_marker(layout.STORE_SUFFIX)
     found: set[Path] = set()
     for root, dirs, files in os.walk(folder):
         for name in list(dirs):
-            if name.endswith(".zarr"):
+            if name.endswith(layout.STORE_SUFFIX):
                 found.add(Path(root) / name)
                 dirs.remove(name)
-        found.update(Path(root) / f[: -len(".done")] for f in files if f.endswith(".zarr.done"))
-    return sorted(found)
-
-
-def feature_stores(results_dir: Path) -> list[Path]:
-    return zarr_stores(results_dir / "features")
-
-
-def token_stores(results_dir: Path) -> list[Path]:
-    """Every ``layer_<i>.zarr`` token store under ``results/tokens`` (and orphan markers')."""
-    return zarr_stores(results_dir / "tokens")
-
-
-def check_token_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | None]:
-    """Problems of one token store, and its fingerprint when it has one. The repair reruns the
-    token set's extract_tokens job (it keeps no finished layer: a forced job starts over)."""
-    set_marker = path.parent.with_name(path.parent.name + ".done")
-    force = f"{SNAKEMAKE} --force {target(set_marker, results_dir)}"
-    where = str(path)
-    if not path.is_dir():
-        return [Problem("completion marker without its token store", where, force)], None
-    reader = tokens.TokenStore(path, check_complete=False)
-    try:
-        fingerprint = reader.attrs.get("fingerprint")
-    except store.StoreIntegrityError as error:
-        return [Problem(str(error), where, force)], None
-    marker = store.marker_path(path)
-    if not marker.is_file():
-        what = (
-            "no completion marker though the store was finished"
-            if reader.attrs.get("complete")
-            else f"extraction unfinished (no {marker.name}): a killed run, it resumes"
+        found.update(
+            Path(root) / f.removesuffix(layout.MARKER_SUFFIX) for f in files if f.endswith(marker)
         )
-        return [Problem(what, where, force)], fingerprint
-    try:
-        tokens.open_token_store(path)
-    except (store.StoreIntegrityError, store.IncompleteStoreError) as error:
-        return [Problem(str(error), where, force)], fingerprint
-    return [Problem(str(e), where, force) for e in reader.integrity_problems()], fingerprint
+    return sorted(found)
 
 
 def aligner_runs(results_dir: Path) -> list[Path]:
@@ -152,32 +109,33 @@ def target(path: Path, results_dir: Path) -> str:
     return (Path("results") / Path(path).relative_to(results_dir)).as_posix()
 
 
-def check_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | None]:
-    """Problems of one feature store, and its fingerprint when it has one."""
-    marker = store.marker_path(path)
-    where = str(path)
-    force = f"{SNAKEMAKE} --force {target(marker, results_dir)}"
+def check_store(reader: StoreReader, results_dir: Path) -> tuple[list[Problem], str | None]:
+    """Problems of one store (feature or token store), and its fingerprint when it has one. The
+    repair reruns the job that makes it (``reader.job_marker``)."""
+    path, kind = reader.path, reader.fmt.kind
+    marker, where = marker_path(path), str(path)
+    job = target(reader.job_marker, results_dir)
+    force = f"{SNAKEMAKE} --force {job}"
     if not path.is_dir():
-        return [Problem(f"completion marker {marker.name} without its store", where, force)], None
-    reader = store.FeatureStore(path)
+        return [Problem(f"completion marker {marker.name} without its {kind}", where, force)], None
     try:
         fingerprint = reader.attrs.get("fingerprint")
-    except store.StoreIntegrityError as error:
+    except StoreIntegrityError as error:
         return [Problem(str(error), where, force)], None
     problems = []
+    complete = reader.attrs.get("complete")
     if not marker.is_file():
-        complete = reader.attrs.get("complete")
         what = (
             f"no completion marker {marker.name} though the store was finished"
             if complete
             else f"extraction unfinished (no {marker.name}): a killed run, it resumes"
         )
-        run = f"{SNAKEMAKE} {target(marker, results_dir)}"
-        problems.append(Problem(what, where, force if complete else run))
+        resumes = not complete and not reader.job_marker.exists()  # its job runs again
+        problems.append(Problem(what, where, f"{SNAKEMAKE} {job}" if resumes else force))
     else:
         try:
-            marked = json.loads(marker.read_text()).get("fingerprint")
-        except (OSError, ValueError, AttributeError) as error:
+            marked = marked_fingerprint(path)
+        except StoreIntegrityError as error:
             marked = f"unreadable ({error})"
         if marked != fingerprint:
             problems.append(
@@ -190,7 +148,7 @@ def check_store(path: Path, results_dir: Path) -> tuple[list[Problem], str | Non
             )
     if not fingerprint:
         problems.append(Problem("no fingerprint attribute", where, force))
-    if marker.is_file() or reader.attrs.get("complete"):  # an unfinished store has gaps anyway
+    if marker.is_file() or complete:  # an unfinished store has gaps anyway
         problems += [Problem(str(error), where, force) for error in reader.integrity_problems()]
     return problems, fingerprint
 
@@ -204,7 +162,7 @@ def check_run(
     """Problems of one aligner run; ``fingerprints``: the feature stores' and
     ``token_fingerprints`` the token stores' (None: not checked)."""
     where = str(run_dir)
-    job = target(run_dir.parent / RUNS_JSON, results_dir)
+    job = target(run_dir.parent / layout.RUNS_JSON, results_dir)
     refit = f"{SNAKEMAKE} --force {job}"  # a forced align job refits every run
 
     def problem(what: str) -> list[Problem]:

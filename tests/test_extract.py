@@ -11,13 +11,15 @@ import pytest
 import torch
 import zarr
 
-from pipeline import extract as extract_module
-from pipeline import store
 from pipeline.data import load_prompts, load_split, prepare_dataset
 from pipeline.encoders import build_encoder
-from pipeline.extract import expected_fingerprint, extract, run_extract_shard
-from pipeline.extract import run_extract as run_extract_job
+from pipeline.extraction import Features, Source
+from pipeline.extraction import extract as extract_stores
 from pipeline.jobs import Job
+from pipeline.stages.extract_features import run as run_extract_job
+from pipeline.stages.extract_features_shard import run as run_extract_shard
+from pipeline.stores import core, keys
+from pipeline.stores.features import FeatureStore, FeatureWriter
 
 VIT = {
     "source": "timm",
@@ -28,7 +30,13 @@ VIT = {
     "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
 }
 ROWS_PER_BLOCK = 8
-RUNTIME = {"device": "cpu", "batch_size": 4, "chunk_mb": ROWS_PER_BLOCK * 32 * 4 / 2**20}
+RUNTIME = {
+    "device": "cpu",
+    "precision": "float32",
+    "batch_size": 4,
+    "chunk_mb": ROWS_PER_BLOCK * 32 * 4 / 2**20,
+    "on_stale": "recompute",
+}
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +53,13 @@ def dataset(tmp_path_factory):
     return out
 
 
+def extract(*, encoder_name, encoder_spec, dataset_dir, split, out, runtime, fresh=False):
+    """The feature store of one encoder over one split, as an extract_features job makes it."""
+    source = Source(encoder_name, encoder_spec, dataset_dir, split, {**runtime, "num_workers": 0})
+    [path] = extract_stores(Features(), source, out, fresh=fresh)
+    return path
+
+
 def run_extract(dataset, out, encoder=VIT, split="train", **runtime):
     return extract(
         encoder_name="vit",
@@ -58,7 +73,7 @@ def run_extract(dataset, out, encoder=VIT, split="train", **runtime):
 
 def test_store_rows_equal_the_encoders_pooled_layers(dataset, tmp_path):
     path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
-    features = store.open_store(path)
+    features = FeatureStore.open(path)
     data = load_split(dataset, "test")
     assert features.sample_ids().tolist() == data.images["image_id"].to_list()
     encoder = build_encoder("vit", VIT)
@@ -86,7 +101,7 @@ def test_prompts_pseudo_split_holds_every_prompt(dataset, tmp_path):
         out=tmp_path / "minilm.zarr",
         runtime=RUNTIME,
     )
-    features = store.open_store(path)
+    features = FeatureStore.open(path)
     assert features.sample_ids().tolist() == load_prompts(dataset)["prompt_id"].to_list()
     assert features.dims == [384] * 7
 
@@ -94,7 +109,7 @@ def test_prompts_pseudo_split_holds_every_prompt(dataset, tmp_path):
 def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(
     dataset, tmp_path, sigkill_once_written
 ):
-    reference = store.open_store(run_extract(dataset, tmp_path / "reference.zarr"))
+    reference = FeatureStore.open(run_extract(dataset, tmp_path / "reference.zarr"))
     killed = tmp_path / "killed.zarr"
     spec = {
         "encoder_name": "vit",
@@ -107,13 +122,13 @@ def test_sigkill_at_any_moment_then_resume_gives_the_uninterrupted_store(
         *("--in", f"dataset={dataset}/manifest.json", "--out", f"marker={killed}.done"),
     ]
     sigkill_once_written(command, killed, at_least=3)
-    assert not store.marker_path(killed).exists()
+    assert not core.marker_path(killed).exists()
     flags = zarr.open_group(killed, mode="r")["block_complete"][:]
     assert 3 <= flags.sum() < len(flags), "the kill must land mid-run"
     finished = chunk_stamps(killed, np.flatnonzero(flags))
 
     run_extract(dataset, killed)
-    resumed = store.open_store(killed, reference.fingerprint)
+    resumed = FeatureStore.open(killed, reference.fingerprint)
     for layer in range(reference.num_layers):
         np.testing.assert_array_equal(resumed.read(layer), reference.read(layer))
     assert chunk_stamps(killed, np.flatnonzero(flags)) == finished  # resumed, not recomputed
@@ -136,18 +151,18 @@ def chunk_stamps(path, blocks):
 def test_a_forced_rerun_recomputes_from_scratch_and_repairs_a_corrupt_chunk(dataset, tmp_path):
     """Snakemake deletes a forced job's marker first; the finished store is not trusted."""
     path = run_extract(dataset, tmp_path / "vit.zarr")
-    reference = [store.open_store(path).read(layer) for layer in range(3)]
+    reference = [FeatureStore.open(path).read(layer) for layer in range(3)]
     before = chunk_stamps(path, range(3))
     chunk = path / "layers" / "1" / "c" / "1" / "0"
     chunk.write_bytes(chunk.read_bytes()[:-9])
-    with pytest.raises(store.CorruptChunkError, match=r"layer 1 .*rows 8-15"):
-        store.open_store(path).read(1)
-    store.marker_path(path).unlink()
+    with pytest.raises(core.CorruptChunkError, match=r"layer 1 .*rows 8-15"):
+        FeatureStore.open(path).read(1)
+    core.marker_path(path).unlink()
 
     run_extract(dataset, path)
     after = chunk_stamps(path, range(3))
     assert all(after[key] != before[key] for key in before)  # every chunk written again
-    rerun = store.open_store(path)
+    rerun = FeatureStore.open(path)
     assert rerun.integrity_problems() == []
     for layer in range(3):
         np.testing.assert_array_equal(rerun.read(layer), reference[layer])
@@ -157,10 +172,10 @@ def test_fresh_recomputes_even_a_killed_runs_blocks(dataset, tmp_path):
     path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
     before = chunk_stamps(path, range(2))
     zarr.open_group(path, mode="r+").attrs["complete"] = False  # as if killed at the end
-    store.marker_path(path).unlink()
+    core.marker_path(path).unlink()
     run_extract(dataset, path, split="test")
     assert chunk_stamps(path, range(2)) == before  # killed: resumed
-    store.marker_path(path).unlink()
+    core.marker_path(path).unlink()
     zarr.open_group(path, mode="r+").attrs["complete"] = False
     extract(
         encoder_name="vit",
@@ -178,47 +193,51 @@ def test_fresh_recomputes_even_a_killed_runs_blocks(dataset, tmp_path):
 def test_nan_features_are_refused_naming_encoder_layer_and_sample_ids(
     dataset, tmp_path, monkeypatch
 ):
-    encode = extract_module._encode_rows
+    assemble = FeatureWriter.block_values
 
-    def with_nan(encoder, rows, *args):
-        pooled = encode(encoder, rows, *args)
-        if rows.start == 8:
+    def with_nan(writer, rows):
+        pooled = assemble(writer, rows)
+        if writer._block == 1:  # rows 8-15
             pooled[2][1, 5] = np.inf
         return pooled
 
-    monkeypatch.setattr(extract_module, "_encode_rows", with_nan)
+    monkeypatch.setattr(FeatureWriter, "block_values", with_nan)
     path = tmp_path / "vit.zarr"
-    with pytest.raises(store.NonFiniteValuesError) as error:
+    with pytest.raises(core.NonFiniteValuesError) as error:
         run_extract(dataset, path, split="test")
     image_id = load_split(dataset, "test").images["image_id"].to_list()[9]
     text = str(error.value)
     assert "encoder 'vit'" in text and "layer 2" in text and image_id in text
-    assert not store.marker_path(path).exists()
+    assert not core.marker_path(path).exists()
 
 
 def test_expected_fingerprint_is_the_one_extraction_records(dataset, tmp_path):
     path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
-    inputs = {"encoder_name": "vit", "dataset_dir": dataset, "split": "test", "runtime": RUNTIME}
-    expected = expected_fingerprint(encoder_spec=VIT, **inputs)
-    assert store.open_store(path, fingerprint=expected).fingerprint == expected
-    other = expected_fingerprint(encoder_spec={**VIT, "init_seed": 2}, **inputs)
-    with pytest.raises(store.StaleStoreError, match="stale"):
-        store.open_store(path, fingerprint=other)
-    assert expected_fingerprint(encoder_spec=VIT, **{**inputs, "split": "train"}) != expected
+
+    def expected_fingerprint(encoder_spec, split="test"):
+        source = Source("vit", encoder_spec, dataset, split, RUNTIME)
+        return source.fingerprint(keys.FEATURES)
+
+    expected = expected_fingerprint(VIT)
+    assert FeatureStore.open(path, fingerprint=expected).fingerprint == expected
+    other = expected_fingerprint({**VIT, "init_seed": 2})
+    with pytest.raises(core.StaleStoreError, match="stale"):
+        FeatureStore.open(path, fingerprint=other)
+    assert expected_fingerprint(VIT, split="train") != expected
 
 
 def test_a_store_from_another_config_is_recomputed_or_refused(dataset, tmp_path):
     path = run_extract(dataset, tmp_path / "vit.zarr", split="test")
-    old = store.open_store(path).fingerprint
+    old = FeatureStore.open(path).fingerprint
     other_seed = {**VIT, "init_seed": 2}
-    with pytest.raises(store.StaleStoreError, match="another configuration"):
+    with pytest.raises(core.StaleStoreError, match="another configuration"):
         run_extract(dataset, path, encoder=other_seed, split="test", on_stale="error")
     run_extract(dataset, path, encoder=other_seed, split="test")
-    second = store.open_store(path)
+    second = FeatureStore.open(path)
     assert second.fingerprint != old
     assert second.attrs["encoder"]["init_seed"] == 2
-    with pytest.raises(store.StaleStoreError):
-        store.open_store(path, old)
+    with pytest.raises(core.StaleStoreError):
+        FeatureStore.open(path, old)
 
 
 def shard_job(dataset, store_path, shard, shards, **runtime):
@@ -248,7 +267,7 @@ def finish_job(store_path, shards):
 
 def assert_same_store(path, reference_path):
     """Same values, ids, chunking and attributes (but the time of completion)."""
-    made, reference = store.open_store(path), store.open_store(reference_path)
+    made, reference = FeatureStore.open(path), FeatureStore.open(reference_path)
     assert made.sample_ids().tolist() == reference.sample_ids().tolist()
     for layer in range(reference.num_layers):
         assert made.layer(layer).chunks == reference.layer(layer).chunks
@@ -264,20 +283,20 @@ def test_three_shards_give_the_store_of_one(dataset, tmp_path):
     sharded = tmp_path / "three.zarr"
     for shard in (2, 3, 1):  # any shard may come first and create the store
         run_extract_shard(shard_job(dataset, sharded, shard, 3))
-        assert not store.marker_path(sharded).exists()
+        assert not core.marker_path(sharded).exists()
     run_extract_job(finish_job(sharded, 3))
     assert_same_store(sharded, reference)
-    assert json.loads(store.marker_path(sharded).read_text())["shards"] == 3
-    assert not store.lock_path(sharded).exists()
+    assert json.loads(core.marker_path(sharded).read_text())["shards"] == 3
+    assert not core.lock_path(sharded).exists()
 
 
 def test_shards_split_the_blocks_into_disjoint_runs():
     for n_blocks in (0, 1, 2, 7, 25):
         for shards in (1, 2, 3, 8):
-            runs = [store.shard_blocks(n_blocks, k, shards) for k in range(1, shards + 1)]
+            runs = [core.shard_blocks(n_blocks, k, shards) for k in range(1, shards + 1)]
             assert [b for run in runs for b in run] == list(range(n_blocks))
     with pytest.raises(ValueError, match="shard 4 of 3"):
-        store.shard_blocks(10, 4, 3)
+        core.shard_blocks(10, 4, 3)
 
 
 def test_a_killed_shard_resumes_alone(dataset, tmp_path, sigkill_once_written):
@@ -286,7 +305,7 @@ def test_a_killed_shard_resumes_alone(dataset, tmp_path, sigkill_once_written):
     for shard in (1, 3):
         run_extract_shard(shard_job(dataset, path, shard, 3))
     n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
-    own = store.shard_blocks(n_blocks, 2, 3)
+    own = core.shard_blocks(n_blocks, 2, 3)
     others = [b for b in range(n_blocks) if b not in own]
     before_others = chunk_stamps(path, others)
 
@@ -315,15 +334,15 @@ def test_finishing_names_a_shard_whose_blocks_are_missing_and_drops_its_marker(d
         run_extract_shard(shard_job(dataset, path, shard, 2))
     zarr.open_group(path, mode="r+")["block_complete"][-1] = False  # lost after shard 2 ran
     with pytest.raises(
-        store.IncompleteStoreError, match=r"shard-2-of-2\.done: blocks \[24\] missing"
+        core.IncompleteStoreError, match=r"shard-2-of-2\.done: blocks \[24\] missing"
     ):
         run_extract_job(finish_job(path, 2))
     assert not Path(f"{path}.shard-2-of-2.done").exists()  # Snakemake runs it again
     assert Path(f"{path}.shard-1-of-2.done").exists()
-    assert not store.marker_path(path).exists()
+    assert not core.marker_path(path).exists()
     run_extract_shard(shard_job(dataset, path, 2, 2))
     run_extract_job(finish_job(path, 2))
-    assert store.open_store(path).integrity_problems() == []
+    assert FeatureStore.open(path).integrity_problems() == []
 
 
 def test_a_rerun_shard_of_a_finished_store_recomputes_only_its_blocks(dataset, tmp_path):
@@ -332,12 +351,12 @@ def test_a_rerun_shard_of_a_finished_store_recomputes_only_its_blocks(dataset, t
         run_extract_shard(shard_job(dataset, path, shard, 2))
     run_extract_job(finish_job(path, 2))
     n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
-    first, second = store.shard_blocks(n_blocks, 1, 2), store.shard_blocks(n_blocks, 2, 2)
+    first, second = core.shard_blocks(n_blocks, 1, 2), core.shard_blocks(n_blocks, 2, 2)
     before = chunk_stamps(path, range(n_blocks))
     run_extract_shard(shard_job(dataset, path, 2, 2))  # forced: not killed, so redone
-    assert not store.marker_path(path).exists()  # the store is being changed
+    assert not core.marker_path(path).exists()  # the store is being changed
     after = chunk_stamps(path, range(n_blocks))
     assert all(after[k] == before[k] for k in before if k[1] in first)
     assert all(after[k] != before[k] for k in before if k[1] in second)
     run_extract_job(finish_job(path, 2))
-    assert store.open_store(path).integrity_problems() == []
+    assert FeatureStore.open(path).integrity_problems() == []

@@ -25,7 +25,8 @@ from pipeline.similarity import (
 from pipeline.similarity.calibration import CalibrationSettings
 from pipeline.similarity.plots import score_grid, write_heatmap, write_pool_size_plot
 from pipeline.similarity.selection import CALIBRATION_KEYS
-from pipeline.store import IncompleteStoreError, StoreWriter, open_store
+from pipeline.stores.core import IncompleteStoreError
+from pipeline.stores.features import FeatureStore, FeatureWriter
 
 # ---- brute force, written plainly from the formulas (docs/similarity.md) ----
 
@@ -88,7 +89,7 @@ def random_layers(n: int, dims: list[int], seed: int, shared: np.ndarray | None 
 def write_store(path, layers, chunk_rows: int = 16, layer_names=None):
     """A complete feature store written with the project's writer, ``chunk_rows`` per chunk."""
     dims = [values.shape[1] for values in layers]
-    writer = StoreWriter.create_or_resume(
+    writer = FeatureWriter.create_or_resume(
         path,
         fingerprint="test",
         sample_ids=[f"s{i}" for i in range(len(layers[0]))],
@@ -144,8 +145,8 @@ def test_streaming_from_a_zarr_store_equals_in_memory(tmp_path):
     n_store, dims_v, dims_t = 103, [5, 33], [8, 3, 20]
     vision = random_layers(n_store, dims_v, seed=4)
     text = random_layers(n_store, dims_t, seed=5)
-    vision_store = open_store(write_store(tmp_path / "v.zarr", vision))
-    text_store = open_store(write_store(tmp_path / "t.zarr", text))
+    vision_store = FeatureStore.open(write_store(tmp_path / "v.zarr", vision))
+    text_store = FeatureStore.open(write_store(tmp_path / "t.zarr", text))
     assert vision_store.layer(0).chunks == (16, 5)  # seven chunks, the last of 7 rows
     rows = np.random.default_rng(0).permutation(n_store)[:91]  # unsorted subset of rows
     streamed = matrix.centred_moments(

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline import store
+from pipeline.stores import core
+from pipeline.stores.features import FeatureStore, FeatureWriter, rows_per_chunk
 
 DIMS = [8, 12]
 
 
 def make_writer(path, n=50, fingerprint="f1", **kwargs):
-    return store.StoreWriter.create_or_resume(
+    return FeatureWriter.create_or_resume(
         path,
         fingerprint=fingerprint,
         sample_ids=[f"id-{i}" for i in range(n)],
@@ -43,7 +44,7 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path):
     write_all(writer, values)
     writer.finalize()
 
-    opened = store.open_store(path, "f1")
+    opened = FeatureStore.open(path, "f1")
     assert opened.num_layers == 2 and opened.dims == DIMS and opened.n_samples == 50
     np.testing.assert_array_equal(opened.read(1), values[1])
     rows = np.array([7, 3, 49, 3])
@@ -65,8 +66,8 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path):
 
 
 def test_chunks_hold_at_least_a_megabyte_by_default():
-    assert store.rows_per_chunk(100_000, [192, 384]) * 192 * 4 >= 2**20
-    assert store.rows_per_chunk(10, [192]) == 10
+    assert rows_per_chunk(100_000, [192, 384]) * 192 * 4 >= 2**20
+    assert rows_per_chunk(10, [192]) == 10
 
 
 def test_resume_writes_only_missing_blocks_and_gives_the_same_store(tmp_path):
@@ -79,10 +80,10 @@ def test_resume_writes_only_missing_blocks_and_gives_the_same_store(tmp_path):
     first = make_writer(path)
     block, start, stop = first.pending_blocks()[1]
     first.write_block(block, [v[start:stop] for v in values])
-    with pytest.raises(store.IncompleteStoreError):
+    with pytest.raises(core.IncompleteStoreError):
         first.finalize()
-    with pytest.raises(store.IncompleteStoreError, match="incomplete"):
-        store.open_store(path)
+    with pytest.raises(core.IncompleteStoreError, match="incomplete"):
+        FeatureStore.open(path)
 
     again = make_writer(path)  # same fingerprint: resume
     assert [b for b, _, _ in again.pending_blocks()] == [0, 2, 3]
@@ -90,7 +91,8 @@ def test_resume_writes_only_missing_blocks_and_gives_the_same_store(tmp_path):
     again.finalize()
     for layer in range(2):
         np.testing.assert_array_equal(
-            store.open_store(path).read(layer), store.open_store(tmp_path / "full.zarr").read(layer)
+            FeatureStore.open(path).read(layer),
+            FeatureStore.open(tmp_path / "full.zarr").read(layer),
         )
 
 
@@ -100,13 +102,13 @@ def test_stale_store_is_recomputed_or_refused_never_reused(tmp_path):
     write_all(writer, features(50))
     writer.finalize()
 
-    with pytest.raises(store.StaleStoreError, match="stale"):
-        store.open_store(path, "another")
-    with pytest.raises(store.StaleStoreError, match="another configuration"):
+    with pytest.raises(core.StaleStoreError, match="stale"):
+        FeatureStore.open(path, "another")
+    with pytest.raises(core.StaleStoreError, match="another configuration"):
         make_writer(path, fingerprint="f2", on_stale="error")
 
     fresh = make_writer(path, fingerprint="f2")
-    assert not store.marker_path(path).exists()  # reopening for writing withdraws the marker
+    assert not core.marker_path(path).exists()  # reopening for writing withdraws the marker
     assert len(fresh.pending_blocks()) == 4  # nothing of the old store survives
     assert np.isnan(fresh.layers[0][0, 0])
 
@@ -119,7 +121,7 @@ def test_a_finished_store_made_again_is_recomputed_from_scratch(tmp_path):
     first.finalize()
     chunk = path / "layers" / "0" / "c" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:20])  # damage that per-block flags cannot see
-    store.marker_path(path).unlink()
+    core.marker_path(path).unlink()
 
     again = make_writer(path)
     assert len(again.pending_blocks()) == 4  # nothing is trusted, nothing resumed
@@ -127,7 +129,7 @@ def test_a_finished_store_made_again_is_recomputed_from_scratch(tmp_path):
     values = features(50)
     write_all(again, values)
     again.finalize()
-    np.testing.assert_array_equal(store.open_store(path).read(0), values[0])
+    np.testing.assert_array_equal(FeatureStore.open(path).read(0), values[0])
 
 
 def test_fresh_discards_a_killed_runs_blocks(tmp_path):
@@ -151,7 +153,7 @@ def test_resume_rewrites_a_finished_block_that_no_longer_verifies(tmp_path):
     assert [b for b, _, _ in resumed.pending_blocks()] == [0, 2, 3]
     write_all(resumed, values)
     resumed.finalize()
-    np.testing.assert_array_equal(store.open_store(path).read(1), values[1])
+    np.testing.assert_array_equal(FeatureStore.open(path).read(1), values[1])
 
 
 def test_a_killed_store_whose_flags_do_not_read_starts_over(tmp_path):

@@ -9,16 +9,18 @@ import pytest
 import xarray as xr
 import zarr
 
-from pipeline import store, verify
+from pipeline import verify
 from pipeline.align.grid import fit_runs
 from pipeline.pairs import grid_runs
+from pipeline.stores import core
+from pipeline.stores.features import FeatureStore, FeatureWriter
 
 DIMS = [8, 12]
 N = 50  # four blocks of 16 rows: 0-15, 16-31, 32-47, 48-49
 
 
 def write_store(path, values=None, fingerprint="f1", finalize=True):
-    writer = store.StoreWriter.create_or_resume(
+    writer = FeatureWriter.create_or_resume(
         path,
         fingerprint=fingerprint,
         sample_ids=[f"id-{i}" for i in range(N)],
@@ -61,13 +63,13 @@ def test_codec_chain_ends_with_a_crc32c_of_the_stored_bytes(complete):
     path, _ = complete
     codecs = json.loads((path / "layers" / "0" / "zarr.json").read_text())["codecs"]
     assert [c["name"] for c in codecs] == ["bytes", "zstd", "crc32c"]
-    assert store.FeatureStore(path).integrity_problems() == []
+    assert FeatureStore(path).integrity_problems() == []
 
 
 def test_a_missing_chunk_is_an_error_naming_store_layer_and_rows_never_fill_values(complete):
     path, values = complete
     chunk(path, 0, 1).unlink()
-    opened = store.open_store(path, "f1")
+    opened = FeatureStore.open(path, "f1")
     for read in (
         lambda: opened.read(0),
         lambda: opened.read(0, np.array([40, 17])),
@@ -75,7 +77,7 @@ def test_a_missing_chunk_is_an_error_naming_store_layer_and_rows_never_fill_valu
         lambda: opened.layer(0).oindex[np.array([16]), :],
         lambda: np.asarray(opened.layer(0)),
     ):
-        with pytest.raises(store.MissingChunkError, match="layers/0/c/1/0 is missing") as error:
+        with pytest.raises(core.MissingChunkError, match="layers/0/c/1/0 is missing") as error:
             read()
         assert names(str(error.value), path, 0, "rows 16-31")
         assert error.value.rows == range(16, 32)
@@ -96,11 +98,11 @@ def test_a_corrupt_chunk_is_an_error_naming_store_layer_and_rows(complete, damag
     else:
         data = bytearray()
     target.write_bytes(bytes(data))
-    opened = store.open_store(path)
-    with pytest.raises(store.CorruptChunkError, match="layers/1/c/2/0 cannot be decoded") as error:
+    opened = FeatureStore.open(path)
+    with pytest.raises(core.CorruptChunkError, match="layers/1/c/2/0 cannot be decoded") as error:
         opened.read(1)
     assert names(str(error.value), path, 1, "rows 32-47")
-    with pytest.raises(store.CorruptChunkError):
+    with pytest.raises(core.CorruptChunkError):
         opened.read(1, np.array([33]))
     opened.read(1, np.array([0, 49]))  # chunks that are intact still read
     # the checksum is in the codec chain: xarray and dask readers refuse the chunk too
@@ -114,12 +116,12 @@ def test_nan_or_inf_in_a_store_is_an_error_naming_the_first_rows(complete):
     block = raw[16:32]
     block[5, 2], block[9, 0] = np.nan, np.inf
     raw[16:32] = block
-    opened = store.open_store(path)
-    with pytest.raises(store.NonFiniteValuesError, match="NaN or infinite") as error:
+    opened = FeatureStore.open(path)
+    with pytest.raises(core.NonFiniteValuesError, match="NaN or infinite") as error:
         opened.read(0)
     text = str(error.value)
     assert names(text, path, 0, "rows 21, 25") and "sample ids id-21, id-25" in text
-    with pytest.raises(store.NonFiniteValuesError):
+    with pytest.raises(core.NonFiniteValuesError):
         opened.layer(0).oindex[np.array([21]), :]
     opened.read(0, np.array([0, 16, 40]))  # finite rows of the same chunk read
 
@@ -128,13 +130,13 @@ def test_the_writer_refuses_nan_naming_encoder_layer_and_sample_ids(tmp_path):
     path = tmp_path / "toy.zarr"
     values = features()
     values[1][19, 4] = np.nan
-    with pytest.raises(store.NonFiniteValuesError) as error:
+    with pytest.raises(core.NonFiniteValuesError) as error:
         write_store(path, values)
     text = str(error.value)
     assert "encoder 'toy'" in text and "layer 1 (block.1)" in text and "id-19" in text
     flags = zarr.open_array(path / "block_complete")[:]
     assert flags.tolist() == [True, False, False, False]  # block 1 neither written nor flagged
-    assert not chunk(path, 0, 1).exists() and not store.marker_path(path).exists()
+    assert not chunk(path, 0, 1).exists() and not core.marker_path(path).exists()
 
 
 def test_an_all_zero_block_is_written_and_verifies_also_when_resumed(tmp_path):
@@ -142,7 +144,7 @@ def test_an_all_zero_block_is_written_and_verifies_also_when_resumed(tmp_path):
     values = [np.zeros((N, d), np.float32) for d in DIMS]
     writer = write_store(path, values, finalize=False)
     writer.flags[3] = False  # as if killed before the last block: resume writes it
-    resumed = store.StoreWriter.create_or_resume(
+    resumed = FeatureWriter.create_or_resume(
         path,
         fingerprint="f1",
         sample_ids=[f"id-{i}" for i in range(N)],
@@ -155,13 +157,13 @@ def test_an_all_zero_block_is_written_and_verifies_also_when_resumed(tmp_path):
     resumed.write_block(3, [v[48:] for v in values])
     resumed.finalize()
     assert all(chunk(path, layer, block).is_file() for layer in (0, 1) for block in range(4))
-    opened = store.open_store(path)
+    opened = FeatureStore.open(path)
     assert not opened.read(0).any() and opened.integrity_problems() == []
 
 
 def test_layer_reads_like_a_zarr_array(complete):
     path, values = complete
-    layer = store.open_store(path).layer(1)
+    layer = FeatureStore.open(path).layer(1)
     assert layer.shape == (N, 12) and layer.chunks == (16, 12) and len(layer) == N
     assert layer.dtype == np.float32 and layer.ndim == 2
     np.testing.assert_array_equal(layer[3], values[1][3])
@@ -185,9 +187,9 @@ def test_the_similarity_stages_row_source_is_verified_too(complete):
     layers, _ = open_layers(path, rows)
     np.testing.assert_array_equal(layers[1][0:5], values[1][rows])
     chunk(path, 0, 2).unlink()
-    source = StoreRows(store.open_store(path).layer(0), rows)
+    source = StoreRows(FeatureStore.open(path).layer(0), rows)
     np.testing.assert_array_equal(source[0:2], values[0][rows[:2]])
-    with pytest.raises(store.MissingChunkError, match="rows 32-47"):
+    with pytest.raises(core.MissingChunkError, match="rows 32-47"):
         source[0:5]
 
 
@@ -196,19 +198,19 @@ def test_finalize_reads_back_and_unflags_damaged_blocks_so_a_rerun_rewrites_them
     values = features()
     writer = write_store(path, values, finalize=False)
     chunk(path, 0, 2).write_bytes(b"garbage")
-    with pytest.raises(store.StoreIntegrityError, match=r"blocks \[2\]"):
+    with pytest.raises(core.StoreIntegrityError, match=r"blocks \[2\]"):
         writer.finalize()
-    assert not store.marker_path(path).exists()
+    assert not core.marker_path(path).exists()
     write_store(path, values)  # the next run resumes and rewrites block 2 only
-    np.testing.assert_array_equal(store.open_store(path).read(0), values[0])
+    np.testing.assert_array_equal(FeatureStore.open(path).read(0), values[0])
 
 
 def test_open_store_refuses_a_marker_of_another_store(complete):
     path, _ = complete
-    marker = store.marker_path(path)
+    marker = core.marker_path(path)
     marker.write_text(json.dumps({"fingerprint": "other"}))
-    with pytest.raises(store.StoreIntegrityError, match="disagree on the fingerprint"):
-        store.open_store(path)
+    with pytest.raises(core.StoreIntegrityError, match="disagree on the fingerprint"):
+        FeatureStore.open(path)
 
 
 # ---------------------------------------------------------------- pipeline.verify
@@ -254,7 +256,7 @@ STORE_DAMAGE = {
         "NaN or infinite values in rows 7",
     ),
     "marker removed": (
-        lambda p: store.marker_path(p).unlink(),
+        lambda p: core.marker_path(p).unlink(),
         "no completion marker vit.zarr.done though the store was finished",
     ),
     "no fingerprint": (drop_fingerprint, "no fingerprint attribute"),

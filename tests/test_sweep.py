@@ -21,7 +21,7 @@ from pipeline.evaluate.zeroshot import zero_shot_classification
 from pipeline.pairs import nested_subset, pair_rows
 from pipeline.stages.sweep_layers import SWEEP_CHOICE, sweep_grid, training_run
 from pipeline.stages.sweep_layers import run as run_sweep
-from pipeline.store import StoreWriter, open_store
+from pipeline.stores.features import FeatureStore, FeatureWriter
 
 DIMS = {"vit": [8, 8, 8], "minilm": [6, 6, 6, 6]}  # layers per encoder of the fake stores
 CONFIG = {
@@ -105,7 +105,7 @@ def write_features(job: jobs.Job, config: dict, root: Path, seed: int = 0) -> No
             )
             ids = table[column].to_list()
         dims = DIMS[encoder]
-        writer = StoreWriter.create_or_resume(
+        writer = FeatureWriter.create_or_resume(
             path,
             fingerprint=f"{encoder}-{split}",
             sample_ids=ids,
@@ -151,7 +151,7 @@ def test_a_layer_pair_fitted_and_scored_by_hand_gives_the_sweeps_rows(swept):
     vision_layer, text_layer = 2, 3
 
     def open_input(name: str):
-        return open_store(layout.store_of_marker(job.input(name)))
+        return FeatureStore.open(layout.store_of_marker(job.input(name)))
 
     train_dir = Path(layout.dataset_of_manifest(job.input("train")))
     train = load_split(train_dir, "train")

@@ -14,16 +14,17 @@ import torch
 import xarray as xr
 import zarr
 
-from pipeline import layout, store, tokens
+from pipeline import layout
 from pipeline.data import load_split, prepare_dataset
 from pipeline.encoders import build_encoder
-from pipeline.extract_tokens import (
-    chosen_layers,
-    extract_tokens,
-    run_extract_tokens,
-    run_extract_tokens_shard,
-)
+from pipeline.extraction import Source, Tokens, chosen_layers, extract
 from pipeline.jobs import Job
+from pipeline.stages.extract_tokens import run as run_extract_tokens
+from pipeline.stages.extract_tokens_shard import run as run_extract_tokens_shard
+from pipeline.stores import core
+from pipeline.stores import tokens as token_layout
+from pipeline.stores.inputs import TokenSet
+from pipeline.stores.tokens import TokenStore, TokenWriter, plan_blocks
 
 VIT = {
     "source": "timm",
@@ -34,12 +35,21 @@ VIT = {
     "model_kwargs": {"img_size": 32, "patch_size": 8, "depth": 3, "embed_dim": 32, "num_heads": 2},
 }
 TEXT = {"source": "bundled", "name": "all-MiniLM-L6-v2", "pooling": "mean", "max_tokens": 16}
-RUNTIME = {"device": "cpu", "batch_size": 4}
+RUNTIME = {"device": "cpu", "precision": "float32", "batch_size": 4, "on_stale": "recompute"}
 VISION_TOKENS = 17  # CLS + a 4 x 4 grid
 SHARD_MB = 8 * VISION_TOKENS * 32 * 2 / 2**20  # eight images per block in float16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def extract_tokens(
+    *, encoder_name, encoder_spec, dataset_dir, split, layers, out_dir, runtime, shard_mb=64.0
+):
+    """The token stores of ``layers``, as an extract_tokens job makes them: layer -> store."""
+    source = Source(encoder_name, encoder_spec, dataset_dir, split, {**runtime, "num_workers": 0})
+    tokens = Tokens({"dtype": "float16", "shard_mb": shard_mb})
+    return dict(zip(layers, extract(tokens, source, out_dir, layers), strict=True))
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +72,7 @@ def dataset(tmp_path_factory):
 def test_plan_packs_whole_samples_into_blocks():
     rng = np.random.default_rng(0)
     counts = rng.integers(3, 30, size=500)
-    plan = tokens.plan_blocks(counts, dim=64, itemsize=2, shard_bytes=64 * 2 * 256, fixed=False)
+    plan = plan_blocks(counts, dim=64, itemsize=2, shard_bytes=64 * 2 * 256, fixed=False)
     assert plan.slots_per_block % plan.chunk_slots == 0 and plan.slots_per_block >= counts.max()
     assert plan.block_rows[0] == 0 and plan.block_rows[-1] == 500
     for block in range(plan.n_blocks):
@@ -73,7 +83,7 @@ def test_plan_packs_whole_samples_into_blocks():
         assert np.all(np.diff(plan.token_start[rows.start : rows.stop]) == counts[rows][:-1])
     used = counts.sum() / plan.n_slots
     assert used > 0.85, used  # the unfilled tails of blocks are never stored anyway
-    fixed = tokens.plan_blocks([17] * 100, dim=32, itemsize=2, shard_bytes=1 << 14, fixed=True)
+    fixed = plan_blocks([17] * 100, dim=32, itemsize=2, shard_bytes=1 << 14, fixed=True)
     assert fixed.slots_per_block % 17 == 0 and fixed.chunk_slots % 17 == 0
     assert fixed.n_slots - 17 * 100 < fixed.slots_per_block  # only the last block has a tail
 
@@ -85,8 +95,8 @@ def ragged(n, dim, seed=0):
 
 
 def write_store(path, values, fingerprint="f1", shard_bytes=2 * 4 * 40, **kwargs):
-    plan = tokens.plan_blocks([len(v) for v in values], 4, 2, shard_bytes, fixed=False)
-    writer = tokens.TokenStoreWriter.create_or_resume(
+    plan = plan_blocks([len(v) for v in values], 4, 2, shard_bytes, fixed=False)
+    writer = TokenWriter.create_or_resume(
         path,
         fingerprint=fingerprint,
         sample_ids=[f"id-{i}" for i in range(len(values))],
@@ -111,7 +121,7 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path, monkeypatch):
     assert writer.n_blocks > 3
     fill(writer, values)
     writer.finalize()
-    reader = tokens.open_token_store(path, "f1")
+    reader = TokenStore.open(path, "f1")
     half = [v.astype(np.float16).astype(np.float32) for v in values]
     rows = np.array([7, 3, 49, 3, 0])
     batch, mask = reader.read(rows)
@@ -123,8 +133,8 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path, monkeypatch):
     assert reader.sample_ids()[:2].tolist() == ["id-0", "id-1"]
 
     assert reader.fits_cache and reader._cache  # a small store: whole blocks, kept
-    monkeypatch.setattr(tokens, "CACHE_BYTES", 0)
-    sparse = tokens.open_token_store(path)  # one row per block: only its inner chunks
+    monkeypatch.setattr(token_layout, "CACHE_BYTES", 0)
+    sparse = TokenStore.open(path)  # one row per block: only its inner chunks
     pick = np.array([30, 1, 30])
     np.testing.assert_array_equal(sparse.read(pick)[0], reader.read(pick)[0])
     assert not sparse.fits_cache and not sparse._cache
@@ -142,7 +152,7 @@ def test_round_trip_opens_with_xarray_and_dask(tmp_path, monkeypatch):
 def test_an_empty_split_gives_an_empty_store(tmp_path):
     writer = write_store(tmp_path / "empty.zarr", [])
     writer.finalize()
-    reader = tokens.open_token_store(tmp_path / "empty.zarr")
+    reader = TokenStore.open(tmp_path / "empty.zarr")
     assert len(reader) == 0 and reader.read(np.zeros(0, np.int64))[0].shape == (0, 0, 4)
 
 
@@ -150,7 +160,7 @@ def test_float16_overflow_is_refused_naming_layer_and_sample(tmp_path):
     values = ragged(10, 4)
     values[6][0, 2] = 1e6  # above float16's 65504
     writer = write_store(tmp_path / "big.zarr", values)
-    with pytest.raises(store.NonFiniteValuesError, match=r"layer layer\.1.*id-6.*float32"):
+    with pytest.raises(core.NonFiniteValuesError, match=r"layer layer\.1.*id-6.*float32"):
         fill(writer, values)
 
 
@@ -162,22 +172,22 @@ def test_damaged_shards_are_named_on_read_and_rewritten_on_resume(tmp_path):
     writer.finalize()
     shard = path / "tokens" / "c" / "1" / "0"
     shard.write_bytes(shard.read_bytes()[:-7])
-    reader = tokens.open_token_store(path)
+    reader = TokenStore.open(path)
     rows = range(reader.block_rows[1], reader.block_rows[2])
-    with pytest.raises(store.StoreIntegrityError, match=rf"layer 2\).*rows {rows.start}-"):
+    with pytest.raises(core.StoreIntegrityError, match=rf"layer 2\).*rows {rows.start}-"):
         reader.read(np.array([rows.start]))
     assert len(reader.integrity_problems()) == 1
     shard.unlink()
-    with pytest.raises(store.MissingChunkError, match="is missing"):
-        tokens.open_token_store(path).read(np.array([rows.start]))
+    with pytest.raises(core.MissingChunkError, match="is missing"):
+        TokenStore.open(path).read(np.array([rows.start]))
     # a killed run (marker gone, store unfinished) resumes and rewrites the damaged block only
-    store.marker_path(path).unlink()
+    core.marker_path(path).unlink()
     zarr.open_group(path, mode="r+").attrs["complete"] = False
     again = write_store(path, values)
-    assert again.pending_blocks() == [1]
+    assert again.missing_blocks() == [1]
     fill(again, values)
     again.finalize()
-    assert tokens.open_token_store(path).integrity_problems() == []
+    assert TokenStore.open(path).integrity_problems() == []
 
 
 def test_stale_stores_are_recomputed_or_refused_and_finished_ones_made_again(tmp_path):
@@ -186,21 +196,21 @@ def test_stale_stores_are_recomputed_or_refused_and_finished_ones_made_again(tmp
     writer = write_store(path, values)
     fill(writer, values)
     writer.finalize()
-    with pytest.raises(store.StaleStoreError, match="another configuration"):
+    with pytest.raises(core.StaleStoreError, match="another configuration"):
         write_store(path, values, fingerprint="f2", on_stale="error")
-    assert write_store(path, values).pending_blocks() == list(range(writer.n_blocks))  # finished
+    assert write_store(path, values).missing_blocks() == list(range(writer.n_blocks))  # finished
     half = write_store(path, values)
     fill(half, values, stop=int(half.block_rows[2]))
-    assert write_store(path, values).pending_blocks() == list(range(2, writer.n_blocks))
-    assert len(write_store(path, values, fresh=True).pending_blocks()) == writer.n_blocks
-    assert len(write_store(path, values, fingerprint="f2").pending_blocks()) == writer.n_blocks
+    assert write_store(path, values).missing_blocks() == list(range(2, writer.n_blocks))
+    assert len(write_store(path, values, fresh=True).missing_blocks()) == writer.n_blocks
+    assert len(write_store(path, values, fingerprint="f2").missing_blocks()) == writer.n_blocks
 
 
 def test_a_layer_missing_from_a_token_set_is_an_error(tmp_path):
     marker = tmp_path / "vit.done"
     marker.write_text(json.dumps({"layers": {"0": "f"}}))
-    token_set = tokens.TokenSet(str(marker), "request", "content")
-    with pytest.raises(store.StaleStoreError, match=r"holds layers \[0\], not 2"):
+    token_set = TokenSet(str(marker), "request", "content")
+    with pytest.raises(core.StaleStoreError, match=r"holds layers \[0\], not 2"):
         token_set.layer(2)
 
 
@@ -225,7 +235,7 @@ def test_stored_tokens_are_the_encoders_own(dataset, tmp_path):
         expected = encoder.token_layers(batch, [0, 2])
         pooled = encoder.pooled_layers(batch)
     for layer, (values, _) in zip((0, 2), expected, strict=True):
-        reader = tokens.open_token_store(paths[layer])
+        reader = TokenStore.open(paths[layer])
         stored, mask = reader.read(np.arange(12))
         assert stored.shape == (12, VISION_TOKENS, 32) and mask.all()
         np.testing.assert_allclose(stored, values.numpy(), rtol=1e-3, atol=1e-3)  # float16
@@ -243,7 +253,7 @@ def test_stored_tokens_are_the_encoders_own(dataset, tmp_path):
         out_dir=tmp_path / "minilm",
         runtime=RUNTIME,
     )
-    reader = tokens.open_token_store(text_paths[6])
+    reader = TokenStore.open(text_paths[6])
     text = build_encoder("minilm", TEXT)
     captions = data.captions["text"].to_list()
     assert reader.token_count.tolist() == text.token_counts(captions)
@@ -368,10 +378,8 @@ def test_sigkill_then_resume_gives_the_uninterrupted_store(dataset, tmp_path, si
 
     run_extract_tokens(job)
     for layer in (0, 2):
-        ref = tokens.open_token_store(
-            tmp_path / "reference" / "tokens" / "vit" / f"layer_{layer}.zarr"
-        )
-        got = tokens.open_token_store(killed.parent / f"layer_{layer}.zarr", ref.fingerprint)
+        ref = TokenStore.open(tmp_path / "reference" / "tokens" / "vit" / f"layer_{layer}.zarr")
+        got = TokenStore.open(killed.parent / f"layer_{layer}.zarr", ref.fingerprint)
         rows = np.arange(ref.n_samples)
         np.testing.assert_array_equal(got.read(rows)[0], ref.read(rows)[0])
         np.testing.assert_array_equal(got.token_start, ref.token_start)
@@ -404,8 +412,8 @@ def assert_same_token_set(marker, reference_marker):
     assert made["layers"] == ref["layers"]  # the same layers, the same fingerprints
     for layer in made["layers"]:
         path = marker.parent / marker.name.removesuffix(".done") / f"layer_{layer}.zarr"
-        got = tokens.open_token_store(path)
-        want = tokens.open_token_store(
+        got = TokenStore.open(path)
+        want = TokenStore.open(
             reference_marker.parent / reference_marker.name.removesuffix(".done") / path.name
         )
         rows = np.arange(want.n_samples)
@@ -449,7 +457,7 @@ def test_a_killed_token_shard_resumes_alone(dataset, tmp_path, sigkill_once_writ
         run_extract_tokens_shard(part)
     path = marker.parent / "vit" / "layer_2.zarr"
     n_blocks = zarr.open_group(path, mode="r")["block_complete"].shape[0]
-    own = store.shard_blocks(n_blocks, 2, 3)
+    own = core.shard_blocks(n_blocks, 2, 3)
     others = {k: v for k, v in shard_stamps(path).items() if int(k.parts[0]) not in own}
 
     job = parts[1]
@@ -481,11 +489,12 @@ def test_finishing_a_token_set_names_a_shard_with_missing_blocks(dataset, tmp_pa
     path = marker.parent / "vit" / "layer_2.zarr"
     zarr.open_group(path, mode="r+")["block_complete"][0] = False  # lost after shard 1 ran
     with pytest.raises(
-        store.IncompleteStoreError, match=r"vit\.shard-1-of-2\.done: missing layer 2"
+        core.IncompleteStoreError,
+        match=r"vit\.shard-1-of-2\.done: layer_2\.zarr blocks \[0\] missing",
     ):
         run_extract_tokens(finish)
     assert not os.path.exists(parts[0].output("shard"))  # Snakemake runs it again
     assert os.path.exists(parts[1].output("shard")) and not marker.exists()
     run_extract_tokens_shard(parts[0])
     run_extract_tokens(finish)
-    assert tokens.open_token_store(path).integrity_problems() == []
+    assert TokenStore.open(path).integrity_problems() == []

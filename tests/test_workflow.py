@@ -18,8 +18,8 @@ import yaml
 
 from pipeline import layout
 from pipeline.evaluate.tables import read_comparisons, read_metrics, read_summary
-from pipeline.store import open_store
-from pipeline.tokens import open_token_store
+from pipeline.stores.features import FeatureStore
+from pipeline.stores.tokens import TokenStore
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -169,15 +169,15 @@ def test_every_artefact_of_the_dag(tiny_run):
     for split in ("train", "val", "test"):
         images = pl.read_parquet(data / split / "images.parquet")
         captions = pl.read_parquet(data / split / "captions.parquet")
-        vision = open_store(results / f"features/tiny/{split}/vit.zarr")
-        text = open_store(results / f"features/tiny/{split}/minilm.zarr")
+        vision = FeatureStore.open(results / f"features/tiny/{split}/vit.zarr")
+        text = FeatureStore.open(results / f"features/tiny/{split}/minilm.zarr")
         assert vision.sample_ids().tolist() == images["image_id"].to_list()
         assert text.sample_ids().tolist() == captions["caption_id"].to_list()
         assert vision.num_layers == 3 and text.num_layers == 7
         assert record["weights_sha256"] in json.dumps(
             vision.attrs
         )  # made with the pretrained weights
-    prompts = open_store(results / "features/tiny/prompts/minilm.zarr")
+    prompts = FeatureStore.open(results / "features/tiny/prompts/minilm.zarr")
     assert prompts.n_samples == len(pl.read_parquet(data / "prompts.parquet"))
 
     similarity = pl.read_parquet(results / "similarity/vit/minilm/similarity.parquet")
@@ -276,7 +276,7 @@ def test_token_stores_hold_only_the_chosen_layers(tiny_run):
             assert set(json.loads(marker.read_text())["layers"]) == chosen
             for layer in chosen:
                 directory = layout.tokens_dir("tiny", split, encoder)
-                store = open_token_store(tiny_run / layout.token_store(directory, int(layer)))
+                store = TokenStore.open(tiny_run / layout.token_store(directory, int(layer)))
                 assert store.attrs["dtype"] == "float16" and store.layer == int(layer)
     run = json.loads((results / "aligners/vit/minilm/pal/best/n96_s0/params.json").read_text())
     assert run["aligner"] == "pal" and set(run["meta"]["token_fingerprints"]) == {
@@ -457,12 +457,13 @@ def test_sharded_extraction_gives_the_same_stores(copy_of_run):
     assert planned == {"extract_features_shard": 3 * 6, "extract_features": 6 + 1, "extract": 1}
     stores = [copy_of_run / f"results/features/tiny/train/{e}.zarr" for e in ("vit", "minilm")]
     before = [
-        [open_store(s).read(layer) for layer in range(open_store(s).num_layers)] for s in stores
+        [FeatureStore.open(s).read(layer) for layer in range(FeatureStore.open(s).num_layers)]
+        for s in stores
     ]
     token_set = copy_of_run / "results/tokens/tiny/train/vit"
     token_stores = sorted(token_set.glob("layer_*.zarr"))
-    rows = np.arange(open_token_store(token_stores[0]).n_samples)
-    tokens_before = [open_token_store(path).read(rows)[0] for path in token_stores]
+    rows = np.arange(TokenStore.open(token_stores[0]).n_samples)
+    tokens_before = [TokenStore.open(path).read(rows)[0] for path in token_stores]
     targets = [f"{s.relative_to(copy_of_run)}.done" for s in stores]
     targets.append(f"{token_set.relative_to(copy_of_run)}.done")
     result = snakemake(copy_of_run, *targets)
@@ -470,12 +471,12 @@ def test_sharded_extraction_gives_the_same_stores(copy_of_run):
     assert result.output.count("rule extract_features_shard:") == 6
     assert result.output.count("rule extract_tokens_shard:") == 3
     for path, values in zip(token_stores, tokens_before, strict=True):
-        made = open_token_store(path)
+        made = TokenStore.open(path)
         assert made.integrity_problems() == []
         np.testing.assert_allclose(made.read(rows)[0], values, rtol=1e-3, atol=1e-3)
     assert json.loads((token_set.parent / "vit.done").read_text())["layers"]
     for path, layers in zip(stores, before, strict=True):
-        made = open_store(path)
+        made = FeatureStore.open(path)
         assert json.loads((path.parent / f"{path.name}.done").read_text())["shards"] == 3
         assert made.group["block_complete"].shape[0] >= 3 and made.integrity_problems() == []
         for layer, values in enumerate(layers):

@@ -15,7 +15,6 @@ from typing import Any, ClassVar
 import numpy as np
 import polars as pl
 
-from pipeline.align.kinds import kind_of
 from pipeline.align.params import params_to_dict
 
 CURVE_SCHEMA: dict[str, pl.DataType] = {
@@ -85,6 +84,7 @@ class Aligner(ABC):
     """A map of both modalities into a shared space; see the module docstring."""
 
     kind: ClassVar[str]  # the aligner kind (``align.methods.<name>.aligner``, ``kinds.KINDS``)
+    scores_patches: ClassVar[bool] = False  # scores patch tokens itself (``patch_scores``)
 
     def __init__(self, params: Any) -> None:
         self.params = params
@@ -112,11 +112,6 @@ class Aligner(ABC):
     def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
         """(n_img, n_txt) scores; cosine (inner product of normalised rows) by default."""
         return image_emb @ text_emb.T
-
-    @property
-    def scores_patches(self) -> bool:
-        """Whether this kind scores patch tokens itself (``patch_scores``; the table's flag)."""
-        return kind_of(self.kind).patch_scores
 
     def patch_scores(self, patch_tokens: np.ndarray) -> np.ndarray:
         """(..., P, K) float32 scores of patch tokens (..., P, D) in the shared space, no

@@ -75,7 +75,7 @@ class ArrayPairs:
 
 @dataclass(frozen=True)
 class TokenPairs:
-    """Token sources (``pipeline.tokens.StoreTokens``) of the training and validation pairs:
+    """Token sources (``pipeline.stores.tokens.StoreTokens``) of the training and validation pairs:
     pair i is image row ``image.rows[i]`` with caption row ``text.rows[i]``."""
 
     image: Any

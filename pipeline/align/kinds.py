@@ -31,7 +31,6 @@ class Kind(NamedTuple):
     params: type  # frozen dataclass of the kind's config keys and their defaults
     aligner: str  # "module:Class" of the aligner, imported on build
     tokens: bool = False  # fits on token sets (``pal.TokenSource``), not pooled feature arrays
-    patch_scores: bool = False  # scores patch tokens itself (``Aligner.patch_scores``)
 
 
 KINDS: dict[str, Kind] = {
@@ -41,7 +40,7 @@ KINDS: dict[str, Kind] = {
     "asif": Kind(ASIFParams, "pipeline.align.asif:ASIFAligner"),
     "procrustes": Kind(ProcrustesParams, "pipeline.align.linear_maps:ProcrustesAligner"),
     "ridge": Kind(RidgeParams, "pipeline.align.linear_maps:RidgeAligner"),
-    "pal": Kind(PALParams, "pipeline.align.pal:PALAligner", tokens=True, patch_scores=True),
+    "pal": Kind(PALParams, "pipeline.align.pal:PALAligner", tokens=True),
 }
 
 

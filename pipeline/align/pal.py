@@ -278,10 +278,11 @@ def train_anchors(
 class PALAligner(Aligner):
     """PAL anchors of both modalities (kind ``pal``). Its inputs are ``TokenSource``s (or
     (n, T, D) arrays), not pooled features: the kinds table's ``tokens`` flag tells the align
-    and evaluate stages to read token caches for it, its ``patch_scores`` flag that the
-    segmentation scores patches with ``patch_scores``."""
+    and evaluate stages to read token caches for it; ``scores_patches`` tells segmentation to
+    score patches with ``patch_scores``."""
 
     kind = "pal"
+    scores_patches = True
     params: PALParams
 
     def __init__(self, params: PALParams) -> None:

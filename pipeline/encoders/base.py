@@ -59,7 +59,7 @@ class Encoder(ABC):
     def to(self, device: torch.device | str) -> Encoder:
         """Move the model to ``device``; returns self."""
 
-    # Token features (the token caches, ``pipeline.tokens``): the same forward pass, every token.
+    # Token features (token caches, ``pipeline.stores.tokens``): the same forward pass, every token.
     tokens_per_sample: int | None = None
     """Tokens of every sample when they are all alike (images), None when they vary (text)."""
 

@@ -119,7 +119,7 @@ def segment(
     masks: list[np.ndarray],
     keep: int = 0,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The confusion matrix of images ``rows`` of a token store (``pipeline.tokens.TokenStore``
+    """The confusion matrix of images ``rows`` of a token store (``stores.tokens.TokenStore``
     of a vision layer) against their ``masks``, and the label maps of the first ``keep``.
 
     Each image's patch tokens (the prefix tokens dropped, the row-major grid from the store's

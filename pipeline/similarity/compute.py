@@ -37,7 +37,7 @@ from pipeline.similarity.matrix import (
 )
 from pipeline.similarity.metrics import resolve_k
 from pipeline.similarity.preprocess import preprocess_layers
-from pipeline.store import open_store
+from pipeline.stores.features import FeatureStore
 
 METRICS = ("linear_cka", "unbiased_cka", "minibatch_cka", "mutual_knn")
 DEFAULT_MINIBATCH_SIZE = 1000
@@ -62,7 +62,7 @@ class StoreRows:
 
 def open_layers(path: Path, rows: np.ndarray) -> tuple[list[StoreRows], list[str]]:
     """Every layer of a complete feature store, restricted to ``rows``, and the layer names."""
-    store = open_store(path)
+    store = FeatureStore.open(path)
     if len(rows) and (rows.min() < 0 or rows.max() >= store.n_samples):
         raise ValueError(f"{path}: pair rows reach {rows.max()}, the store has {store.n_samples}")
     layers = [StoreRows(store.layer(i), rows) for i in range(store.num_layers)]

@@ -26,13 +26,14 @@ from pipeline.similarity.calibration import CalibrationSettings
 from pipeline.similarity.compute import FULL, compute_similarity
 from pipeline.similarity.plots import write_heatmap, write_pool_size_plot
 from pipeline.similarity.selection import scoring_pairs, select_layers, write_layer_choice
+from pipeline.stores.inputs import open_input
 
 log = logging.getLogger(__name__)
 
 
 def run(job: Job) -> None:
     spec, grid = job.spec["similarity"], job.spec["grid"]
-    vision, text = job.feature_store("vision", "train"), job.feature_store("text", "train")
+    vision, text = open_input(job, "vision", "train"), open_input(job, "text", "train")
     data = load_split(
         Path(layout.dataset_of_manifest(job.input("train"))), job.spec["train"]["split"]
     )

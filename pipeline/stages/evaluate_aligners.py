@@ -61,7 +61,8 @@ from pipeline.evaluate.tables import (
 from pipeline.evaluate.zeroshot import class_embeddings_of, classification_outcomes, logits_of
 from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
-from pipeline.tokens import StoreTokens, TokenSet
+from pipeline.stores.inputs import TokenSet, open_input
+from pipeline.stores.tokens import StoreTokens
 
 log = logging.getLogger(__name__)
 EXAMPLES_PER_TASK = 4  # label maps kept per segmentation task for the report
@@ -97,18 +98,14 @@ def run(job: Job) -> None:
     frames, examples, outcomes = [], [], []
     for i, split in enumerate(job.spec["splits"]):
         dataset = f"dataset_{i}"
-        if tokens:
-            features = {
-                w: job.token_set(f"{w}_{i}", dataset) for w in ("vision", "text", "prompts")
-            }
-            patches = features["vision"]
-        else:
-            features = {
-                w: job.feature_store(f"{w}_{i}", dataset) for w in ("vision", "text", "prompts")
-            }
-            patches = (
-                job.token_set(f"patches_{i}", dataset) if f"patches_{i}" in job.inputs else None
-            )
+        features = {w: open_input(job, f"{w}_{i}", dataset) for w in ("vision", "text", "prompts")}
+        patches = (
+            open_input(job, f"patches_{i}", dataset)
+            if f"patches_{i}" in job.inputs
+            else features["vision"]
+            if tokens
+            else None
+        )
         inputs = SplitInputs(
             index=i,
             dataset=split["dataset"],

@@ -1,5 +1,9 @@
-"""The ``extract_features_shard`` stage (``pipeline.jobs.extract_features_shard``)."""
+"""The ``extract_features_shard`` stage (``pipeline.jobs.extract_features_shard``): one run of
+a feature store's blocks (``pipeline.extraction.run_shard``)."""
 
-from pipeline.extract import run_extract_shard as run
+from pipeline.extraction import Features, run_shard
+from pipeline.jobs import Job
 
-__all__ = ["run"]
+
+def run(job: Job) -> None:
+    run_shard(job, Features())

@@ -5,7 +5,7 @@ token aligner, PAL, reads token stores batch by batch instead: ``paired_tokens``
 run is saved in its own folder (``pipeline.pairs.run_name``) with its own completion marker;
 ``runs.json`` (the job's declared output) is written last.
 
-Resume or refit: the job marks its folder ``.in_progress`` while it works. A job that finds
+Resume or refit: the job marks its folder (``stores.core.RunMark``) while it works. A job that finds
 the mark follows one that was killed and keeps the runs it finished; a job that does not
 was asked to run again (``--force``/``--forcerun``, a run's ``done.json`` deleted, changed
 inputs) and refits every run.
@@ -26,12 +26,13 @@ from pipeline.data import load_split
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, Pairs, grid_runs
 from pipeline.similarity.selection import chosen_layers, read_layer_choice
-from pipeline.store import FeatureStore
-from pipeline.tokens import StoreTokens, TokenSet
+from pipeline.stores.core import RunMark
+from pipeline.stores.features import FeatureStore
+from pipeline.stores.inputs import TokenSet, open_input
+from pipeline.stores.tokens import StoreTokens
 
 log = logging.getLogger(__name__)
 STORE_ROLES = ("vision_train", "text_train", "vision_val", "text_val")
-IN_PROGRESS = ".in_progress"
 
 
 def load_pairs(manifest: str, split: str, captions: str) -> Pairs:
@@ -71,10 +72,7 @@ def paired_tokens(vision: TokenSet, text: TokenSet, pairs: Pairs, layers: tuple[
 def run(job: Job) -> None:
     spec = job.spec
     tokens = uses_tokens(spec["aligner"])
-    if tokens:
-        stores = {role: job.token_set(role, role.split("_")[1]) for role in STORE_ROLES}
-    else:
-        stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
+    stores = {role: open_input(job, role, role.split("_")[1]) for role in STORE_ROLES}
     train_pairs, val_pairs = train_val_pairs(job)
     layers = read_layer_choice(job.input("layers"))
     choice = spec["layer_choice"]
@@ -91,9 +89,8 @@ def run(job: Job) -> None:
         by_layers[key][chosen["score"]].append(run)
 
     out_dir = Path(job.output("runs")).parent
-    in_progress = out_dir / IN_PROGRESS
-    fresh = not in_progress.exists()
-    atomic.write_text(in_progress, "")
+    mark = RunMark(layout.run_mark(str(out_dir)))
+    fresh = mark.begin()
     log.info("%s the grid's runs", "fitting" if fresh else "resuming")
     with tqdm(total=len(runs), desc=f"{spec['method']}/{choice}") as bar:
         for key, by_score in by_layers.items():
@@ -146,4 +143,4 @@ def run(job: Job) -> None:
             "layer_choice": choice,
         },
     )
-    in_progress.unlink()
+    mark.end()

@@ -37,6 +37,7 @@ from pipeline.jobs import Job
 from pipeline.pairs import GridRun, grid_sizes
 from pipeline.stages.evaluate_aligners import SplitInputs, evaluate_aligner
 from pipeline.stages.fit_aligners import STORE_ROLES, train_val_pairs
+from pipeline.stores.inputs import open_input
 
 log = logging.getLogger(__name__)
 SWEEP_CHOICE = "sweep"  # the layer_choice of every sweep row
@@ -58,7 +59,7 @@ def training_run(run: dict[str, Any], n_total: int) -> GridRun:
 
 def run(job: Job) -> None:
     spec = job.spec
-    stores = {role: job.feature_store(role, role.split("_")[1]) for role in STORE_ROLES}
+    stores = {role: open_input(job, role, role.split("_")[1]) for role in STORE_ROLES}
     train, val = train_val_pairs(job)
     run = training_run(spec["run"], len(train))
     pairs = {"train": train.take(run.rows(len(train))), "val": val}
@@ -126,7 +127,7 @@ def split_inputs(job: Job, index: int, split: dict[str, Any]) -> SplitInputs:
         tasks=split.get("tasks"),
         dataset_dir=Path(layout.dataset_of_manifest(job.input(dataset))),
         features={
-            which: job.feature_store(f"{which}_{index}", dataset)
+            which: open_input(job, f"{which}_{index}", dataset)
             for which in ("vision", "text", "prompts")
         },
         tokens=False,

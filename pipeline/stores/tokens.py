@@ -27,8 +27,8 @@ compressed losslessly (bit-shuffled LZ4) and ending with a CRC-32C. A block star
 ``b * slots_per_block``; the few slots after its last sample are fill, never stored (empty
 inner chunks are not written). Zarr writes a shard file atomically, and a block's flag is
 set after its shard, so a killed extraction leaves whole blocks only and resumes from the
-first missing one, like the pooled stores (``pipeline.store``), whose fingerprint,
-completion marker, stale detection, provenance and verified reads this format shares.
+first missing one: blocks, flags, markers, fingerprints, stale detection and shards are
+``pipeline.stores.core``'s, as for the pooled feature stores.
 
 Opening with xarray / dask::
 
@@ -41,11 +41,9 @@ Opening with xarray / dask::
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -55,79 +53,24 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.fingerprint import spec_hash
-from pipeline.store import (
+from pipeline import layout
+from pipeline.stores.core import (
     SHOWN_ROWS,
     BlockStoreWriter,
     CorruptChunkError,
-    IncompleteStoreError,
     MissingChunkError,
     NonFiniteValuesError,
-    StaleStoreError,
     StoreIntegrityError,
-    chunk_codecs,
-    marker_path,
-    open_group_checked,
-    resume_or_clear,
+    StoreReader,
+    create_group,
+    small_array,
 )
+from pipeline.stores.keys import TOKENS
 
-log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 DTYPES = ("float16", "float32")
 INNER_CHUNK_BYTES = 64 << 10  # target size of an inner chunk (one read unit inside a shard)
-DEFAULT_SHARD_MB = 64.0
 CACHE_BYTES = 512 << 20  # decoded blocks a reader keeps (per store)
 DENSE_READ = 4  # a read touching >= 1/DENSE_READ of a block's rows decodes (and caches) it all
-
-
-def fingerprint(
-    provenance: dict[str, Any],
-    dataset: dict[str, Any],
-    split: str,
-    precision: str,
-    layer: int,
-    dtype: str,
-) -> str:
-    """Everything that determines a token store's values (library versions are not keyed)."""
-    provenance = {k: v for k, v in provenance.items() if k != "versions"}
-    return spec_hash(
-        {
-            "format": "tokens",
-            "format_version": FORMAT_VERSION,
-            "encoder": provenance,
-            "dataset": dataset["name"],
-            "content_hash": dataset["content_hash"],
-            "split": split,
-            "precision": precision,
-            "layer": int(layer),
-            "dtype": dtype,
-        }
-    )
-
-
-def request_hash(
-    encoder_name: str,
-    encoder_spec: dict[str, Any],
-    dataset: str,
-    split: str,
-    precision: str,
-    dtype: str,
-) -> str:
-    """What a reading job expects of the token stores of one (encoder, dataset, split), from its
-    config alone (the layer is checked separately: it is chosen at run time)."""
-    return spec_hash(
-        {
-            "format": "tokens",
-            "format_version": FORMAT_VERSION,
-            "encoder_name": encoder_name,
-            "encoder": encoder_spec,
-            "dataset": dataset,
-            "split": split,
-            "precision": precision,
-            "dtype": dtype,
-        }
-    )
 
 
 # ---- block plan ---------------------------------------------------------------------------------
@@ -203,27 +146,21 @@ def _token_codecs(dtype: str) -> dict[str, Any]:
     return {"compressors": [blosc, Crc32cCodec()]}
 
 
-class TokenStoreWriter(BlockStoreWriter):
+class TokenWriter(BlockStoreWriter):
     """Creates a token store, or resumes one with the same fingerprint, and fills it block by
     block: ``add(row, tokens)`` in ascending row order writes each block once it is whole."""
 
-    kind = "token store"
+    fmt = TOKENS
 
     def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
-        self.group = group
-        dense = {"write_empty_chunks": True}
+        super().__init__(path, group)
         self.tokens = group["tokens"]
-        self.flags = group["block_complete"].with_config(dense)
         self.block_rows = group["block_rows"][:]
         self.token_start = group["token_start"][:]
         self.token_count = group["token_count"][:].astype(np.int64)
         self.slots_per_block = int(group.attrs["slots_per_block"])
         self.dtype = np.dtype(group.attrs["dtype"])
         self.dim = int(group.attrs["dim"])
-        self._buffer: dict[int, np.ndarray] = {}
-        self._block: int | None = None
-        self._filled = 0
 
     @classmethod
     def create_or_resume(
@@ -239,84 +176,50 @@ class TokenStoreWriter(BlockStoreWriter):
         on_stale: str = "recompute",
         fresh: bool = False,
         shared: bool = False,
-    ) -> TokenStoreWriter:
-        """Open ``path`` for writing (its marker is removed first): as
-        ``pipeline.store.StoreWriter.create_or_resume``: a store of another fingerprint is
-        removed (``on_stale="recompute"``) or refused (``"error"``); one with this fingerprint
-        that a killed run left unfinished is resumed (after un-flagging blocks that no longer
-        verify); a finished one, or any with ``fresh=True``, is made again from scratch.
-        ``shared``: for one of several shard jobs, under ``store.lock_path(path)``."""
+    ) -> TokenWriter:
+        """Open ``path`` for writing (``BlockStoreWriter.open_writer``); a store is resumed only
+        with the same rows, token count and block plan."""
         path = Path(path)
         if dtype not in DTYPES:
             raise ValueError(f"token dtype {dtype!r} is not one of {DTYPES}")
+        shape = (len(sample_ids), int(plan.token_count.sum()))
 
         def same_shape(existing: dict[str, Any]) -> bool:
-            n_tokens = int(plan.token_count.sum())
-            return (
-                existing.get("n_samples") == len(sample_ids)
-                and existing.get("n_tokens") == n_tokens
-            )
+            return (existing.get("n_samples"), existing.get("n_tokens")) == shape
 
-        def same_plan(writer: TokenStoreWriter) -> None:
+        def same_plan(writer: TokenWriter) -> None:
             if not np.array_equal(writer.token_start, plan.token_start):
                 raise ValueError("another block plan")
 
-        resumed = resume_or_clear(
+        def create() -> zarr.Group:
+            return _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs)
+
+        return cls.open_writer(
             path,
-            cls,
-            "token store",
             fingerprint,
+            create,
             same_shape,
             on_stale=on_stale,
             fresh=fresh,
-            check=same_plan,
             shared=shared,
+            check=same_plan,
         )
-        if resumed is not None:
-            return resumed
-        return cls(path, _create(path, fingerprint, sample_ids, plan, dim, dtype, attrs))
 
-    @property
-    def n_samples(self) -> int:
-        return len(self.token_count)
+    def rows_of(self, block: int) -> range:
+        return range(int(self.block_rows[block]), int(self.block_rows[block + 1]))
 
-    @property
-    def n_blocks(self) -> int:
-        return len(self.block_rows) - 1
-
-    def pending_blocks(self, blocks: Sequence[int] | None = None) -> list[int]:
-        """Every block (of ``blocks``) not yet written."""
-        done = self.flags[:]
-        return [b for b in (range(self.n_blocks) if blocks is None else blocks) if not done[b]]
-
-    def pending_rows(self, blocks: Sequence[int] | None = None) -> np.ndarray:
-        """Rows of every block (of ``blocks``) not yet written, ascending."""
-        blocks = self.pending_blocks(blocks)
-        if not blocks:
-            return np.zeros(0, dtype=np.int64)
-        return np.concatenate(
-            [np.arange(self.block_rows[b], self.block_rows[b + 1]) for b in blocks]
-        )
+    def block_of(self, row: int) -> int:
+        return int(np.searchsorted(self.block_rows, row, side="right") - 1)
 
     def add(self, row: int, tokens: np.ndarray) -> None:
-        """The tokens (count, dim) of one row of a pending block; rows must come in ascending
-        order. The block is written (then flagged) when its last row arrives."""
-        block = int(np.searchsorted(self.block_rows, row, side="right") - 1)
-        if self._block is not None and block != self._block:
-            raise RuntimeError(f"{self.path}: block {self._block} left unfinished at row {row}")
+        """The tokens (count, dim) of one row of a pending block (``BlockStoreWriter.add``)."""
         expected = (int(self.token_count[row]), self.dim)
         if tokens.shape != expected:
             raise ValueError(
                 f"{self.path}: row {row} has tokens {tokens.shape}, the plan says {expected} "
                 "(the tokenizer counted another length?)"
             )
-        if self._block is None:
-            self._block = block
-            self._buffer = {}
-        self._buffer[row] = tokens
-        if len(self._buffer) == self.block_rows[block + 1] - self.block_rows[block]:
-            self.write_block(block, [self._buffer[r] for r in sorted(self._buffer)])
-            self._block, self._buffer = None, {}
+        super().add(row, tokens)
 
     def write_block(self, block: int, rows: Sequence[np.ndarray]) -> None:
         """Write one block (the tokens of each of its rows, in order), then its flag. Values that
@@ -361,10 +264,10 @@ class TokenStoreWriter(BlockStoreWriter):
             rows=range(int(rows[0]), int(rows[-1]) + 1),
         )
 
-    def damaged_blocks(self, blocks: Sequence[int] | None = None) -> dict[int, StoreIntegrityError]:
+    def damaged_blocks(self, blocks: Iterable[int] | None = None) -> dict[int, StoreIntegrityError]:
         """Flagged blocks (or the given ones) whose shard is missing, does not decode, or holds
         non-finite values."""
-        reader = TokenStore(self.path, check_complete=False)
+        reader = TokenStore(self.path)
         found = {}
         for block in np.flatnonzero(self.flags[:]) if blocks is None else blocks:
             try:
@@ -373,12 +276,7 @@ class TokenStoreWriter(BlockStoreWriter):
                 found[int(block)] = error
         return found
 
-    def _unfinished(self) -> str | None:
-        if self._block is not None:
-            return f"block {self._block} is half filled"
-        return super()._unfinished()
-
-    def _marker_fields(self) -> dict[str, Any]:
+    def marker_fields(self) -> dict[str, Any]:
         return {"layer": self.group.attrs["layer"]}
 
 
@@ -394,75 +292,38 @@ def _create(
     n = len(sample_ids)
     if len(plan.token_count) != n:
         raise ValueError(f"{path}: {n} sample ids but a plan of {len(plan.token_count)} rows")
-    group = zarr.open_group(path, mode="w")
-    dense = {"write_empty_chunks": True}
-    group.create_array(
-        "tokens",
-        shape=(plan.n_slots, dim),
-        chunks=(plan.chunk_slots, dim),
-        shards=(plan.slots_per_block, dim),
-        dtype=dtype,
-        fill_value=0,
-        dimension_names=("token", "dim"),
-        config={"write_empty_chunks": False},  # a block's unused tail is not stored
-        **_token_codecs(dtype),
-    )
-    for name, values, dims in (
-        ("token_start", plan.token_start, ("sample",)),
-        ("token_count", plan.token_count, ("sample",)),
-        ("block_rows", plan.block_rows, ("block_edge",)),
-    ):
-        array = group.create_array(
-            name,
-            shape=values.shape,
-            chunks=(max(len(values), 1),),
-            dtype=values.dtype,
-            dimension_names=dims,
-            config=dense,
-            **chunk_codecs(),
+
+    def arrays(group: zarr.Group) -> None:
+        group.create_array(
+            "tokens",
+            shape=(plan.n_slots, dim),
+            chunks=(plan.chunk_slots, dim),
+            shards=(plan.slots_per_block, dim),
+            dtype=dtype,
+            fill_value=0,
+            dimension_names=("token", "dim"),
+            config={"write_empty_chunks": False},  # a block's unused tail is not stored
+            **_token_codecs(dtype),
         )
-        array[:] = values
-    ids = group.create_array(
-        "sample",
-        shape=(n,),
-        chunks=(max(n, 1),),
-        dtype=str,
-        dimension_names=("sample",),
-        config=dense,
-        **chunk_codecs(),
-    )
-    ids[:] = np.asarray(sample_ids, dtype=str)
-    group.create_array(
-        "block_complete",
-        shape=(plan.n_blocks,),
-        chunks=(1,),
-        dtype=bool,
-        fill_value=False,
-        dimension_names=("block",),
-        config=dense,
-        **chunk_codecs(),
-    )
-    group.attrs.update(
-        {
-            **attrs,
-            "fingerprint": fingerprint,
-            "format": "tokens",
-            "format_version": FORMAT_VERSION,
-            "dim": int(dim),
-            "dtype": dtype,
-            "n_samples": n,
-            "n_tokens": int(plan.token_count.sum()),
-            "slots_per_block": plan.slots_per_block,
-            "complete": False,
-        }
-    )
-    return group
+        small_array(group, "token_start", plan.token_start, "sample")
+        small_array(group, "token_count", plan.token_count, "sample")
+        small_array(group, "block_rows", plan.block_rows, "block_edge")
+        small_array(group, "sample", np.asarray(sample_ids, dtype=str), "sample")
+
+    layout_attrs = {
+        "dim": int(dim),
+        "dtype": dtype,
+        "n_samples": n,
+        "n_tokens": int(plan.token_count.sum()),
+        "slots_per_block": plan.slots_per_block,
+    }
+    return create_group(path, TOKENS, fingerprint, plan.n_blocks, arrays, attrs, layout_attrs)
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
 
-class TokenStore:
+class TokenStore(StoreReader):
     """Read access to a token store; every read is verified (shards present, decodable, finite).
 
     ``read(rows)`` gives ``(tokens, mask)``: float32 (len(rows), T, dim) padded to the longest of
@@ -471,27 +332,18 @@ class TokenStore:
     or a read touches a block densely; other reads fetch just their inner chunks. Memory
     stays bounded whatever the store's size."""
 
-    def __init__(self, path: str | Path, check_complete: bool = True) -> None:
-        self.path = Path(path)
+    fmt = TOKENS
+    required = ("layer", "dim", "n_samples")
+    ids = "sample"
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cached_bytes = 0
-        if check_complete and not marker_path(self.path).exists():
-            raise IncompleteStoreError(
-                f"token store {self.path} is incomplete (no {marker_path(self.path).name}): "
-                "run its extract_tokens job"
-            )
-
-    @cached_property
-    def group(self) -> zarr.Group:
-        return open_group_checked(self.path, "token store")
 
     @cached_property
     def attrs(self) -> dict[str, Any]:
         return dict(self.group.attrs)
-
-    @property
-    def fingerprint(self) -> str:
-        return self.attrs["fingerprint"]
 
     @property
     def layer(self) -> int:
@@ -501,16 +353,17 @@ class TokenStore:
     def dim(self) -> int:
         return int(self.attrs["dim"])
 
-    @property
-    def n_samples(self) -> int:
-        return int(self.attrs["n_samples"])
-
     def __len__(self) -> int:
         return self.n_samples
 
     @property
     def where(self) -> str:
         return f"token store {self.path} (layer {self.attrs.get('layer')})"
+
+    @property
+    def job_marker(self) -> Path:
+        """The store is made by its token set's job, whose output is the set's marker."""
+        return Path(layout.store_marker(str(self.path.parent)))
 
     @cached_property
     def tokens(self) -> zarr.Array:
@@ -668,35 +521,14 @@ class TokenStore:
         tokens[_slots(np.arange(len(rows)) * longest, counts)] = flat
         return tokens.reshape(len(rows), longest, self.dim), mask
 
-    def integrity_problems(self) -> list[StoreIntegrityError]:
-        """Everything wrong with the store: attributes, flags, index arrays, every block."""
-
-        def problem(text: str) -> StoreIntegrityError:
-            return StoreIntegrityError(f"{self.where}: {text}", path=self.path)
-
-        try:
-            attrs = self.attrs
-        except StoreIntegrityError as error:
-            return [error]
-        missing = [k for k in ("fingerprint", "layer", "dim", "n_samples") if k not in attrs]
-        if missing:
-            return [problem(f"attributes {missing} are missing")]
-        found = []
-        if attrs.get("format_version") != FORMAT_VERSION:
-            found.append(problem(f"format version {attrs.get('format_version')}"))
+    def block_problems(self) -> list[StoreIntegrityError]:
         try:
             for name in ("token_start", "token_count", "block_rows"):
                 getattr(self, name)
-            if len(self.sample_ids()) != self.n_samples:
-                found.append(problem(f"sample does not hold {self.n_samples} ids"))
-            flags = self.group["block_complete"][:]
-            if not flags.all():
-                found.append(problem(f"{int((~flags).sum())} blocks are not written"))
         except StoreIntegrityError as error:
-            return [*found, error]
-        except Exception as error:
-            return [*found, problem(f"block_complete cannot be read ({error})")]
-        for block in range(len(self.block_rows) - 1):
+            return [error]
+        found = []
+        for block in range(self.n_blocks):
             try:
                 self.check_block(block)
             except StoreIntegrityError as error:
@@ -712,54 +544,6 @@ def _slots(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     offsets = np.repeat(np.asarray(starts, np.int64) - np.cumsum(counts) + counts, counts)
     return offsets + np.arange(total, dtype=np.int64)
-
-
-def open_token_store(path: str | Path, fingerprint: str | None = None) -> TokenStore:
-    """A complete token store; refuse one unfinished, inconsistent with its marker, or (given
-    ``fingerprint``) made from another config."""
-    path = Path(path)
-    reader = TokenStore(path)
-    try:
-        marked = json.loads(marker_path(path).read_text()).get("fingerprint")
-    except (OSError, ValueError, AttributeError) as error:
-        raise StoreIntegrityError(
-            f"{marker_path(path)} cannot be read ({error})", path=path
-        ) from error
-    if marked != reader.attrs.get("fingerprint"):
-        raise StoreIntegrityError(
-            f"token store {path}: its marker and the store disagree on the fingerprint (the "
-            "store was replaced after it was finished); extract it again",
-            path=path,
-        )
-    if fingerprint is not None and reader.fingerprint != fingerprint:
-        raise StaleStoreError(
-            f"token store {path} has fingerprint {reader.fingerprint[:12]}, expected "
-            f"{fingerprint[:12]}: it is stale, rerun its extract_tokens job"
-        )
-    return reader
-
-
-def open_requested_tokens(
-    path: str | Path, request: str, content_hash: str, layer: int
-) -> TokenStore:
-    """A complete token store for a reading job that expects ``request`` (``request_hash``) of
-    the prepared dataset with ``content_hash``, at ``layer``."""
-    reader = open_token_store(path)
-    attrs = reader.attrs
-    rerun = "run its extract_tokens job again (snakemake --force on the token set's marker)"
-    if attrs.get("request") != request:
-        raise StaleStoreError(
-            f"token store {path} was extracted for another encoder spec, dataset, split, "
-            f"precision or token dtype than this job's config asks for: {rerun}"
-        )
-    if attrs["dataset"]["content_hash"] != content_hash:
-        raise StaleStoreError(
-            f"token store {path} holds dataset content {attrs['dataset']['content_hash'][:12]}, "
-            f"the prepared dataset is now {content_hash[:12]}: {rerun}"
-        )
-    if int(attrs["layer"]) != int(layer):
-        raise StaleStoreError(f"token store {path} holds layer {attrs['layer']}, not {layer}")
-    return reader
 
 
 # ---- token sources (pipeline.align.pal.TokenSource) ----------------------------------------------
@@ -784,44 +568,3 @@ class StoreTokens:
         """The source of rows ``index`` of this one (sharing the store and its cache)."""
         index = np.asarray(index, dtype=np.int64)
         return StoreTokens(self.store, index if self.rows is None else self.rows[index])
-
-
-class TokenSet:
-    """The token stores one ``extract_tokens`` job wrote for a (dataset, split, encoder), opened
-    by layer and checked against what the reading job's config asks for (``request``)."""
-
-    def __init__(self, marker: str | Path, request: str, content_hash: str) -> None:
-        from pipeline import layout
-
-        self.marker = Path(marker)
-        self.directory = layout.tokens_dir_of_marker(str(marker))
-        self.request, self.content_hash = request, content_hash
-        self._stores: dict[int, TokenStore] = {}
-
-    @cached_property
-    def layers(self) -> list[int]:
-        try:
-            return sorted(int(layer) for layer in json.loads(self.marker.read_text())["layers"])
-        except (OSError, ValueError, KeyError) as error:
-            raise IncompleteStoreError(
-                f"token set marker {self.marker} cannot be read ({error}): run its extract_tokens "
-                "job"
-            ) from error
-
-    def layer(self, layer: int) -> TokenStore:
-        """The checked token store of ``layer``; an error says when the set lacks it."""
-        from pipeline import layout
-
-        layer = int(layer)
-        if layer not in self._stores:
-            if layer not in self.layers:
-                raise StaleStoreError(
-                    f"token set {self.directory} holds layers {self.layers}, not {layer}: its "
-                    "extract_tokens job ran with another layer choice; run it again "
-                    f"(snakemake --force {self.marker})"
-                )
-            path = layout.token_store(self.directory, layer)
-            self._stores[layer] = open_requested_tokens(
-                path, self.request, self.content_hash, layer
-            )
-        return self._stores[layer]
