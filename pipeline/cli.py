@@ -180,7 +180,7 @@ def validate(args: argparse.Namespace) -> None:
 def verify(args: argparse.Namespace) -> None:
     from pipeline.verify import print_report, verify_results
 
-    raise SystemExit(print_report(verify_results(args.results)))
+    raise SystemExit(print_report(verify_results(args.results, args.configfile)))
 
 
 def parser() -> argparse.ArgumentParser:
@@ -194,6 +194,12 @@ def parser() -> argparse.ArgumentParser:
         "verify", help="check every feature store and aligner run; print what is damaged"
     )
     audit.add_argument("--results", type=Path, default=Path("results"), help="results folder")
+    audit.add_argument(
+        "--configfile",
+        type=Path,
+        action="append",
+        help="the config file(s) the results were made with: named in the repair commands",
+    )
     audit.set_defaults(run=verify)
     for name, stage in STAGES.items():
         sub = commands.add_parser(name, aliases=[stage.alias], help=stage.help)

@@ -1,18 +1,21 @@
 """Check what ``results/`` holds: every feature store, token store and aligner run, read in full.
 
-``verify_results(results_dir)`` returns one ``Problem`` per thing found wrong, each with what
-is wrong, where, and a shell command (run from the workflow root) that repairs it;
+``verify_results(results_dir, configfiles)`` returns one ``Problem`` per thing found wrong, each
+with what is wrong, where, and a shell command (run from the workflow root, with the same
+``--configfile``) that repairs it;
 ``print_report`` prints them and returns the exit code. Feature stores and token stores are
 checked alike (``check_store``), each by its layout's own reader (``integrity_problems``):
 marker present and agreeing with the store, attributes, block flags, sample ids, and every
 chunk present, matching its checksum and finite. Aligner runs: ``done.json`` present with a
 fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
 loadable into the aligner, the curve readable, and the features it was fitted on still the
-ones in ``results/features``.
+ones in ``results/features``. Spec records (``pipeline.provenance``): a job whose outputs were
+made with another spec than its rule last asked for is stale.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -22,8 +25,9 @@ from typing import TextIO
 
 import numpy as np
 
-from pipeline import layout
+from pipeline import layout, provenance
 from pipeline.align import artifacts
+from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
 from pipeline.stores.core import StoreIntegrityError, StoreReader, marked_fingerprint, marker_path
 from pipeline.stores.features import FeatureStore
@@ -41,21 +45,48 @@ class Problem:
     repair: str
 
 
-def verify_results(results_dir: Path) -> list[Problem]:
-    """Every problem of the feature stores, token stores and aligner runs under ``results_dir``."""
+def snakemake(configfiles: list[Path] | None = None) -> str:
+    """The Snakemake command line of a repair, with the config files the results were made
+    with (none: the default ``config.yaml``)."""
+    return " ".join([SNAKEMAKE, *(f"--configfile {path}" for path in configfiles or [])])
+
+
+def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> list[Problem]:
+    """Every problem of the feature stores, token stores, aligner runs and spec records under
+    ``results_dir``; repairs name ``configfiles``."""
     results_dir = Path(results_dir)
+    command = snakemake(configfiles)
     problems: list[Problem] = []
     known: dict[str, set[str] | None] = {}
     for reader, folder in ((FeatureStore, "features"), (TokenStore, "tokens")):
         fingerprints: set[str] = set()
         for path in zarr_stores(results_dir / folder):
-            found, fingerprint = check_store(reader(path), results_dir)
+            found, fingerprint = check_store(reader(path), results_dir, command)
             problems += found
             if fingerprint:
                 fingerprints.add(fingerprint)
         known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
-        problems += check_run(run_dir, results_dir, known["features"], known["tokens"])
+        problems += check_run(run_dir, results_dir, known["features"], known["tokens"], command)
+    return problems + stale_jobs(results_dir, command)
+
+
+def stale_jobs(results_dir: Path, command: str) -> list[Problem]:
+    """Jobs whose outputs were made with another spec than their rule last asked for (a config
+    edit not run yet: ``snakemake`` reruns them, with or without ``.snakemake/``)."""
+    problems = []
+    for record in sorted((results_dir / "specs").rglob("*.json")):
+        if record.name.endswith(".made.json"):
+            continue
+        made = provenance.made_with(record)
+        try:
+            asked = spec_hash(json.loads(record.read_text()))
+        except (OSError, ValueError) as error:
+            problems.append(Problem(f"spec record unreadable ({error})", str(record), command))
+            continue
+        if made is not None and made != asked:
+            what = "outputs made with another spec than the config now asks for: stale"
+            problems.append(Problem(what, str(record.relative_to(results_dir)), command))
     return problems
 
 
@@ -109,13 +140,15 @@ def target(path: Path, results_dir: Path) -> str:
     return (Path("results") / Path(path).relative_to(results_dir)).as_posix()
 
 
-def check_store(reader: StoreReader, results_dir: Path) -> tuple[list[Problem], str | None]:
+def check_store(
+    reader: StoreReader, results_dir: Path, command: str
+) -> tuple[list[Problem], str | None]:
     """Problems of one store (feature or token store), and its fingerprint when it has one. The
     repair reruns the job that makes it (``reader.job_marker``)."""
     path, kind = reader.path, reader.fmt.kind
     marker, where = marker_path(path), str(path)
     job = target(reader.job_marker, results_dir)
-    force = f"{SNAKEMAKE} --force {job}"
+    force = f"{command} --force {job}"
     if not path.is_dir():
         return [Problem(f"completion marker {marker.name} without its {kind}", where, force)], None
     try:
@@ -131,7 +164,7 @@ def check_store(reader: StoreReader, results_dir: Path) -> tuple[list[Problem], 
             else f"extraction unfinished (no {marker.name}): a killed run, it resumes"
         )
         resumes = not complete and not reader.job_marker.exists()  # its job runs again
-        problems.append(Problem(what, where, f"{SNAKEMAKE} {job}" if resumes else force))
+        problems.append(Problem(what, where, f"{command} {job}" if resumes else force))
     else:
         try:
             marked = marked_fingerprint(path)
@@ -157,13 +190,14 @@ def check_run(
     run_dir: Path,
     results_dir: Path,
     fingerprints: set[str] | None,
-    token_fingerprints: set[str] | None = None,
+    token_fingerprints: set[str] | None,
+    command: str,
 ) -> list[Problem]:
     """Problems of one aligner run; ``fingerprints``: the feature stores' and
     ``token_fingerprints`` the token stores' (None: not checked)."""
     where = str(run_dir)
     job = target(run_dir.parent / layout.RUNS_JSON, results_dir)
-    refit = f"{SNAKEMAKE} --force {job}"  # a forced align job refits every run
+    refit = f"{command} --force {job}"  # a forced align job refits every run
 
     def problem(what: str) -> list[Problem]:
         return [Problem(what, where, refit)]

@@ -3,13 +3,14 @@ the writer refuses NaN; ``pipeline.verify`` reports every kind of damage with it
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 import zarr
 
-from pipeline import verify
+from pipeline import provenance, verify
 from pipeline.align.grid import fit_runs
 from pipeline.pairs import grid_runs
 from pipeline.stores import core
@@ -276,6 +277,32 @@ def test_verify_names_each_kind_of_store_damage_with_its_repair(results, damage)
     report = io.StringIO()
     assert verify.print_report(problems, report) == 1
     assert expected in report.getvalue() and mine[0].repair in report.getvalue()
+
+
+def test_repairs_name_the_config_the_results_were_made_with(results):
+    """Under any config but the default, a repair without it would build another workflow."""
+    results_dir, path, _ = results
+    chunk(path, 1, 3).unlink()
+    [problem] = verify.verify_results(results_dir, [Path("workflow/configs/paper.yaml")])
+    assert problem.repair == (
+        f"{verify.SNAKEMAKE} --configfile workflow/configs/paper.yaml --force "
+        "results/features/tiny/train/vit.zarr.done"
+    )
+
+
+def test_verify_names_a_job_made_with_another_spec(tmp_path):
+    """A config edit that no Snakemake run has acted on yet: the job's outputs were made with
+    another spec than the one its rule last asked for."""
+    results_dir = tmp_path / "results"
+    record = results_dir / "specs" / "fit_aligners" / "vit" / "minilm" / "asif" / "best.json"
+    provenance.request(record, {"params": {"k": 16}})
+    provenance.record_made(record, {"params": {"k": 16}})
+    assert verify.verify_results(results_dir) == []
+    provenance.request(record, {"params": {"k": 3}})
+    [problem] = verify.verify_results(results_dir)
+    assert "stale" in problem.what
+    assert problem.where == "specs/fit_aligners/vit/minilm/asif/best.json"
+    assert problem.repair == verify.SNAKEMAKE
 
 
 def test_verify_reports_an_unfinished_store_as_resumable(tmp_path):

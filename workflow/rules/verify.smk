@@ -8,9 +8,10 @@ rule verify:
     the command that repairs it. Exits non-zero when something is."""
     params:
         results=layout.RESULTS,
+        configfiles=" ".join(f"--configfile {shlex.quote(str(p))}" for p in workflow.overwrite_configfiles),
     conda:
         "../envs/postalign.yaml"
     log:
         layout.log("verify", "results"),
     shell:
-        "python -m pipeline verify --results {params.results} 2>&1 | tee {log}"
+        "python -m pipeline verify --results {params.results} {params.configfiles} 2>&1 | tee {log}"
