@@ -97,7 +97,8 @@ def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str
     from pipeline.store import request_hash
 
     precision = config["runtime"]["precision"]
-    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision)
+    spec = split_encoder_spec(config, dataset, split, encoder)
+    return request_hash(encoder, spec, dataset, split, precision)
 
 
 def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
@@ -105,7 +106,8 @@ def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str
     from pipeline.tokens import request_hash
 
     precision, dtype = config["runtime"]["precision"], config["tokens"]["dtype"]
-    return request_hash(encoder, encoder_spec(config, encoder), dataset, split, precision, dtype)
+    spec = split_encoder_spec(config, dataset, split, encoder)
+    return request_hash(encoder, spec, dataset, split, precision, dtype)
 
 
 def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
@@ -117,6 +119,23 @@ def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
     from pipeline.pretrain import pretrained_spec
 
     return pretrained_spec(spec, layout.pretrained_weights(encoder))
+
+
+def split_encoder_spec(
+    config: dict[str, Any], dataset: str, split: str, encoder: str
+) -> dict[str, Any]:
+    """The spec an encoder reads one dataset split with: a vision encoder sees a split with a
+    segmentation task through ``segmentation.view`` (docs/pal.md, "Segmentation geometry"),
+    every extraction of it alike, so all methods' numbers on the split see the same pixels."""
+    spec = encoder_spec(config, encoder)
+    if split == PROMPTS_SPLIT or modality(config, encoder) != "vision":
+        return spec
+    from pipeline.data import segmentation_tasks as dataset_tasks
+
+    found = dataset_tasks(dataset, config["datasets"][dataset])
+    if not any(task_split == split for _, task_split in found):
+        return spec
+    return {**spec, "view": config["segmentation"]["view"]}
 
 
 def weights_input(config: dict[str, Any], encoder: str) -> dict[str, str]:
@@ -208,7 +227,7 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
         return Job("extract_features", {"shards": shards}, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_features",
-        _extract_spec(config, split, encoder),
+        _extract_spec(config, dataset, split, encoder),
         inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
         outputs=marker,
         threads=extract_threads(config),
@@ -220,7 +239,7 @@ def extract_features_shard(
 ) -> Job:
     """Shard ``shard`` ("<k>-of-<n>") of a store: one contiguous run of its blocks."""
     number, shards = _shard_numbers(config, dataset, split, shard)
-    spec = {**_extract_spec(config, split, encoder), "shard": number, "shards": shards}
+    spec = {**_extract_spec(config, dataset, split, encoder), "shard": number, "shards": shards}
     return Job(
         "extract_features_shard",
         spec,
@@ -230,11 +249,11 @@ def extract_features_shard(
     )
 
 
-def _extract_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
+def _extract_spec(config: dict[str, Any], dataset: str, split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
     return {
         "encoder_name": encoder,
-        "encoder": encoder_spec(config, encoder),
+        "encoder": split_encoder_spec(config, dataset, split, encoder),
         "split": split,
         "runtime": {key: runtime[key] for key in EXTRACT_RUNTIME},
     }
@@ -281,7 +300,7 @@ def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: st
         return Job("extract_tokens", spec, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_tokens",
-        _token_spec(config, split, encoder),
+        _token_spec(config, dataset, split, encoder),
         inputs=_token_inputs(config, dataset, encoder),
         outputs=marker,
         threads=extract_threads(config),
@@ -295,18 +314,18 @@ def extract_tokens_shard(
     number, shards = _shard_numbers(config, dataset, split, shard)
     return Job(
         "extract_tokens_shard",
-        {**_token_spec(config, split, encoder), "shard": number, "shards": shards},
+        {**_token_spec(config, dataset, split, encoder), "shard": number, "shards": shards},
         inputs=_token_inputs(config, dataset, encoder),
         outputs={"shard": layout.tokens_shard_marker(dataset, split, encoder, shard)},
         threads=extract_threads(config),
     )
 
 
-def _token_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
+def _token_spec(config: dict[str, Any], dataset: str, split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
     return {
         "encoder_name": encoder,
-        "encoder": encoder_spec(config, encoder),
+        "encoder": split_encoder_spec(config, dataset, split, encoder),
         "split": split,
         "side": modality(config, encoder),
         "layer_choices": config["align"]["layer_choices"],

@@ -34,8 +34,10 @@ TIMM_KEYS = (
     "init_seed",
     "pooling",
     "image_size",
+    "view",
     "model_kwargs",
 )
+VIEWS = ("crop", "square")  # the eval transform's centre crop | the whole image resized square
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # create_model arguments that would load weights behind the back of `weights`/`pretrained`.
 RESERVED_MODEL_KWARGS = (
@@ -54,6 +56,7 @@ class TimmSpec:
     init_seed: int | None
     pooling: Pooling
     image_size: int | None
+    view: str
     model_kwargs: dict[str, Any]
 
     @property
@@ -78,6 +81,9 @@ def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
             raise EncoderSpecError(
                 encoder, "model_kwargs", f"{key!r} is not allowed; use 'weights' / 'pretrained'"
             )
+    view = read_option(encoder, spec, "view", str, "crop")
+    if view not in VIEWS:
+        raise EncoderSpecError(encoder, "view", f"must be one of {VIEWS}, got {view!r}")
     return TimmSpec(
         name=read_name(encoder, spec),
         pretrained=pretrained,
@@ -87,6 +93,7 @@ def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
         ),
         pooling=read_pooling(encoder, spec, "cls"),
         image_size=read_positive_int(encoder, spec, "image_size"),
+        view=view,
         model_kwargs=dict(model_kwargs),
     )
 
