@@ -44,7 +44,7 @@ import polars as pl
 from PIL import Image
 
 from pipeline.atomic import write_bytes
-from pipeline.data.image_folder import read_lines
+from pipeline.data.image_folder import read_lines, read_templates
 from pipeline.data.manifest import (
     CAPTION_SCHEMA,
     PreparedDataset,
@@ -569,15 +569,16 @@ def class_names(name: str, benchmark: Benchmark, classes: list[str]) -> list[str
 
 
 def _templates(benchmark: Benchmark, spec: Mapping[str, Any]) -> tuple[str, ...]:
+    """The spec's template file, else clip-benchmark's templates (its placeholder ``{c}``
+    becomes ``{}``)."""
     if spec.get("templates") is not None:
-        templates = read_lines(Path(spec["templates"]))
-    else:
-        table = clip_benchmark_table("zeroshot_classification_templates")
-        templates = table.get(benchmark.templates, table[FALLBACK_TEMPLATES])
-        templates = [t.replace("{c}", "{}") for t in templates]  # its placeholder is {c}
+        return read_templates(spec["templates"])
+    table = clip_benchmark_table("zeroshot_classification_templates")
+    templates = table.get(benchmark.templates, table[FALLBACK_TEMPLATES])
+    templates = tuple(t.replace("{c}", "{}") for t in templates)
     for template in templates:
         check_template(template)
-    return tuple(templates)
+    return templates
 
 
 def _rows(name: str, split: str, samples: Samples, names: list[str], out_dir: Path) -> pl.DataFrame:
