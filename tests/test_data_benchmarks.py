@@ -384,3 +384,15 @@ def test_a_corrupt_distribution_is_an_error_naming_it(tmp_path) -> None:
     spec = {"source": "benchmark", "dataset": "cifar10", "root": str(tmp_path)}
     with pytest.raises(ValueError, match=r"dataset 'c': cannot read CIFAR-10 split 'test'"):
         prepare_dataset("c", spec, tmp_path / "out")
+
+
+def test_a_config_naming_missing_benchmark_data_fails_before_any_job(tmp_path) -> None:
+    from pipeline.config import ConfigError, load_config, validate_config
+
+    config = load_config(Path(__file__).resolve().parent.parent / "config.yaml")
+    config["datasets"]["dtd"] = {"source": "benchmark", "dataset": "dtd", "root": str(tmp_path)}
+    with pytest.raises(ConfigError, match=r"datasets\.dtd.*DTD data: .*dtd/dtd/labels is missing"):
+        validate_config(config)
+    config["datasets"]["dtd"]["dataset"] = "dtd2"
+    with pytest.raises(ConfigError, match=r"datasets\.dtd"):
+        validate_config(config)
