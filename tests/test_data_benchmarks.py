@@ -396,3 +396,10 @@ def test_a_config_naming_missing_benchmark_data_fails_before_any_job(tmp_path) -
     config["datasets"]["dtd"]["dataset"] = "dtd2"
     with pytest.raises(ConfigError, match=r"datasets\.dtd"):
         validate_config(config)
+
+
+def test_the_schema_lists_every_benchmark() -> None:
+    from pipeline.config import load_schema
+
+    schema = load_schema()["$defs"]["benchmark_dataset"]["properties"]["dataset"]["enum"]
+    assert sorted(schema) == sorted(BENCHMARKS)
