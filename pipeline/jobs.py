@@ -124,11 +124,11 @@ def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
 def split_encoder_spec(
     config: dict[str, Any], dataset: str, split: str, encoder: str
 ) -> dict[str, Any]:
-    """The spec an encoder reads one dataset split with: a vision encoder sees a split with a
+    """The spec an encoder reads one dataset split with: a timm encoder sees a split with a
     segmentation task through ``segmentation.view`` (docs/pal.md, "Segmentation geometry"),
     every extraction of it alike, so all methods' numbers on the split see the same pixels."""
     spec = encoder_spec(config, encoder)
-    if split == PROMPTS_SPLIT or modality(config, encoder) != "vision":
+    if split == PROMPTS_SPLIT or spec["source"] != "timm":  # the one source with patch tokens
         return spec
     from pipeline.data import segmentation_tasks as dataset_tasks
 
