@@ -200,5 +200,6 @@ def test_every_extraction_of_a_segmentation_split_uses_the_segmentation_view() -
         config["runtime"]["precision"],
         config["tokens"]["dtype"],
     )
-    cropped = validate_config({**load_config(ROOT / "config.yaml"), "segmentation": {"view": "crop"}})
+    cropped = {**load_config(ROOT / "config.yaml"), "segmentation": {"view": "crop"}}
+    cropped = validate_config(cropped)
     assert set(views(cropped).values()) == {"crop"}
