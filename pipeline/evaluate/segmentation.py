@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = 255
 
@@ -100,19 +101,6 @@ def view_positions(view: dict[str, Any] | None, size: tuple[int, int]) -> tuple[
     )
 
 
-def _axis_weights(positions: np.ndarray, cells: int) -> np.ndarray:
-    """(len(positions), cells) linear interpolation weights over the centres of ``cells``
-    equal cells spanning [0, 1), clamped at the edges (``align_corners=False``)."""
-    source = np.clip(positions * cells - 0.5, 0, cells - 1)
-    low = np.floor(source).astype(np.int64)
-    high = np.minimum(low + 1, cells - 1)
-    weights = np.zeros((len(positions), cells))
-    rows = np.arange(len(positions))
-    np.add.at(weights, (rows, low), 1 - (source - low))
-    np.add.at(weights, (rows, high), source - low)
-    return weights
-
-
 def upsample_scores(
     scores: np.ndarray | torch.Tensor,
     grid: tuple[int, int],
@@ -127,22 +115,22 @@ def upsample_scores(
     h, w = grid
     if scores.ndim not in (2, 3) or scores.shape[:-1] not in ((h * w,), (h, w)):
         raise ValueError(f"scores {tuple(scores.shape)} do not fit a {h} x {w} patch grid")
-    return _upsample(scores.reshape(1, h, w, -1), size, view)[0].numpy()
+    return _upsample(scores.reshape(1, h, w, -1), size, view)[0].permute(1, 2, 0).numpy()
 
 
 def _upsample(
     maps: torch.Tensor, size: tuple[int, int], view: dict[str, Any] | None
 ) -> torch.Tensor:
-    """(B, H, W, C) from (B, h, w, C): bilinear interpolation is separable, one weight matrix
-    per axis."""
+    """(B, C, H, W) from (B, h, w, C): torch's bilinear sampler at each pixel's position in the
+    input (``align_corners=False``, edges clamped: with no crop, ``F.interpolate``'s numbers)."""
     if not maps.is_floating_point():
         maps = maps.to(torch.float32)
-    rows, cols = view_positions(view, size)
-    by_row, by_col = (
-        torch.as_tensor(_axis_weights(p, n), dtype=maps.dtype)
-        for p, n in ((rows, maps.shape[1]), (cols, maps.shape[2]))
+    rows, cols = (torch.as_tensor(2 * p - 1, dtype=maps.dtype) for p in view_positions(view, size))
+    y, x = torch.meshgrid(rows, cols, indexing="ij")
+    grid = torch.stack([x, y], dim=-1).expand(len(maps), -1, -1, -1)
+    return F.grid_sample(
+        maps.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False
     )
-    return torch.einsum("yi,bijc,xj->byxc", by_row, maps, by_col)
 
 
 def seen(view: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
@@ -240,6 +228,6 @@ def _decode_batch(
         return [decode(s, grid, m.shape, view) for s, m in zip(scores, masks, strict=True)]
     size = masks[0].shape
     maps = torch.as_tensor(scores).reshape(len(scores), *grid, -1)
-    labels = _upsample(maps, size, view).argmax(dim=-1).numpy().astype(np.int64)
+    labels = _upsample(maps, size, view).argmax(dim=1).numpy().astype(np.int64)
     labels[:, ~seen(view, size)] = IGNORE_INDEX
     return list(labels)
