@@ -129,7 +129,11 @@ def _upsample(
     y, x = torch.meshgrid(rows, cols, indexing="ij")
     grid = torch.stack([x, y], dim=-1).expand(len(maps), -1, -1, -1)
     return F.grid_sample(
-        maps.permute(0, 3, 1, 2), grid, mode="bilinear", padding_mode="border", align_corners=False
+        maps.permute(0, 3, 1, 2).contiguous(),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
     )
 
 
@@ -228,6 +232,6 @@ def _decode_batch(
         return [decode(s, grid, m.shape, view) for s, m in zip(scores, masks, strict=True)]
     size = masks[0].shape
     maps = torch.as_tensor(scores).reshape(len(scores), *grid, -1)
-    labels = _upsample(maps, size, view).argmax(dim=1).numpy().astype(np.int64)
+    labels = _upsample(maps, size, view).max(dim=1).indices.numpy()  # ties: the first, as argmax
     labels[:, ~seen(view, size)] = IGNORE_INDEX
     return list(labels)
