@@ -77,14 +77,14 @@ def grid_spec(config: dict[str, Any]) -> dict[str, Any]:
 def store_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
     """The ``request`` a reading job expects of a feature store (``keys.request_hash``)."""
     precision = config["runtime"]["precision"]
-    spec = encoder_spec(config, encoder)
+    spec = split_encoder_spec(config, dataset, split, encoder)
     return keys.request_hash(keys.FEATURES, encoder, spec, dataset, split, precision)
 
 
 def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str) -> str:
     """The ``request`` a reading job expects of a token set's stores (``keys.request_hash``)."""
     precision, dtype = config["runtime"]["precision"], config["tokens"]["dtype"]
-    spec = encoder_spec(config, encoder)
+    spec = split_encoder_spec(config, dataset, split, encoder)
     return keys.request_hash(keys.TOKENS, encoder, spec, dataset, split, precision, dtype=dtype)
 
 
@@ -97,6 +97,23 @@ def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
     from pipeline.pretrain import pretrained_spec
 
     return pretrained_spec(spec, layout.pretrained_weights(encoder))
+
+
+def split_encoder_spec(
+    config: dict[str, Any], dataset: str, split: str, encoder: str
+) -> dict[str, Any]:
+    """The spec an encoder reads one dataset split with: a timm encoder sees a split with a
+    segmentation task through ``segmentation.view`` (docs/pal.md, "Segmentation geometry"),
+    every extraction of it alike, so all methods' numbers on the split see the same pixels."""
+    spec = encoder_spec(config, encoder)
+    if split == PROMPTS_SPLIT or spec["source"] != "timm":  # the one source with patch tokens
+        return spec
+    from pipeline.data import segmentation_tasks as dataset_tasks
+
+    found = dataset_tasks(dataset, config["datasets"][dataset])
+    if not any(task_split == split for _, task_split in found):
+        return spec
+    return {**spec, "view": config["segmentation"]["view"]}
 
 
 def weights_input(config: dict[str, Any], encoder: str) -> dict[str, str]:
@@ -186,7 +203,7 @@ def extract_features(config: dict[str, Any], dataset: str, split: str, encoder: 
         return Job("extract_features", {"shards": shards}, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_features",
-        _extract_spec(config, split, encoder),
+        _extract_spec(config, dataset, split, encoder),
         inputs={"dataset": layout.dataset_manifest(dataset), **weights_input(config, encoder)},
         outputs=marker,
         threads=extract_threads(config),
@@ -198,7 +215,7 @@ def extract_features_shard(
 ) -> Job:
     """Shard ``shard`` ("<k>-of-<n>") of a store: one contiguous run of its blocks."""
     number, shards = _shard_numbers(config, dataset, split, shard)
-    spec = {**_extract_spec(config, split, encoder), "shard": number, "shards": shards}
+    spec = {**_extract_spec(config, dataset, split, encoder), "shard": number, "shards": shards}
     return Job(
         "extract_features_shard",
         spec,
@@ -208,11 +225,11 @@ def extract_features_shard(
     )
 
 
-def _extract_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
+def _extract_spec(config: dict[str, Any], dataset: str, split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
     return {
         "encoder_name": encoder,
-        "encoder": encoder_spec(config, encoder),
+        "encoder": split_encoder_spec(config, dataset, split, encoder),
         "split": split,
         "runtime": {key: runtime[key] for key in EXTRACT_RUNTIME},
     }
@@ -259,7 +276,7 @@ def extract_tokens(config: dict[str, Any], dataset: str, split: str, encoder: st
         return Job("extract_tokens", spec, {"shards": markers}, marker, threads=1)
     return Job(
         "extract_tokens",
-        _token_spec(config, split, encoder),
+        _token_spec(config, dataset, split, encoder),
         inputs=_token_inputs(config, dataset, encoder),
         outputs=marker,
         threads=extract_threads(config),
@@ -273,18 +290,18 @@ def extract_tokens_shard(
     number, shards = _shard_numbers(config, dataset, split, shard)
     return Job(
         "extract_tokens_shard",
-        {**_token_spec(config, split, encoder), "shard": number, "shards": shards},
+        {**_token_spec(config, dataset, split, encoder), "shard": number, "shards": shards},
         inputs=_token_inputs(config, dataset, encoder),
         outputs={"shard": layout.tokens_shard_marker(dataset, split, encoder, shard)},
         threads=extract_threads(config),
     )
 
 
-def _token_spec(config: dict[str, Any], split: str, encoder: str) -> dict[str, Any]:
+def _token_spec(config: dict[str, Any], dataset: str, split: str, encoder: str) -> dict[str, Any]:
     runtime = config["runtime"]
     return {
         "encoder_name": encoder,
-        "encoder": encoder_spec(config, encoder),
+        "encoder": split_encoder_spec(config, dataset, split, encoder),
         "split": split,
         "side": modality(config, encoder),
         "layer_choices": config["align"]["layer_choices"],

@@ -17,7 +17,7 @@ def preflight(config: dict[str, Any], *, local: bool) -> None:
     for name, spec in config["encoders"].items():
         if spec["source"] == "timm":
             check_timm_encoder(name, spec)
-        else:
+        elif spec["source"] in ("huggingface", "bundled"):
             check_text_encoder(name, spec)
     if local:
         check_device(config["runtime"]["device"])

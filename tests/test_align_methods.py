@@ -59,7 +59,7 @@ def unit_rows(a: np.ndarray) -> np.ndarray:
 
 
 def test_registry_holds_every_kind() -> None:
-    kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge", "pal"}
+    kinds = {"linear", "mlp", "csa", "asif", "procrustes", "ridge", "pal", "none"}
     assert set(KINDS) == kinds
     for kind in kinds:
         aligner = build_aligner(kind, {})

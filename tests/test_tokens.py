@@ -240,7 +240,8 @@ def test_stored_tokens_are_the_encoders_own(dataset, tmp_path):
         assert stored.shape == (12, VISION_TOKENS, 32) and mask.all()
         np.testing.assert_allclose(stored, values.numpy(), rtol=1e-3, atol=1e-3)  # float16
         np.testing.assert_allclose(stored[:, 0], pooled[layer].numpy(), rtol=1e-3, atol=1e-3)
-        assert reader.attrs["layout"] == {"prefix_tokens": 1, "grid": [4, 4]}
+        view = {"resize": 35, "crop": [32, 32]}  # 32 / crop_pct 0.9, then the centre crop
+        assert reader.attrs["layout"] == {"prefix_tokens": 1, "grid": [4, 4], "view": view}
         assert reader.sample_ids().tolist() == data.images["image_id"].to_list()
         assert reader.attrs["encoder"]["name"] == "vit" and reader.layer == layer
 

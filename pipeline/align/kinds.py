@@ -17,6 +17,7 @@ from pipeline.align.params import (
     CSAParams,
     LinearParams,
     MLPParams,
+    NoneParams,
     PALParams,
     ProcrustesParams,
     RidgeParams,
@@ -41,6 +42,7 @@ KINDS: dict[str, Kind] = {
     "procrustes": Kind(ProcrustesParams, "pipeline.align.linear_maps:ProcrustesAligner"),
     "ridge": Kind(RidgeParams, "pipeline.align.linear_maps:RidgeAligner"),
     "pal": Kind(PALParams, "pipeline.align.pal:PALAligner", tokens=True),
+    "none": Kind(NoneParams, "pipeline.align.reference:IdentityAligner"),
 }
 
 

@@ -280,6 +280,11 @@ class RidgeParams:
 
 
 @dataclass(frozen=True)
+class NoneParams:
+    """``none`` config (the reference row, ``reference.py``): no hyper-parameters."""
+
+
+@dataclass(frozen=True)
 class PALParams(Optimisation):
     """``pal`` config (keys = field names; the optimisation keys are ``Optimisation``'s).
 

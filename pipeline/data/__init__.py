@@ -9,7 +9,11 @@ made from, for a workflow to track. Sources, chosen by ``spec["source"]``:
 - ``synthetic``: the offline world of coloured shapes (``synthetic.py``);
 - ``coco_karpathy`` / ``flickr30k_karpathy``: Karpathy splits on disk (``karpathy.py``);
 - ``image_folder``: ``<root>/<split>/<class>/<image>`` classification sets (``image_folder.py``);
-- ``voc_segmentation``: PASCAL VOC 2012-style segmentation folders (``voc.py``).
+- ``voc_segmentation``: PASCAL VOC 2012-style segmentation folders (``voc.py``);
+- ``benchmark``: CLIP's zero-shot classification suite in its distributions' formats, read
+  through torchvision where it has the dataset (``benchmarks.py``);
+- ``pascal_context`` / ``ade20k``: Pascal Context-59 and ADE20K segmentation
+  (``scene_parsing.py``).
 
 Zero-shot tasks and their label convention are described in ``tasks.py``.
 """
@@ -21,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from pipeline.data import image_folder, karpathy, synthetic, voc
+from pipeline.data import benchmarks, image_folder, karpathy, scene_parsing, synthetic, voc
 from pipeline.data.images import load_mask, load_rgb
 from pipeline.data.manifest import (
     MANIFEST,
@@ -85,6 +89,19 @@ SOURCES: dict[str, Source] = {
     ),
     "voc_segmentation": Source(
         voc.normalize_spec, voc.build, voc.source_files, voc.segmentation_tasks
+    ),
+    "benchmark": Source(benchmarks.normalize_spec, benchmarks.build, benchmarks.source_files),
+    "pascal_context": Source(
+        scene_parsing.normalize_context,
+        scene_parsing.build_context,
+        scene_parsing.context_sources,
+        scene_parsing.segmentation_tasks("val"),
+    ),
+    "ade20k": Source(
+        scene_parsing.normalize_ade,
+        scene_parsing.build_ade,
+        scene_parsing.ade_sources,
+        scene_parsing.segmentation_tasks("validation"),
     ),
 }
 DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -105,7 +105,7 @@ def build(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
             f"splits {spec['splits']}; remove it or add images"
         )
     classnames = _classnames(name, spec.get("classnames"), class_dirs)
-    templates = _templates(spec.get("templates"))
+    templates = read_templates(spec.get("templates"))
     no_captions = pl.DataFrame(schema=CAPTION_SCHEMA)
     seen: dict[Path, dict[str, Any]] = {}  # resolved file -> its row, across splits
     splits = {
@@ -145,7 +145,8 @@ def _classnames(name: str, path: str | None, class_dirs: list[str]) -> list[str]
     return classnames
 
 
-def _templates(path: str | None) -> tuple[str, ...]:
+def read_templates(path: str | None) -> tuple[str, ...]:
+    """The templates of a file (one per line, each with one ``{}``), or CLIP_TEMPLATES."""
     if path is None:
         return CLIP_TEMPLATES
     templates = read_lines(Path(path))

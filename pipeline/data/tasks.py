@@ -137,7 +137,7 @@ class Task:
         elif self.kind in PROMPTED:
             if not self.label_column:
                 raise ValueError(f"{self.kind} task {self.name!r} has no label_column")
-            if len(self.classnames) < 2 or len(set(self.classnames)) != len(self.classnames):
+            if len(set(self.classnames)) < 2:  # a name may repeat: CLIP's ImageNet list does
                 raise ValueError(
                     f"{self.kind} task {self.name!r} needs at least 2 distinct classnames"
                 )

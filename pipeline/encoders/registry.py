@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 from .base import Encoder, EncoderSpecError
-from .specs import parse_bundled_spec, parse_hf_spec, parse_timm_spec
+from .specs import parse_bundled_spec, parse_hf_spec, parse_open_clip_spec, parse_timm_spec
 
 
 class Source(NamedTuple):
@@ -24,6 +24,13 @@ SOURCES: dict[str, Source] = {
     "timm": Source("vision", parse_timm_spec, "pipeline.encoders.vision:TimmVisionEncoder"),
     "huggingface": Source("text", parse_hf_spec, "pipeline.encoders.text:HFTextEncoder"),
     "bundled": Source("text", parse_bundled_spec, "pipeline.encoders.text:HFTextEncoder"),
+    # the two towers of one CLIP model, an already-aligned pair (the reference row)
+    "open_clip_vision": Source(
+        "vision", parse_open_clip_spec, "pipeline.encoders.clip:OpenCLIPVisionEncoder"
+    ),
+    "open_clip_text": Source(
+        "text", parse_open_clip_spec, "pipeline.encoders.clip:OpenCLIPTextEncoder"
+    ),
 }
 
 

@@ -34,8 +34,10 @@ TIMM_KEYS = (
     "init_seed",
     "pooling",
     "image_size",
+    "view",
     "model_kwargs",
 )
+VIEWS = ("crop", "square")  # the eval transform's centre crop | the whole image resized square
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # create_model arguments that would load weights behind the back of `weights`/`pretrained`.
 RESERVED_MODEL_KWARGS = (
@@ -54,6 +56,7 @@ class TimmSpec:
     init_seed: int | None
     pooling: Pooling
     image_size: int | None
+    view: str
     model_kwargs: dict[str, Any]
 
     @property
@@ -78,6 +81,9 @@ def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
             raise EncoderSpecError(
                 encoder, "model_kwargs", f"{key!r} is not allowed; use 'weights' / 'pretrained'"
             )
+    view = read_option(encoder, spec, "view", str, "crop")
+    if view not in VIEWS:
+        raise EncoderSpecError(encoder, "view", f"must be one of {VIEWS}, got {view!r}")
     return TimmSpec(
         name=read_name(encoder, spec),
         pretrained=pretrained,
@@ -87,6 +93,7 @@ def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
         ),
         pooling=read_pooling(encoder, spec, "cls"),
         image_size=read_positive_int(encoder, spec, "image_size"),
+        view=view,
         model_kwargs=dict(model_kwargs),
     )
 
@@ -186,4 +193,42 @@ def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
         pooling=read_pooling(encoder, spec, "mean"),
         max_tokens=read_positive_int(encoder, spec, "max_tokens") or bundled.max_tokens,
         trust_remote_code=False,
+    )
+
+
+OPEN_CLIP_KEYS = ("source", "name", "pretrained", "weights", "init_seed", "model_kwargs")
+
+
+@dataclass(frozen=True)
+class OpenCLIPSpec:
+    """One tower of an open_clip CLIP model (``source: open_clip_vision`` / ``open_clip_text``)."""
+
+    name: str  # open_clip model name, e.g. "ViT-B-32"
+    pretrained: str | None  # open_clip's pretrained tag (hub or cache), e.g. "openai"
+    weights: Path | None  # a local checkpoint instead
+    init_seed: int | None  # a random init (neither pretrained nor weights)
+    model_kwargs: dict[str, Any]  # passed to open_clip.create_model (e.g. a tiny config)
+
+
+def parse_open_clip_spec(encoder: str, spec: Mapping[str, Any]) -> OpenCLIPSpec:
+    check_keys(encoder, spec, OPEN_CLIP_KEYS)
+    pretrained = read_option(encoder, spec, "pretrained", str, None)
+    weights = read_option(encoder, spec, "weights", str, None)
+    if weights is not None:
+        weights = Path(weights)
+        if pretrained is not None:
+            raise EncoderSpecError(encoder, "weights", "give 'weights' or 'pretrained', not both")
+        if not weights.is_file():
+            raise EncoderSpecError(encoder, "weights", f"file not found: {weights}")
+    model_kwargs = read_option(encoder, spec, "model_kwargs", dict, {})
+    for key in model_kwargs:
+        if key in ("pretrained", "load_weights", "device", "jit"):
+            raise EncoderSpecError(encoder, "model_kwargs", f"{key!r} is not allowed here")
+    random_init = pretrained is None and weights is None
+    return OpenCLIPSpec(
+        name=read_name(encoder, spec),
+        pretrained=pretrained,
+        weights=weights,
+        init_seed=read_init_seed(encoder, spec, random_init, "for a random init (no weights)"),
+        model_kwargs=dict(model_kwargs),
     )

@@ -45,8 +45,11 @@ class TimmVisionEncoder(Encoder):
         self.weights_sha256 = sha256_files([spec.weights]) if spec.weights else None
         self._block_tokens = _block_token_reader(name, spec, self.model)
         size = spec.image_size or resolve_data_config(model=self.model)["input_size"][-1]
-        self.data_config = resolve_data_config({"input_size": (3, size, size)}, model=self.model)
+        self.data_config = resolve_data_config(
+            {"input_size": (3, size, size), **VIEW_DATA_CONFIG[spec.view]}, model=self.model
+        )
         self.transform = create_transform(**self.data_config, is_training=False)
+        self.view = image_view(self.transform)
         try:  # one image through the real path: exact widths, and image_size checked early
             with torch.inference_mode():
                 blocks = self._block_tokens(self.model, torch.zeros(1, 3, size, size))
@@ -72,6 +75,7 @@ class TimmVisionEncoder(Encoder):
             "init_seed": self.spec.init_seed,
             "pooling": self.spec.pooling,
             "image_size": self.data_config["input_size"][-1],
+            "view": self.spec.view,
             "model_kwargs": self.spec.model_kwargs,
             "preprocessing": {
                 key: list(value) if isinstance(value, tuple) else value
@@ -95,10 +99,12 @@ class TimmVisionEncoder(Encoder):
         return self
 
     def token_layout(self) -> dict[str, Any]:
-        """Prefix tokens (CLS, registers) come first, then the patches of a row-major grid."""
+        """Prefix tokens (CLS, registers) come first, then the patches of a row-major grid
+        covering the input, which ``view`` places on the original image (``image_view``)."""
         return {
             "prefix_tokens": self.prefix_tokens,
             "grid": None if self.grid is None else list(self.grid),
+            "view": self.view,
         }
 
     def token_layers(
@@ -117,6 +123,34 @@ class TimmVisionEncoder(Encoder):
                 (tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device))
             )
         return out
+
+
+# What each view asks of timm's eval transform (``resolve_data_config`` overrides): "crop" is the
+# model's own (for ViTs the shorter side resized to size / crop_pct, then a centre crop);
+# "square" resizes the whole image to the square input, dropping no pixel.
+VIEW_DATA_CONFIG: dict[str, dict[str, Any]] = {
+    "crop": {},
+    "square": {"crop_mode": "squash", "crop_pct": 1.0},
+}
+
+
+def image_view(transform: Any) -> dict[str, Any] | None:
+    """Where the model's input lies on the original image, read from the transform's own
+    steps: ``resize`` (an int: the shorter side scaled to it, the aspect kept, as torchvision's
+    ``Resize``; [h, w]: that exact size) then ``crop`` ([h, w] centre crop, or None). None when
+    a step that moves pixels is not one of these (segmentation then refuses the tokens)."""
+    from torchvision import transforms
+
+    view: dict[str, Any] = {"resize": None, "crop": None}
+    for step in getattr(transform, "transforms", [transform]):
+        if isinstance(step, transforms.Resize) and view["resize"] is None and not step.max_size:
+            size = [step.size] if isinstance(step.size, int) else list(step.size)
+            view["resize"] = size[0] if len(size) == 1 else size
+        elif isinstance(step, transforms.CenterCrop) and view["crop"] is None and view["resize"]:
+            view["crop"] = list(step.size)
+        elif not isinstance(step, transforms.ToTensor | transforms.Normalize):
+            return None  # timm's MaybeToTensor is a ToTensor
+    return view if view["resize"] is not None else None
 
 
 def pool_tokens(prefix: torch.Tensor, patches: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -71,27 +71,89 @@ def _nanmean(values: np.ndarray) -> float:
     return float(values.mean()) if len(values) else float("nan")
 
 
+def view_positions(view: dict[str, Any] | None, size: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Where the centre of each row and each column of an (H, W) image lands in the model's
+    input, as a fraction of the input's height / width: in [0, 1) where the input saw it.
+
+    ``view`` is the token layout's (``pipeline.encoders.vision.image_view``): the image resized
+    (an int: the shorter side to it, the longer to ``int(side * long / short)``, as torchvision's
+    ``Resize``; [h, w]: exactly), then centre-cropped to ``crop`` (offsets rounded as torchvision's
+    ``CenterCrop``). None: the input is the whole image. Resizing keeps pixel centres aligned:
+    pixel x of the image is at (x + 0.5) * resized / W in the resized image."""
+    height, width = size
+    if view is None:
+        resized, crop, offset = (height, width), (height, width), (0, 0)
+    else:
+        resize = view["resize"]
+        if isinstance(resize, int):
+            short, long = sorted((height, width))
+            scaled = (resize, int(resize * long / short))
+            resized = scaled if height <= width else scaled[::-1]
+        else:
+            resized = (int(resize[0]), int(resize[1]))
+        crop = tuple(view["crop"] or resized)
+        if crop[0] > resized[0] or crop[1] > resized[1]:
+            raise ValueError(f"a {crop} crop of a {resized} resized image pads it: not supported")
+        offset = tuple(round((r - c) / 2.0) for r, c in zip(resized, crop, strict=True))
+    return tuple(
+        ((np.arange(n) + 0.5) * r / n - o) / c
+        for n, r, c, o in zip(size, resized, crop, offset, strict=True)
+    )
+
+
 def upsample_scores(
-    scores: np.ndarray | torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    scores: np.ndarray | torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    view: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """(H, W, C) bilinear upsampling (align_corners=False) of patch scores (P, C) or (h, w, C)
-    of a row-major (h, w) patch grid to the mask size (H, W); keeps float64 input float64."""
+    """(H, W, C) bilinear upsampling of patch scores (P, C) or (h, w, C) of a row-major (h, w)
+    patch grid onto an (H, W) image through ``view`` (``view_positions``; None: the grid
+    covers the whole image, as ``F.interpolate(..., align_corners=False)``). Pixels the input
+    did not see take the nearest edge's values (``seen`` tells them apart). Keeps float64."""
     scores = torch.as_tensor(scores)
-    if not scores.is_floating_point():
-        scores = scores.to(torch.float32)
     h, w = grid
     if scores.ndim not in (2, 3) or scores.shape[:-1] not in ((h * w,), (h, w)):
         raise ValueError(f"scores {tuple(scores.shape)} do not fit a {h} x {w} patch grid")
-    maps = scores.reshape(h, w, -1).permute(2, 0, 1).unsqueeze(0)  # (1, C, h, w)
-    up = F.interpolate(maps, size=tuple(size), mode="bilinear", align_corners=False)
-    return up[0].permute(1, 2, 0).numpy()
+    return _upsample(scores.reshape(1, h, w, -1), size, view)[0].permute(1, 2, 0).numpy()
+
+
+def _upsample(
+    maps: torch.Tensor, size: tuple[int, int], view: dict[str, Any] | None
+) -> torch.Tensor:
+    """(B, C, H, W) from (B, h, w, C): torch's bilinear sampler at each pixel's position in the
+    input (``align_corners=False``, edges clamped: with no crop, ``F.interpolate``'s numbers)."""
+    if not maps.is_floating_point():
+        maps = maps.to(torch.float32)
+    rows, cols = (torch.as_tensor(2 * p - 1, dtype=maps.dtype) for p in view_positions(view, size))
+    y, x = torch.meshgrid(rows, cols, indexing="ij")
+    grid = torch.stack([x, y], dim=-1).expand(len(maps), -1, -1, -1)
+    return F.grid_sample(
+        maps.permute(0, 3, 1, 2).contiguous(),
+        grid,
+        mode="bilinear",
+        padding_mode="border",
+        align_corners=False,
+    )
+
+
+def seen(view: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
+    """(H, W) bool: the pixels of an (H, W) image whose centre lies inside the model's input."""
+    rows, cols = ((p >= 0) & (p < 1) for p in view_positions(view, size))
+    return rows[:, None] & cols[None, :]
 
 
 def decode(
-    scores: np.ndarray | torch.Tensor, grid: tuple[int, int], size: tuple[int, int]
+    scores: np.ndarray | torch.Tensor,
+    grid: tuple[int, int],
+    size: tuple[int, int],
+    view: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """(H, W) int64 label map: the argmax over classes of the upsampled patch scores."""
-    return np.argmax(upsample_scores(scores, grid, size), axis=-1).astype(np.int64)
+    """(H, W) int64 label map: the argmax over classes of the upsampled patch scores, and
+    ``IGNORE_INDEX`` where the input did not see the image (``seen``)."""
+    labels = np.argmax(upsample_scores(scores, grid, size, view), axis=-1).astype(np.int64)
+    labels[~seen(view, size)] = IGNORE_INDEX
+    return labels
 
 
 # ---- zero-shot segmentation of a split through an aligner ----------------------------------------
@@ -127,6 +189,12 @@ def segment(
     size (``decode``); one matrix accumulates the whole set."""
     layout = tokens.attrs.get("layout") or {}
     prefix, grid = int(layout.get("prefix_tokens", 0)), layout.get("grid")
+    view = layout.get("view")  # absent: the grid covers the whole image
+    if "view" in layout and view is None:
+        raise ValueError(
+            f"{tokens.where}: the encoder's preprocessing moves pixels in a way segmentation "
+            "cannot map back (only a resize and a centre crop are known; see docs/pal.md)"
+        )
     if grid is None:
         raise ValueError(f"{tokens.where}: the encoder reports no patch grid to segment with")
     n_classes = len(class_emb)
@@ -143,21 +211,27 @@ def segment(
         scores = patch_class_scores(aligner, patches.reshape(-1, patches.shape[2]), class_emb)
         scores = scores.reshape(len(batch), patches.shape[1], n_classes)
         batch_masks = masks[start : start + len(batch)]
-        for b, labels in enumerate(_decode_batch(scores, tuple(grid), batch_masks)):
-            confusion += confusion_matrix(labels, batch_masks[b], n_classes)
+        for b, labels in enumerate(_decode_batch(scores, tuple(grid), batch_masks, view)):
+            unseen = labels == IGNORE_INDEX  # outside the input: counts nowhere
+            target = np.where(unseen, IGNORE_INDEX, batch_masks[b])
+            confusion += confusion_matrix(labels, target, n_classes)
             if len(kept) < keep:
                 kept.append(labels.astype(np.uint8))
     return confusion, kept
 
 
 def _decode_batch(
-    scores: np.ndarray, grid: tuple[int, int], masks: list[np.ndarray]
+    scores: np.ndarray,
+    grid: tuple[int, int],
+    masks: list[np.ndarray],
+    view: dict[str, Any] | None = None,
 ) -> list[np.ndarray]:
     """``decode`` of each image's (P, C) scores at its mask's size; images whose masks share a
     size are upsampled together (the same numbers as one by one)."""
     if len({mask.shape for mask in masks}) != 1:
-        return [decode(s, grid, m.shape) for s, m in zip(scores, masks, strict=True)]
-    h, w = grid
-    maps = torch.as_tensor(scores).reshape(len(scores), h, w, -1).permute(0, 3, 1, 2)
-    up = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False)
-    return list(up.argmax(dim=1).numpy().astype(np.int64))
+        return [decode(s, grid, m.shape, view) for s, m in zip(scores, masks, strict=True)]
+    size = masks[0].shape
+    maps = torch.as_tensor(scores).reshape(len(scores), *grid, -1)
+    labels = _upsample(maps, size, view).max(dim=1).indices.numpy()  # ties: the first, as argmax
+    labels[:, ~seen(view, size)] = IGNORE_INDEX
+    return list(labels)
