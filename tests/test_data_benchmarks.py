@@ -76,6 +76,23 @@ def mnist(root: Path) -> dict:
     return dict(enumerate(labels))
 
 
+def pcam(root: Path) -> dict:
+    """PatchCamelyon's HDF5 pair per split: ``x`` (n, 96, 96, 3) uint8 patches, ``y`` (n, 1, 1,
+    1) labels, as the distribution ships them."""
+    import h5py
+
+    base = root / "pcam"
+    base.mkdir()
+    labels = [1, 0, 1]
+    patches = np.stack([np.full((96, 96, 3), 60 * k, np.uint8) for k in range(3)])
+    for split in ("test", "train", "valid"):
+        with h5py.File(base / f"camelyonpatch_level_2_split_{split}_x.h5", "w") as file:
+            file.create_dataset("x", data=patches)
+        with h5py.File(base / f"camelyonpatch_level_2_split_{split}_y.h5", "w") as file:
+            file.create_dataset("y", data=np.asarray(labels, np.uint8).reshape(-1, 1, 1, 1))
+    return dict(enumerate(labels))
+
+
 def stl10(root: Path) -> dict:
     base = root / "stl10_binary"
     base.mkdir(parents=True)
@@ -278,9 +295,9 @@ TREES: dict[str, Callable[[Path], dict]] = {
     "dtd": dtd, "pets": pets, "caltech101": caltech101, "flowers": flowers,
     "eurosat": eurosat, "gtsrb": gtsrb, "country211": country211, "fer2013": fer2013,
     "resisc45": resisc45, "ucf101": ucf101, "renderedsst2": renderedsst2,
-    "imagenet1k": imagenet1k, "birdsnap": birdsnap, "kitti": kitti,
+    "imagenet1k": imagenet1k, "birdsnap": birdsnap, "kitti": kitti, "pcam": pcam,
 }  # fmt: skip
-IN_MEMORY = {"cifar10", "cifar100", "mnist", "stl10"}
+IN_MEMORY = {"cifar10", "cifar100", "mnist", "stl10", "pcam"}
 # Sets whose published files torchvision checks against their md5: a miniature tree cannot
 # match it, so the test lifts that one check (the real files pass it).
 MD5_CHECKED = {
@@ -291,8 +308,8 @@ MD5_CHECKED = {
 }
 
 
-def test_every_benchmark_but_pcam_has_a_miniature_tree() -> None:
-    assert set(BENCHMARKS) - set(TREES) == {"pcam"}  # h5py is not installed here: see below
+def test_every_benchmark_has_a_miniature_tree() -> None:
+    assert set(BENCHMARKS) == set(TREES)
 
 
 @pytest.mark.parametrize("dataset", sorted(TREES))
@@ -368,12 +385,14 @@ def test_missing_data_stops_validation_naming_the_dataset_and_the_path(tmp_path)
         validate_spec("x", {**spec, "dataset": "cars", "splits": ["val"]})
 
 
-def test_pcam_needs_h5py(tmp_path) -> None:
+def test_pcam_without_h5py_is_refused_before_any_job(tmp_path, monkeypatch) -> None:
     import importlib.util
 
-    if importlib.util.find_spec("h5py") is not None:
-        pytest.skip("h5py is installed: PCam's HDF5 files are read by torchvision")
-    (tmp_path / "pcam").mkdir()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "h5py" else real(name, *a)
+    )
+    pcam(tmp_path)
     spec = {"source": "benchmark", "dataset": "pcam", "root": str(tmp_path)}
     with pytest.raises(ValueError, match="h5py package, which is not installed"):
         validate_spec("pcam", spec)
