@@ -438,6 +438,8 @@ def test_three_token_shards_give_the_token_set_of_one(dataset, tmp_path):
     run_extract_tokens(finish)
     assert_same_token_set(marker, reference_marker)
     folder = marker.parent / "vit"
+    store = TokenStore.open(folder / "layer_2.zarr")  # tokens.shard_mb holds in shard jobs too
+    assert store.n_blocks == -(-store.n_samples // 8) > 1  # eight images per block
     assert sorted(p.name for p in folder.iterdir()) == [
         "layer_0.zarr",
         "layer_0.zarr.done",
