@@ -49,11 +49,11 @@ def request(record: Path, spec: dict[str, Any]) -> bool:
     if not record.is_file() or record.read_text() != text:
         atomic.write_text(record, text)
     stale = made_with(record) != spec_hash(spec)
-    if stale:
-        if record.stat().st_mtime == EPOCH:
-            stamp = time.time()
-            os.utime(record, (stamp, stamp))
-    else:
+    dated = record.stat().st_mtime
+    if stale and dated == EPOCH:
+        stamp = time.time()
+        os.utime(record, (stamp, stamp))
+    elif not stale and dated != EPOCH:  # already the epoch: no write on every parse
         os.utime(record, (EPOCH, EPOCH))
     return stale
 
