@@ -9,7 +9,7 @@ sample_seed`` plus ``vision_layer_name, text_layer_name, metric_params``, the sc
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -165,11 +165,11 @@ def compute_similarity(
         raise ValueError(f"unknown similarity metrics {unknown or metrics}; choose from {METRICS}")
     if len(pairs) < 4:
         raise ValueError(f"need at least 4 scoring pairs, got {len(pairs)}")
-    settings = dict(
-        metrics=metrics,
+    scoring = PoolScoring(
+        metrics=tuple(metrics),
+        knn_k=knn_k,
         vision_encoder=vision_encoder,
         text_encoder=text_encoder,
-        knn_k=knn_k,
         sample_seed=sample_seed,
         chunk_rows=chunk_rows,
         minibatch_size=minibatch_size,
@@ -184,76 +184,84 @@ def compute_similarity(
         # Sub-pools show how values and choices move with n; they carry the null only when
         # the choice needs it (a calibrated selection), which keeps their cost small.
         raw_only = m < len(pairs) and calibration.statistic == "raw"
-        sub = {**settings, "calibration": NO_CALIBRATION if raw_only else calibration}
-        tables.append(_score_pool(*stores, pairs.take(np.arange(m)), **sub))
+        pool = replace(scoring, calibration=NO_CALIBRATION) if raw_only else scoring
+        tables.append(pool.score(*stores, pairs.take(np.arange(m))))
     return pl.concat(tables)
 
 
-def _score_pool(
-    vision_store: Path,
-    text_store: Path,
-    pairs: Pairs,
-    metrics: Sequence[str],
-    knn_k: int | str,
-    vision_encoder: str,
-    text_encoder: str,
-    sample_seed: int,
-    chunk_rows: int,
-    minibatch_size: int,
-    max_accumulator_bytes: int,
-    progress: bool,
-    preprocess: str,
-    calibration: CalibrationSettings,
-) -> pl.DataFrame:
-    """The table of one pool (``compute_similarity``)."""
-    pairs = pairs.take(np.argsort(pairs.image_rows, kind="stable"))  # sequential store reads
-    vision, vision_names = open_layers(vision_store, pairs.image_rows)
-    text, text_names = open_layers(text_store, pairs.caption_rows)
-    vision = preprocess_layers(vision, preprocess, chunk_rows)
-    text = preprocess_layers(text, preprocess, chunk_rows)
-    n = len(pairs)
-    replicates = draw_replicates(pairs.image_rows, calibration, sample_seed)
-    calibrate = bool(calibration.permutations or calibration.bootstrap)
-    scores: dict[str, np.ndarray] = {}
-    replicated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    n_samples = dict.fromkeys(metrics, n)
-    params: dict[str, str] = {}
-    if {"linear_cka", "unbiased_cka"} & set(metrics):
-        moments = centred_moments(vision, text, chunk_rows, max_accumulator_bytes, progress)
-        if "linear_cka" in metrics:
-            scores["linear_cka"] = linear_cka_matrix(moments)
-        if "unbiased_cka" in metrics:
-            scores["unbiased_cka"] = unbiased_cka_matrix(moments)
-        if calibrate:
-            replicated |= cka_replicates(vision, text, replicates, progress)
-    if "minibatch_cka" in metrics:
-        batch_size = min(minibatch_size, n)
-        scores["minibatch_cka"] = minibatch_cka_matrix(
-            vision, text, batch_size, sample_seed, max_accumulator_bytes, progress
+@dataclass(frozen=True)
+class PoolScoring:
+    """``compute_similarity``'s settings, fixed once and applied to each pool size."""
+
+    metrics: tuple[str, ...]
+    knn_k: int | str
+    vision_encoder: str
+    text_encoder: str
+    sample_seed: int
+    chunk_rows: int
+    minibatch_size: int
+    max_accumulator_bytes: int
+    progress: bool
+    preprocess: str
+    calibration: CalibrationSettings
+
+    def score(self, vision_store: Path, text_store: Path, pairs: Pairs) -> pl.DataFrame:
+        """The table of one pool."""
+        pairs = pairs.take(np.argsort(pairs.image_rows, kind="stable"))  # sequential store reads
+        vision, vision_names = open_layers(vision_store, pairs.image_rows)
+        text, text_names = open_layers(text_store, pairs.caption_rows)
+        vision = preprocess_layers(vision, self.preprocess, self.chunk_rows)
+        text = preprocess_layers(text, self.preprocess, self.chunk_rows)
+        n = len(pairs)
+        replicates = draw_replicates(pairs.image_rows, self.calibration, self.sample_seed)
+        calibrate = bool(self.calibration.permutations or self.calibration.bootstrap)
+        scores: dict[str, np.ndarray] = {}
+        replicated: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        n_samples = dict.fromkeys(self.metrics, n)
+        params: dict[str, str] = {}
+        if {"linear_cka", "unbiased_cka"} & set(self.metrics):
+            moments = centred_moments(
+                vision, text, self.chunk_rows, self.max_accumulator_bytes, self.progress
+            )
+            if "linear_cka" in self.metrics:
+                scores["linear_cka"] = linear_cka_matrix(moments)
+            if "unbiased_cka" in self.metrics:
+                scores["unbiased_cka"] = unbiased_cka_matrix(moments)
+            if calibrate:
+                replicated |= cka_replicates(vision, text, replicates, self.progress)
+        if "minibatch_cka" in self.metrics:
+            batch_size = min(self.minibatch_size, n)
+            scores["minibatch_cka"] = minibatch_cka_matrix(
+                vision,
+                text,
+                batch_size,
+                self.sample_seed,
+                self.max_accumulator_bytes,
+                self.progress,
+            )
+            n_samples["minibatch_cka"] = n // batch_size * batch_size
+            params["minibatch_cka"] = f"batch_size={batch_size},batches={n // batch_size}"
+        if "mutual_knn" in self.metrics:
+            k = resolve_k(self.knn_k, n)
+            vision_sets = layer_neighbours(vision, k, "vision", self.progress)
+            text_sets = layer_neighbours(text, k, "text", self.progress)
+            scores["mutual_knn"] = mutual_knn_of_sets(vision_sets, text_sets)
+            params["mutual_knn"] = f"k={k}"
+            if calibrate:
+                replicated["mutual_knn"] = knn_replicates(vision_sets, text_sets, replicates)
+        return similarity_table(
+            {metric: scores[metric] for metric in self.metrics},
+            vision_encoder=self.vision_encoder,
+            text_encoder=self.text_encoder,
+            vision_layer_names=vision_names,
+            text_layer_names=text_names,
+            n_samples=n_samples,
+            sample_seed=self.sample_seed,
+            metric_params=params,
+            pool_size=n,
+            calibration={
+                metric: summarise(scores[metric], *replicated[metric], self.calibration)
+                for metric in replicated
+                if metric in self.metrics
+            },
         )
-        n_samples["minibatch_cka"] = n // batch_size * batch_size
-        params["minibatch_cka"] = f"batch_size={batch_size},batches={n // batch_size}"
-    if "mutual_knn" in metrics:
-        k = resolve_k(knn_k, n)
-        vision_sets = layer_neighbours(vision, k, "vision", progress)
-        text_sets = layer_neighbours(text, k, "text", progress)
-        scores["mutual_knn"] = mutual_knn_of_sets(vision_sets, text_sets)
-        params["mutual_knn"] = f"k={k}"
-        if calibrate:
-            replicated["mutual_knn"] = knn_replicates(vision_sets, text_sets, replicates)
-    return similarity_table(
-        {metric: scores[metric] for metric in metrics},
-        vision_encoder=vision_encoder,
-        text_encoder=text_encoder,
-        vision_layer_names=vision_names,
-        text_layer_names=text_names,
-        n_samples=n_samples,
-        sample_seed=sample_seed,
-        metric_params=params,
-        pool_size=n,
-        calibration={
-            metric: summarise(scores[metric], *replicated[metric], calibration)
-            for metric in replicated
-            if metric in metrics
-        },
-    )
