@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from pipeline.align.losses import (
+    fused_divergence,
     gram,
     info_nce,
     level_weights,
     log_transitions,
     row_divergence,
+    scaled_centred_units,
     structure_regulariser,
     structure_weight,
     transition_powers,
@@ -169,6 +171,22 @@ def test_fused_single_level_matches_autograd_through_matrix_powers(divergence: s
     graph.backward()
     assert fused.item() == pytest.approx(graph.item(), rel=1e-5)
     torch.testing.assert_close(fused_z.grad, graph_z.grad, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("divergence", ["js", "reference"])
+def test_fused_divergence_is_the_same_in_row_blocks(divergence: str) -> None:
+    """Blocks of 5 rows (the last one short) give the one-block value and gradient."""
+    x, z = (torch.tensor(a, dtype=torch.float64) for a in random_pair(seed=8, n=48, d2=12))
+    x, z = scaled_centred_units(x, 0.05).double(), scaled_centred_units(z, 0.05).double()
+    results = []
+    for block_elements in (48 * 48, 48 * 5):
+        z_b = z.clone().requires_grad_()
+        value = fused_divergence(x, z_b, divergence, block_elements)
+        value.backward()
+        results.append((value.item(), z_b.grad))
+    (whole, whole_grad), (blocked, blocked_grad) = results
+    assert blocked == pytest.approx(whole, rel=1e-12)
+    torch.testing.assert_close(blocked_grad, whole_grad, rtol=1e-10, atol=1e-14)
 
 
 def test_gram_backward() -> None:

@@ -5,6 +5,8 @@ Pure torch functions (tensors in, scalar tensor out); definitions in docs/method
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -18,7 +20,7 @@ def info_nce(image_emb: torch.Tensor, text_emb: torch.Tensor, tau: float) -> tor
 
     ``image_emb`` and ``text_emb`` are (b, k) with L2-normalised rows; row i of each is a pair.
     """
-    logits = image_emb @ text_emb.T / tau
+    logits = (image_emb / tau) @ text_emb.T  # scale the (b, k) rows, not the (b, b) logits
     labels = torch.arange(len(logits), device=logits.device)
     return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
 
@@ -42,11 +44,17 @@ def gram(a: torch.Tensor) -> torch.Tensor:
     return _Gram.apply(a)
 
 
+def scaled_centred_units(features: torch.Tensor, tau: float) -> torch.Tensor:
+    """(u - mean(u)) / sqrt(tau) in float32, u the L2-normalised rows: the rows whose inner
+    products are the similarity logits S / tau (scaling the (b, d) rows, not the (b, b) S)."""
+    unit = F.normalize(features.float(), dim=1)
+    return (unit - unit.mean(dim=0, keepdim=True)) / math.sqrt(tau)
+
+
 def similarity_logits(features: torch.Tensor, tau: float) -> torch.Tensor:
     """S / tau in float32: inner products of the batch's rows after L2-normalising each row
     and subtracting the batch mean."""
-    unit = F.normalize(features.float(), dim=1)
-    return gram(unit - unit.mean(dim=0, keepdim=True)) / tau
+    return gram(scaled_centred_units(features, tau))
 
 
 def log_transitions(features: torch.Tensor, tau: float) -> torch.Tensor:
@@ -87,43 +95,58 @@ def row_divergence(
     return per_row.mean()
 
 
-class _SoftmaxDivergence(torch.autograd.Function):
-    """``row_divergence(P, softmax(S))`` with its gradient w.r.t. the logits S in closed form.
+BLOCK_ELEMENTS = 1 << 20
+"""(rows x batch) logits per block of the fused regulariser: its ~15 elementwise passes then
+run over a cache-sized block instead of streaming (b, b) temporaries through memory."""
+
+
+class _FusedDivergence(torch.autograd.Function):
+    """``row_divergence(softmax(X X^T), softmax(Z Z^T))`` and its gradient w.r.t. Z in one
+    pass over row blocks of the logits; X carries no gradient.
 
     With q = softmax(s) per row and g = dD/dq, dD/ds = q g - q sum_k(q_k g_k), where
     q g = (q/2)(log q - log m) for ``js`` and q (log m / 2 + 1/2 - log q / 4 - log p / 4) - m/2
-    for ``reference``. One fused pass instead of autograd's graph of b x b temporaries.
+    for ``reference``; then dD/dZ = (G + G^T) Z for the (b, b) G = dD/ds.
     """
 
     @staticmethod
-    def forward(ctx, log_p: torch.Tensor, logits: torch.Tensor, divergence: str) -> torch.Tensor:
-        log_q = torch.log_softmax(logits, dim=1)
-        p, q = log_p.exp(), log_q.exp()
-        m = 0.5 * (p + q)
-        log_m = m.clamp_min(_TINY).log()
-        if divergence == "js":
-            q_term = q * (log_q - log_m)
-            value = 0.5 * ((p * (log_p - log_m)).sum() + q_term.sum())
-            q_grad = 0.5 * q_term
-        else:
-            value = (m * (2 * log_m - log_q - log_p)).sum() / 2
-            q_grad = q * (0.5 * log_m + 0.5 - 0.25 * log_q - 0.25 * log_p) - 0.5 * m
-        rows = len(logits)
-        ctx.save_for_backward((q_grad - q * q_grad.sum(dim=1, keepdim=True)) / rows)
-        return value / rows
+    def forward(
+        ctx, x: torch.Tensor, z: torch.Tensor, divergence: str, block_rows: int
+    ) -> torch.Tensor:
+        n = len(z)
+        grad_logits = torch.empty(n, n, dtype=z.dtype, device=z.device)
+        value = torch.zeros((), dtype=z.dtype, device=z.device)
+        for start in range(0, n, block_rows):
+            rows = slice(start, start + block_rows)
+            log_p = torch.log_softmax(x[rows] @ x.T, dim=1)
+            log_q = torch.log_softmax(z[rows] @ z.T, dim=1)
+            p, q = log_p.exp(), log_q.exp()
+            m = (p + q).mul_(0.5)
+            log_m = m.clamp_min(_TINY).log_()
+            if divergence == "js":
+                q_grad = (log_q - log_m).mul_(q)
+                value += 0.5 * ((log_p - log_m).mul_(p).sum() + q_grad.sum())
+                q_grad.mul_(0.5)
+            else:
+                value += (log_m * 2 - log_q - log_p).mul_(m).sum() / 2
+                q_grad = (log_m * 0.5 - log_q * 0.25 - log_p * 0.25 + 0.5).mul_(q) - m * 0.5
+            grad_logits[rows] = q_grad - q * q_grad.sum(dim=1, keepdim=True)
+        ctx.save_for_backward((grad_logits + grad_logits.T) @ z / n)
+        return value / n
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None]:
-        (grad_logits,) = ctx.saved_tensors
-        return None, grad * grad_logits, None
+    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor, None, None]:
+        (grad_z,) = ctx.saved_tensors
+        return None, grad * grad_z, None, None
 
 
-def softmax_divergence(
-    log_p: torch.Tensor, logits: torch.Tensor, divergence: Divergence
+def fused_divergence(
+    x: torch.Tensor, z: torch.Tensor, divergence: Divergence, block_elements: int = BLOCK_ELEMENTS
 ) -> torch.Tensor:
-    """D(P, softmax(logits)) averaged over rows; P fixed (no gradient), logits differentiable."""
+    """D(softmax(X X^T), softmax(Z Z^T)) averaged over rows, differentiable in Z only."""
     check_divergence(divergence)
-    return _SoftmaxDivergence.apply(log_p.detach(), logits, divergence)
+    block_rows = max(1, block_elements // max(1, len(z)))
+    return _FusedDivergence.apply(x.detach(), z, divergence, block_rows)
 
 
 def check_divergence(divergence: str) -> None:
@@ -148,13 +171,15 @@ def structure_regulariser(
 ) -> torch.Tensor:
     """R_S = (1/L) sum_l w_l D(P_X^l, P_Z^l) between a batch's original features and embeddings.
 
-    Always computed in float32, also under autocast. One level uses the fused
-    ``softmax_divergence``; several go through matrix powers and ``row_divergence``.
+    Always computed in float32, also under autocast. One level uses ``fused_divergence``;
+    several go through matrix powers and ``row_divergence``.
     """
     with torch.autocast(device_type=aligned.device.type, enabled=False):
-        log_p_x = log_transitions(original.detach(), tau)
         if levels == 1:
-            return softmax_divergence(log_p_x, similarity_logits(aligned, tau), divergence)
+            return fused_divergence(
+                scaled_centred_units(original, tau), scaled_centred_units(aligned, tau), divergence
+            )
+        log_p_x = log_transitions(original.detach(), tau)
         terms = [
             weight * row_divergence(px, log_px, pz, log_pz, divergence)
             for weight, (px, log_px), (pz, log_pz) in zip(
