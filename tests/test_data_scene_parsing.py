@@ -86,11 +86,13 @@ def test_masks_are_written_in_the_pipelines_convention(tree, tmp_path) -> None:
         assert data.open_image(row).size == SIZE
     if spec["source"] == "pascal_context":
         assert len(task.classnames) == 60 and task.classnames[0] == "background"
+        assert task.background == 0  # miou_fg leaves it out
         assert task.classnames[1] == "aeroplane" and task.classnames[20] == "tv monitor"
         assert task.classnames[59] == "wood"
     else:
         assert len(task.classnames) == 150
         assert task.classnames[:2] == ("wall", "building") and task.classnames[149] == "thing 150"
+        assert task.background is None  # no background: miou_fg must not drop "wall"
 
 
 def test_other_splits_and_missing_data(tmp_path) -> None:

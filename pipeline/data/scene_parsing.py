@@ -19,8 +19,8 @@ PAL authors count it as a class too; the mmseg convention ignores it instead).
 ``annotations/<split>/<id>.png``, ``objectInfo150.txt`` or ``.csv``), ``splits`` (default
 ``[validation]``). Classes: the 150 of ``objectInfo150`` in index order, each named by its
 first synonym; annotation value v is class v - 1 and 0 ("other") is ignored (the benchmark's
-150-class mIoU). ADE20K has no background class, so the task's ``miou_fg`` (which leaves out
-class 0) does not apply to it: its number is ``miou``.
+150-class mIoU). ADE20K has no background class, so its task has ``background`` None: its
+``miou_fg`` is its ``miou`` (no class is left out; the VOC and Context tasks leave out class 0).
 
 Missing folders or files are spec errors raised while the config is validated, naming the
 dataset and the path.
@@ -119,7 +119,7 @@ def _context_mask(table: np.ndarray) -> Callable[[Path], np.ndarray]:
 
 def build_context(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
     classes, table = context_classes(Path(spec["context"]) / "labels.txt")
-    return _build(name, spec, out_dir, _context_pairs, _context_mask(table), classes, "val")
+    return _build(name, spec, out_dir, _context_pairs, _context_mask(table), classes, "val", 0)
 
 
 def context_sources(name: str, spec: Mapping[str, Any]) -> list[Path]:
@@ -175,7 +175,7 @@ def _ade_mask(path: Path) -> np.ndarray:
 
 def build_ade(name: str, spec: Mapping[str, Any], out_dir: Path) -> PreparedDataset:
     classes = ade_classes(_object_info(Path(spec["root"])))
-    return _build(name, spec, out_dir, _ade_pairs, _ade_mask, classes, "validation")
+    return _build(name, spec, out_dir, _ade_pairs, _ade_mask, classes, "validation", None)
 
 
 def ade_sources(name: str, spec: Mapping[str, Any]) -> list[Path]:
@@ -232,6 +232,7 @@ def _build(
     read_mask: Callable[[Path], np.ndarray],
     classes: tuple[str, ...],
     default: str,
+    background: int | None,
 ) -> PreparedDataset:
     splits = {}
     for split in spec["splits"]:
@@ -277,6 +278,7 @@ def _build(
                 "mask_path",
                 classes,
                 read_templates(spec.get("templates")),
+                background,
             )
         ],
     )

@@ -129,6 +129,7 @@ class Task:
     label_column: str | None = None
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
+    background: int | None = BACKGROUND  # segmentation: the class miou_fg leaves out (None: none)
 
     def __post_init__(self) -> None:
         if self.kind == RETRIEVAL:
@@ -144,6 +145,12 @@ class Task:
             if self.kind == SEGMENTATION and len(self.classnames) > IGNORE_INDEX:
                 raise ValueError(
                     f"segmentation task {self.name!r}: masks hold at most {IGNORE_INDEX} classes"
+                )
+            background = self.background
+            if self.kind == SEGMENTATION and background not in (None, *range(len(self.classnames))):
+                raise ValueError(
+                    f"segmentation task {self.name!r}: background {background!r} is not "
+                    f"one of its {len(self.classnames)} class indices"
                 )
             if not self.templates:
                 raise ValueError(f"{self.kind} task {self.name!r} has no templates")
@@ -165,6 +172,7 @@ class Task:
             "label_column": self.label_column,
             "classnames": list(self.classnames),
             "templates": list(self.templates),
+            **({"background": self.background} if self.kind == SEGMENTATION else {}),
         }
 
     @classmethod
@@ -179,6 +187,7 @@ class Task:
             label_column=record.get("label_column"),
             classnames=tuple(record.get("classnames", ())),
             templates=tuple(record.get("templates", ())),
+            background=record.get("background", BACKGROUND),
         )
 
 

@@ -39,7 +39,6 @@ from pipeline.align.kinds import uses_tokens
 from pipeline.atomic import write_parquet
 from pipeline.data import load_prompts, load_split, load_tasks
 from pipeline.data.tasks import (
-    BACKGROUND,
     CLASSIFICATION,
     IGNORE_INDEX,
     RETRIEVAL,
@@ -265,7 +264,7 @@ def evaluate_aligner(
             class_emb = _class_emb(inputs, task, prompt_emb())
             keep = EXAMPLES_PER_TASK if examples else 0
             confusion, maps = segment(aligner, store, class_emb, images, masks, keep)
-            metrics = _finite(name, segmentation_metrics(confusion, background=BACKGROUND))
+            metrics = _finite(name, segmentation_metrics(confusion, background=task.background))
             result.examples += [
                 {
                     **{k: v for k, v in vars(key).items() if k in EXAMPLE_SCHEMA},
