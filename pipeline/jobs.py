@@ -122,8 +122,8 @@ def split_encoder_spec(
 
 def weights_input(config: dict[str, Any], encoder: str) -> dict[str, str]:
     """``{"weights": path}`` of an encoder's local weights file, the one its pretrain_encoder
-    job writes or a user's ``weights`` (so extraction waits for it and follows its
-    modification time), else {}."""
+    job writes (extraction waits for it and follows its modification time) or a user's
+    ``weights`` (known by the SHA-256 in the spec: the rules mark it ``ancient``), else {}."""
     spec = config["encoders"][encoder]
     if "pretrain" in spec:
         return {"weights": layout.pretrained_weights(encoder)}
