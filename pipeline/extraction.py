@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from pipeline import atomic, layout
 from pipeline.data import load_prompts, load_split, read_manifest
 from pipeline.encoders import Encoder, build_encoder
+from pipeline.encoders.registry import encoder_weights
 from pipeline.jobs import PROMPTS_SPLIT, Job
 from pipeline.similarity.selection import read_layer_choice
 from pipeline.stores import keys
@@ -144,9 +145,11 @@ class Source:
 
     def attrs(self, fmt: keys.Format, **extra: Any) -> dict[str, Any]:
         """What a store records of where its values came from: the encoder (config name,
-        architecture under ``model``), the dataset split, library versions, the precision and
+        architecture under ``model``), its local weights and the SHA-256 they were checked
+        against (``encoder_weights``), the dataset split, library versions, the precision and
         the request (``extra``: what the layout adds to it)."""
         name, precision = self.dataset["name"], self.runtime["precision"]
+        weights = encoder_weights(self.encoder_name, self.encoder_spec)
         return {
             "encoder": {
                 **self.provenance,
@@ -154,6 +157,7 @@ class Source:
                 "model": self.provenance["name"],
                 "modality": self.encoder.modality,
             },
+            "weights": weights and {"path": str(weights.path), "sha256": weights.sha256},
             "dataset": {
                 "name": name,
                 "split": self.split,

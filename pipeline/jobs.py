@@ -90,13 +90,17 @@ def token_request(config: dict[str, Any], dataset: str, split: str, encoder: str
 
 def encoder_spec(config: dict[str, Any], encoder: str) -> dict[str, Any]:
     """The spec an encoder is built from: one with a ``pretrain`` block loads the weights its
-    ``pretrain_encoder`` job writes (the block stays, so editing it changes the spec)."""
+    ``pretrain_encoder`` job writes (the block stays, so editing it changes the spec; the
+    weights are checked against their record when loaded); one with local weights carries
+    their SHA-256, so rewriting them changes the spec (``registry.planned_spec``)."""
     spec = config["encoders"][encoder]
-    if "pretrain" not in spec:
-        return spec
-    from pipeline.pretrain import pretrained_spec
+    if "pretrain" in spec:
+        from pipeline.pretrain import pretrained_spec
 
-    return pretrained_spec(spec, layout.pretrained_weights(encoder))
+        return pretrained_spec(spec, layout.pretrained_weights(encoder))
+    from pipeline.encoders.registry import planned_spec
+
+    return planned_spec(encoder, spec)
 
 
 def split_encoder_spec(
@@ -117,10 +121,13 @@ def split_encoder_spec(
 
 
 def weights_input(config: dict[str, Any], encoder: str) -> dict[str, str]:
-    """``{"weights": path}`` for a pretrained encoder (so extraction waits for it), else {}."""
-    if "pretrain" not in config["encoders"][encoder]:
-        return {}
-    return {"weights": layout.pretrained_weights(encoder)}
+    """``{"weights": path}`` of an encoder's local weights file, the one its pretrain_encoder
+    job writes (extraction waits for it and follows its modification time) or a user's
+    ``weights`` (known by the SHA-256 in the spec: the rules mark it ``ancient``), else {}."""
+    spec = config["encoders"][encoder]
+    if "pretrain" in spec:
+        return {"weights": layout.pretrained_weights(encoder)}
+    return {"weights": str(spec["weights"])} if spec.get("weights") else {}
 
 
 def modality(config: dict[str, Any], encoder: str) -> str:

@@ -22,6 +22,9 @@ SWEEP_TABLE = f"{RESULTS}/tables/sweep.parquet"  # every sweep row with its laye
 SWEEP_RHO_TABLE = f"{RESULTS}/tables/sweep_rho.parquet"  # Spearman's rho of the sweep
 PLOTS_DIR = f"{RESULTS}/plots"
 REPORT = f"{RESULTS}/report.html"
+# SHA-256 of local weights by (path, size, mtime, ctime, inode): a cache, never a result
+# (``fingerprint.content_sha256``); deleting it only costs hashing again.
+HASH_CACHE = f"{RESULTS}/.cache/sha256.json"
 
 
 def dataset_dir(dataset: str) -> str:
@@ -44,8 +47,14 @@ def pretrained_weights(encoder: str) -> str:
 
 
 def pretrain_record(encoder: str) -> str:
-    """The pretraining's record: settings, loss curve, time, the weights' SHA-256."""
-    return f"{RESULTS}/pretrained/{encoder}.json"
+    """The pretraining's record beside its weights (``weights_record``): settings, loss curve,
+    time, the weights' SHA-256."""
+    return weights_record(pretrained_weights(encoder))
+
+
+def weights_record(weights: str) -> str:
+    """The record beside self-supervised weights written here: their name with ``.json``."""
+    return weights.rpartition(".")[0] + ".json"
 
 
 def store_marker(store: str) -> str:

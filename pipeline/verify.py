@@ -10,7 +10,9 @@ chunk present, matching its checksum and finite. Aligner runs: ``done.json`` pre
 fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
 loadable into the aligner, the curve readable, and the features it was fitted on still the
 ones in ``results/features``. Spec records (``pipeline.provenance``): a job whose outputs were
-made with another spec than its rule last asked for is stale.
+made with another spec than its rule last asked for is stale. Encoder weights
+(``pipeline.encoders.weights``): every file under ``results/pretrained`` must have the SHA-256
+its record holds, and a store extracted from local weights that have changed since is stale.
 """
 
 from __future__ import annotations
@@ -27,9 +29,16 @@ import numpy as np
 
 from pipeline import layout, provenance
 from pipeline.align import artifacts
+from pipeline.encoders.weights import WeightsIntegrityError, check_weights, pretrained_here
 from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
-from pipeline.stores.core import StoreIntegrityError, StoreReader, marked_fingerprint, marker_path
+from pipeline.stores.core import (
+    StoreIntegrityError,
+    StoreReader,
+    marked_fingerprint,
+    marker_path,
+    weights_changed,
+)
 from pipeline.stores.features import FeatureStore
 from pipeline.stores.tokens import TokenStore
 
@@ -52,8 +61,8 @@ def snakemake(configfiles: list[Path] | None = None) -> str:
 
 
 def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> list[Problem]:
-    """Every problem of the feature stores, token stores, aligner runs and spec records under
-    ``results_dir``; repairs name ``configfiles``."""
+    """Every problem of the feature stores, token stores, aligner runs, spec records and
+    pretrained weights under ``results_dir``; repairs name ``configfiles``."""
     results_dir = Path(results_dir)
     command = snakemake(configfiles)
     problems: list[Problem] = []
@@ -62,13 +71,38 @@ def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> 
         fingerprints: set[str] = set()
         for path in zarr_stores(results_dir / folder):
             found, fingerprint = check_store(reader(path), results_dir, command)
-            problems += found
+            problems += found + check_store_weights(reader(path), results_dir, command)
             if fingerprint:
                 fingerprints.add(fingerprint)
         known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
         problems += check_run(run_dir, results_dir, known["features"], known["tokens"], command)
-    return problems + stale_jobs(results_dir, command)
+    return problems + stale_jobs(results_dir, command) + check_pretrained(results_dir, command)
+
+
+def check_pretrained(results_dir: Path, command: str) -> list[Problem]:
+    """Weights pretrained here whose bytes are not those their record's SHA-256 names (or with
+    no readable record): extraction refuses them (``weights.check_weights``) until their
+    pretrain_encoder job runs again."""
+    problems = []
+    pattern = Path(layout.pretrained_weights("*")).name
+    for path in sorted((results_dir / "pretrained").glob(pattern)):
+        try:
+            check_weights(pretrained_here(path.stem, path))
+        except WeightsIntegrityError as error:
+            repair = f"{command} --force {target(path, results_dir)}"
+            problems.append(Problem(str(error), str(path), repair))
+    return problems
+
+
+def check_store_weights(reader: StoreReader, results_dir: Path, command: str) -> list[Problem]:
+    """A store whose encoder's local weights changed since it was extracted: stale (the next
+    ``snakemake`` plans with the new weights and extracts it again)."""
+    try:
+        changed = weights_changed(reader.attrs, results_dir.parent)
+    except StoreIntegrityError:  # check_store names it
+        return []
+    return [Problem(f"{changed}: stale", str(reader.path), command)] if changed else []
 
 
 def stale_jobs(results_dir: Path, command: str) -> list[Problem]:

@@ -17,7 +17,9 @@ from typing import Any, ClassVar
 import torch
 from PIL import Image
 
-from .base import Encoder, EncoderLoadError, package_versions, seeded, sha256_files
+from pipeline.fingerprint import content_sha256
+
+from .base import Encoder, EncoderLoadError, package_versions, seeded
 from .specs import OpenCLIPSpec
 
 LAYER = "embed"
@@ -55,7 +57,7 @@ class _OpenCLIPTower(Encoder):
     def __init__(self, name: str, spec: OpenCLIPSpec) -> None:
         self.name, self.spec = name, spec
         self.model = create_clip_model(name, spec)
-        self.weights_sha256 = sha256_files([spec.weights]) if spec.weights else None
+        self.weights_sha256 = content_sha256(spec.weights) if spec.weights else None
         self.layer_names = [LAYER]
         self.prepare()
         with torch.inference_mode():

@@ -8,6 +8,7 @@ take the parsed specs.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import version
@@ -30,6 +31,7 @@ TIMM_KEYS = (
     "name",
     "pretrained",
     "weights",
+    "weights_sha256",
     "pretrain",
     "init_seed",
     "pooling",
@@ -48,11 +50,23 @@ RESERVED_MODEL_KWARGS = (
 )
 
 
+def read_weights_sha256(encoder: str, spec: Mapping[str, Any], local: Path | None) -> str | None:
+    """``weights_sha256``: the SHA-256 the local weights (file or folder) must have. The planner
+    puts it in the spec it builds an encoder from (``registry.planned_spec``); a config has none."""
+    sha256 = read_option(encoder, spec, "weights_sha256", str, None)
+    if sha256 is not None and local is None:
+        raise EncoderSpecError(encoder, "weights_sha256", "is only for local weights")
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise EncoderSpecError(encoder, "weights_sha256", f"is not a SHA-256 digest: {sha256!r}")
+    return sha256
+
+
 @dataclass(frozen=True)
 class TimmSpec:
     name: str
     pretrained: bool
     weights: Path | None
+    weights_sha256: str | None
     init_seed: int | None
     pooling: Pooling
     image_size: int | None
@@ -63,6 +77,11 @@ class TimmSpec:
     def from_hub(self) -> bool:
         """Pretrained weights come through timm's hub path (no local file given)."""
         return self.pretrained and self.weights is None
+
+    @property
+    def local_weights(self) -> Path | None:
+        """The local file the weights are read from (content-addressed: ``weights_sha256``)."""
+        return self.weights
 
 
 def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
@@ -88,6 +107,7 @@ def parse_timm_spec(encoder: str, spec: Mapping[str, Any]) -> TimmSpec:
         name=read_name(encoder, spec),
         pretrained=pretrained,
         weights=weights,
+        weights_sha256=read_weights_sha256(encoder, spec, weights),
         init_seed=read_init_seed(
             encoder, spec, not pretrained and weights is None, "for a random init (no weights)"
         ),
@@ -103,6 +123,7 @@ HF_KEYS = (
     "name",
     "revision",
     "pretrained",
+    "weights_sha256",
     "init_seed",
     "pooling",
     "max_tokens",
@@ -130,6 +151,7 @@ class HFTextSpec:
     location: str  # what from_pretrained loads: a hub id or a local directory
     revision: str | None  # hub revision
     package: str | None  # "distribution==version" shipping a bundled model
+    weights_sha256: str | None  # a local folder's content hash (``read_weights_sha256``)
     pretrained: bool
     init_seed: int | None
     pooling: Pooling
@@ -139,6 +161,12 @@ class HFTextSpec:
     @property
     def is_local(self) -> bool:
         return Path(self.location).is_dir()
+
+    @property
+    def local_weights(self) -> Path | None:
+        """A user's local model folder (content-addressed: ``weights_sha256``); a bundled
+        model is known by its package's version instead."""
+        return Path(self.location) if self.source == "huggingface" and self.is_local else None
 
 
 def parse_hf_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
@@ -158,6 +186,7 @@ def parse_hf_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
         location=str(local) if local.is_dir() else name,
         revision=revision,
         package=None,
+        weights_sha256=read_weights_sha256(encoder, spec, local if local.is_dir() else None),
         pretrained=pretrained,
         init_seed=read_init_seed(encoder, spec, not pretrained, "with pretrained: false"),
         pooling=read_pooling(encoder, spec, "mean"),
@@ -188,6 +217,7 @@ def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
         location=str(folder),
         revision=None,
         package=f"{bundled.distribution}=={version(bundled.distribution)}",
+        weights_sha256=None,
         pretrained=True,
         init_seed=None,
         pooling=read_pooling(encoder, spec, "mean"),
@@ -196,7 +226,15 @@ def parse_bundled_spec(encoder: str, spec: Mapping[str, Any]) -> HFTextSpec:
     )
 
 
-OPEN_CLIP_KEYS = ("source", "name", "pretrained", "weights", "init_seed", "model_kwargs")
+OPEN_CLIP_KEYS = (
+    "source",
+    "name",
+    "pretrained",
+    "weights",
+    "weights_sha256",
+    "init_seed",
+    "model_kwargs",
+)
 
 
 @dataclass(frozen=True)
@@ -206,8 +244,13 @@ class OpenCLIPSpec:
     name: str  # open_clip model name, e.g. "ViT-B-32"
     pretrained: str | None  # open_clip's pretrained tag (hub or cache), e.g. "openai"
     weights: Path | None  # a local checkpoint instead
+    weights_sha256: str | None  # its content hash (``read_weights_sha256``)
     init_seed: int | None  # a random init (neither pretrained nor weights)
     model_kwargs: dict[str, Any]  # passed to open_clip.create_model (e.g. a tiny config)
+
+    @property
+    def local_weights(self) -> Path | None:
+        return self.weights
 
 
 def parse_open_clip_spec(encoder: str, spec: Mapping[str, Any]) -> OpenCLIPSpec:
@@ -229,6 +272,7 @@ def parse_open_clip_spec(encoder: str, spec: Mapping[str, Any]) -> OpenCLIPSpec:
         name=read_name(encoder, spec),
         pretrained=pretrained,
         weights=weights,
+        weights_sha256=read_weights_sha256(encoder, spec, weights),
         init_seed=read_init_seed(encoder, spec, random_init, "for a random init (no weights)"),
         model_kwargs=dict(model_kwargs),
     )

@@ -15,13 +15,14 @@ from typing import Any
 
 import torch
 
+from pipeline.fingerprint import sha256_files
+
 from .base import (
     Encoder,
     EncoderLoadError,
     EncoderSpecError,
     package_versions,
     seeded,
-    sha256_files,
 )
 from .specs import HFTextSpec, parse_bundled_spec, parse_hf_spec  # noqa: F401  (re-exported: the encoder specs)
 

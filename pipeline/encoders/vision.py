@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from pipeline.fingerprint import content_sha256
+
 from .base import (
     Encoder,
     EncoderLoadError,
@@ -25,7 +27,6 @@ from .base import (
     Pooling,
     package_versions,
     seeded,
-    sha256_files,
 )
 from .specs import TimmSpec, parse_timm_spec  # noqa: F401  (re-exported: the encoder specs)
 
@@ -42,7 +43,7 @@ class TimmVisionEncoder(Encoder):
         self.name = name
         self.spec = spec
         self.model = create_timm_model(name, spec).eval()
-        self.weights_sha256 = sha256_files([spec.weights]) if spec.weights else None
+        self.weights_sha256 = content_sha256(spec.weights) if spec.weights else None
         self._block_tokens = _block_token_reader(name, spec, self.model)
         size = spec.image_size or resolve_data_config(model=self.model)["input_size"][-1]
         self.data_config = resolve_data_config(

@@ -37,8 +37,8 @@ from pipeline.align.grid import compute_threads
 from pipeline.align.training import adamw_with_schedule
 from pipeline.data import synthetic
 from pipeline.encoders import build_encoder
-from pipeline.encoders.base import package_versions, sha256_files
-from pipeline.fingerprint import spec_hash
+from pipeline.encoders.base import package_versions
+from pipeline.fingerprint import sha256_files, spec_hash
 from pipeline.pretrain.settings import SPLIT, PretrainSettings, initial_spec, parse_settings
 
 SATURATION = 50  # max - min channel value (0..255) above which a pixel is an object's

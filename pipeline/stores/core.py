@@ -40,6 +40,7 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from pipeline import atomic, layout
+from pipeline.fingerprint import content_sha256
 from pipeline.stores.keys import Format
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,39 @@ def create_group(
     return group
 
 
+def what_changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """How a store's recorded attributes differ from a new extraction's ``new`` (for the
+    message refusing to overwrite it): the encoder's local weights by file and SHA-256, then
+    the other encoder facts by key; each ends in "; "."""
+    name = (new.get("encoder") or {}).get("name")
+    facts, skip = [], {"versions"}
+    before, now = old.get("weights") or {}, new.get("weights") or {}
+    if now and before.get("sha256") != now["sha256"]:
+        facts.append(
+            f"encoder {name!r}: its weights {now['path']} have SHA-256 {now['sha256'][:12]}, "
+            f"the store's were {str(before.get('sha256'))[:12]}"
+        )
+        skip.add("weights_sha256")
+    was, is_now = old.get("encoder") or {}, new.get("encoder") or {}
+    keys = sorted(k for k in (set(was) | set(is_now)) - skip if was.get(k) != is_now.get(k))
+    if keys:
+        facts.append(f"encoder {name!r} differs in {', '.join(keys)}")
+    return "".join(f"{fact}; " for fact in facts)
+
+
+def weights_changed(attrs: Mapping[str, Any], root: Path | None = None) -> str | None:
+    """How the local weights a store was extracted from (its ``weights`` attribute; a relative
+    path from the workflow root ``root``) differ now, None when they do not (or are gone)."""
+    weights = attrs.get("weights") or {}
+    path = Path(root or ".") / weights.get("path", "")
+    if not weights or not path.exists() or (now := content_sha256(path)) == weights["sha256"]:
+        return None
+    return (
+        f"encoder {(attrs.get('encoder') or {}).get('name')!r}: its weights {weights['path']} "
+        f"have SHA-256 {now[:12]} now, {weights['sha256'][:12]} when the store was extracted"
+    )
+
+
 # ---- reading ------------------------------------------------------------------------------------
 
 
@@ -287,9 +321,11 @@ class StoreReader:
         reader = cls.open(path)
         attrs, kind = reader.attrs, cls.fmt.kind
         if attrs.get("request") != request:
+            changed = weights_changed(attrs)
             raise StaleStoreError(
                 f"{kind} {path} was extracted for another encoder spec, dataset, split, "
-                f"precision or dtype than this job's config asks for: {reader.rerun}"
+                "precision or dtype than this job's config asks for"
+                f"{f' ({changed})' if changed else ''}: {reader.rerun}"
             )
         if attrs["dataset"]["content_hash"] != content_hash:
             raise StaleStoreError(
@@ -333,12 +369,14 @@ class BlockStoreWriter:
         fresh: bool,
         shared: bool,
         check: Callable[[Any], None] | None = None,
+        attrs: Mapping[str, Any] | None = None,
     ) -> Self:
         """Open ``path`` for writing, its marker removed first:
 
         - no store: ``create()`` it;
-        - another fingerprint: remove it (``on_stale="recompute"``) or refuse (``"error"``);
-          one without any (its creation was killed) is removed;
+        - another fingerprint: remove it (``on_stale="recompute"``) or refuse (``"error"``,
+          saying how it differs from the ``attrs`` a new one gets: ``what_changed``); one
+          without any (its creation was killed) is removed;
         - same fingerprint, unfinished, ``same_shape(attrs)``: resume it (``check(writer)`` may
           refuse), un-flagging finished blocks that no longer verify;
         - same fingerprint, finished before (``complete``: its job runs again, e.g. forced) or
@@ -371,8 +409,9 @@ class BlockStoreWriter:
             elif on_stale == "error" and existing.get("fingerprint") is not None:
                 raise StaleStoreError(
                     f"{cls.fmt.kind} {path} was made from another configuration "
-                    f"(fingerprint {str(existing.get('fingerprint'))[:12]} != "
-                    f"{fingerprint[:12]}); remove it or set runtime.on_stale: recompute"
+                    f"({what_changed(existing, attrs or {})}fingerprint "
+                    f"{str(existing.get('fingerprint'))[:12]} != {fingerprint[:12]}); remove it "
+                    "or set runtime.on_stale: recompute"
                 )
             shutil.rmtree(path)
         return cls(path, create())

@@ -401,7 +401,14 @@ class FeatureWriter(BlockStoreWriter):
             return _create(path, fingerprint, sample_ids, layer_names, dims, rows, attrs)
 
         return cls.open_writer(
-            path, fingerprint, create, same_shape, on_stale=on_stale, fresh=fresh, shared=shared
+            path,
+            fingerprint,
+            create,
+            same_shape,
+            on_stale=on_stale,
+            fresh=fresh,
+            shared=shared,
+            attrs=attrs,
         )
 
     def rows_of(self, block: int) -> range:

@@ -1,6 +1,7 @@
 """What identifies a store's contents, for both layouts (docs/formats.md, "Fingerprints").
 
-A ``request_hash`` is what a reading job expects, from its config alone (no model is loaded);
+A ``request_hash`` is what a reading job expects, from its config alone (no model is loaded;
+the planned encoder spec carries local weights by their SHA-256, ``registry.planned_spec``);
 a ``fingerprint`` adds what only extraction knows (weights checksums, preprocessing, the
 dataset's content hash). Both hash the layout's format version with the encoder, dataset,
 split and precision, plus what the layout adds (``extra``: a token store's dtype and layer).

@@ -203,6 +203,7 @@ class TokenWriter(BlockStoreWriter):
             fresh=fresh,
             shared=shared,
             check=same_plan,
+            attrs=attrs,
         )
 
     def rows_of(self, block: int) -> range:

@@ -51,13 +51,17 @@ def inputs_of(make):
     """A job's inputs and its spec record (``pipeline.provenance``): Snakemake compares params
     only with its own records in .snakemake/; the spec record, dated now when the outputs were
     made with another spec, reruns the job without them too (results copied to a new clone, a
-    lost .snakemake/)."""
+    lost .snakemake/). A user's weights file is known by the SHA-256 in the spec
+    (``weights_sha256``), so its modification time alone reruns nothing (``ancient``)."""
 
     def inputs(wildcards):
         job = job_of(make)(wildcards)
         record = layout.spec_record(job.stage, *(str(v) for v in wildcards))
         provenance.request(Path(record), job.spec)
-        return {**job.inputs, "spec_record": record}
+        found = {**job.inputs, "spec_record": record}
+        if "weights" in found and "weights_sha256" in job.spec.get("encoder", {}):
+            found["weights"] = ancient(found["weights"])
+        return found
 
     return inputs
 
