@@ -250,6 +250,18 @@ def test_verify_names_each_damaged_chunk_or_shard_and_its_repair(results, kind, 
     assert problem.repair == f"{verify.SNAKEMAKE} --force {job}"
 
 
+def test_verify_names_a_block_whose_size_record_is_lost(results):
+    """Without its record a block's files cannot be checked: that is damage too."""
+    results_dir, _, tokens = results
+    (tokens / "block_bytes" / "c" / "1" / "0").unlink()
+    [problem] = verify.verify_results(results_dir)
+    assert f"shard {tokens / 'tokens' / 'c' / '1' / '0'} has no recorded size" in problem.what
+    (tokens / "block_bytes" / "c" / "2" / "0").write_bytes(b"")
+    assert "the size record block_bytes/c/2/0 cannot be read" in str(
+        verify.verify_results(results_dir)
+    )
+
+
 # ---- tables -------------------------------------------------------------------------------------
 
 

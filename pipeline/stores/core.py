@@ -206,6 +206,7 @@ class BlockFiles:
         self.group = group
         self.names: list[str] = list(group.attrs["block_arrays"])
         self._arrays = [group[name] for name in self.names]
+        self._recorded: dict[int, np.ndarray] = {}
 
     def keys(self, block: int) -> list[str]:
         """Store keys of the block's files, e.g. ``layers/0/c/3/0`` or ``tokens/c/3/0``."""
@@ -220,19 +221,27 @@ class BlockFiles:
 
     def record(self, block: int) -> None:
         """Record the sizes of a block just written (before its flag is set)."""
-        self.group[BLOCK_BYTES].with_config(DENSE)[block] = self.sizes(block)
+        self._records[block] = self.sizes(block)
 
     @cached_property
-    def recorded(self) -> np.ndarray:
-        """The sizes recorded for every block (0: none recorded), read once."""
-        try:
-            return self.group[BLOCK_BYTES][:]
-        except Exception as error:
-            raise CorruptChunkError(
-                f"{self.path}: {BLOCK_BYTES} cannot be read ({type(error).__name__}: {error})",
-                path=self.path,
-                array=BLOCK_BYTES,
-            ) from error
+    def _records(self) -> zarr.Array:
+        return self.group[BLOCK_BYTES].with_config(DENSE)
+
+    def recorded(self, block: int, where: str, rows: range, repair: str) -> np.ndarray:
+        """The sizes recorded for the block's files (0: none), read when the block is first
+        checked (one small chunk: a reader pays only for the blocks it reads)."""
+        if block not in self._recorded:
+            try:
+                self._recorded[block] = self._records[block]
+            except Exception as error:
+                raise CorruptChunkError(
+                    f"{where}, {_span(rows)}: the size record {BLOCK_BYTES}/c/{block}/0 cannot be "
+                    f"read ({type(error).__name__}: {error}); {repair}",
+                    path=self.path,
+                    array=BLOCK_BYTES,
+                    rows=rows,
+                ) from error
+        return self._recorded[block]
 
     def check(
         self,
@@ -246,8 +255,7 @@ class BlockFiles:
         default) exists with its recorded size: ``MissingChunkError`` for an absent file,
         ``CorruptChunkError`` for another size (emptied, truncated, replaced) or no record.
         ``where`` and ``repair`` start and end the message; the file is named by its path."""
-        recorded, keys = self.recorded[block], self.keys(block)
-        span = f"rows {rows.start}-{rows.stop - 1}" if len(rows) else "no rows"
+        recorded, keys = self.recorded(block, where, rows, repair), self.keys(block)
         for index in range(len(keys)) if arrays is None else arrays:
             file, expected = self.path / keys[index], int(recorded[index])
             size = _size(file)
@@ -265,11 +273,15 @@ class BlockFiles:
                 error = CorruptChunkError
                 what = f"{noun} {file} has no recorded size ({BLOCK_BYTES}/c/{block}/0 is missing)"
             raise error(
-                f"{where}, {span}: {what}; {repair}",
+                f"{where}, {_span(rows)}: {what}; {repair}",
                 path=self.path,
                 array=self.names[index],
                 rows=rows,
             )
+
+
+def _span(rows: range) -> str:
+    return f"rows {rows.start}-{rows.stop - 1}" if len(rows) else "no rows"
 
 
 def _size(path: Path) -> int:
@@ -346,10 +358,6 @@ class StoreReader:
         if missing := [k for k in required if k not in attrs]:
             return [self.problem(f"attributes {missing} are missing")]
         found = []
-        try:
-            _ = self.files.recorded
-        except StoreIntegrityError as error:
-            return [error]  # no block can be checked without its sizes
         try:
             flags = self.group["block_complete"][:]
             if not flags.all():
