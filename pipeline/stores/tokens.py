@@ -231,7 +231,7 @@ class TokenWriter(BlockStoreWriter):
         first, end = int(self.block_rows[block]), int(self.block_rows[block + 1])
         if len(rows) != end - first:
             raise ValueError(f"{self.path}: block {block} has {end - first} rows, got {len(rows)}")
-        values = np.full((self.slots_per_block, self.dim), np.nan, dtype=self.dtype)  # fill
+        values = np.full((self.slots_per_block, self.dim), np.nan, dtype=self.dtype)  # tail: fill
         offset = block * self.slots_per_block
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             for row, tokens in zip(range(first, end), rows, strict=True):
