@@ -1,8 +1,9 @@
 """Cost of the feature store's integrity checks, against the bare Zarr store and extraction.
 
 "Checked" is the store as written and read now: a crc32c codec after zstd on every chunk,
-NaN/inf refused at write, every chunk read back before the marker (``finalize``), and on
-read a presence check of every touched chunk plus ``np.isfinite`` of what is returned.
+NaN/inf refused at write, every chunk's size recorded and every chunk read back before the
+marker (``finalize``), and on read a size check (``os.stat`` against the record) of every
+touched chunk plus ``np.isfinite`` of what is returned.
 "Bare" is the same layout without any of it (zstd only, plain Zarr reads), i.e. the
 format before the checks. Both stores are written ``--repeats`` times, then read as often;
 repeats alternate between the two; the table gives medians, the

@@ -13,6 +13,10 @@ ones in ``results/features``. Spec records (``pipeline.provenance``): a job whos
 made with another spec than its rule last asked for is stale. Encoder weights
 (``pipeline.encoders.weights``): every file under ``results/pretrained`` must have the SHA-256
 its record holds, and a store extracted from local weights that have changed since is stale.
+Tables (``check_tables``):
+every parquet file under ``results/tables`` read in full, and validated against its schema
+where it is one of the aggregate's (``TABLE_SCHEMAS``); ``verify_tables`` checks only them
+(the ``report`` rule and the Makefile do, before the HTML report embeds them).
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline import layout, provenance
 from pipeline.align import artifacts
 from pipeline.encoders.weights import WeightsIntegrityError, check_weights, pretrained_here
+from pipeline.evaluate import tables
 from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
 from pipeline.stores.core import (
@@ -43,6 +51,13 @@ from pipeline.stores.features import FeatureStore
 from pipeline.stores.tokens import TokenStore
 
 SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
+TABLE_SCHEMAS: dict[str, pa.Schema] = {  # the aggregate's tables, by file name
+    Path(layout.METRICS_TABLE).name: tables.METRICS_SCHEMA,
+    Path(layout.SUMMARY_TABLE).name: tables.SUMMARY_SCHEMA,
+    Path(layout.COMPARISONS_TABLE).name: tables.COMPARISONS_SCHEMA,
+    Path(layout.SWEEP_TABLE).name: tables.SWEEP_SCHEMA,
+    Path(layout.SWEEP_RHO_TABLE).name: tables.SWEEP_RHO_SCHEMA,
+}
 
 
 @dataclass(frozen=True)
@@ -77,7 +92,12 @@ def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> 
         known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
         problems += check_run(run_dir, results_dir, known["features"], known["tokens"], command)
-    return problems + stale_jobs(results_dir, command) + check_pretrained(results_dir, command)
+    return [
+        *problems,
+        *check_tables(results_dir, command),
+        *stale_jobs(results_dir, command),
+        *check_pretrained(results_dir, command),
+    ]
 
 
 def check_pretrained(results_dir: Path, command: str) -> list[Problem]:
@@ -103,6 +123,35 @@ def check_store_weights(reader: StoreReader, results_dir: Path, command: str) ->
     except StoreIntegrityError:  # check_store names it
         return []
     return [Problem(f"{changed}: stale", str(reader.path), command)] if changed else []
+
+
+def verify_tables(results_dir: Path, configfiles: list[Path] | None = None) -> list[Problem]:
+    """Only the tables' problems (``check_tables``): what the HTML report embeds."""
+    return check_tables(Path(results_dir), snakemake(configfiles))
+
+
+def check_tables(results_dir: Path, command: str) -> list[Problem]:
+    """Every ``*.parquet`` under ``results_dir/tables`` that does not read in full (pyarrow:
+    every page decoded) or, for the aggregate's tables, does not hold its schema's columns,
+    types, nulls and finite values (``tables.validate``). The repair runs the aggregate again:
+    it writes every table (Snakemake sees nothing to do for a damaged table whose date is
+    right)."""
+    repair = f"{command} --forcerun aggregate"
+    problems = []
+    for path in sorted((results_dir / "tables").rglob("*.parquet")):
+        try:
+            table = pq.read_table(path)
+        except Exception as error:
+            what = f"table {path.name} cannot be read ({type(error).__name__}: {error})"
+            problems.append(Problem(what, str(path), repair))
+            continue
+        try:
+            if (schema := TABLE_SCHEMAS.get(path.name)) is not None:
+                tables.validate(pl.from_arrow(table), schema)
+        except ValueError as error:
+            what = f"table {path.name} does not hold its schema ({error})"
+            problems.append(Problem(what, str(path), repair))
+    return problems
 
 
 def stale_jobs(results_dir: Path, command: str) -> list[Problem]:

@@ -410,6 +410,35 @@ def test_a_missing_chunk_fails_the_stage_that_reads_it(copy_of_run):
     assert "MissingChunkError" in log and store in log and "layers/0" in log
 
 
+def test_an_emptied_token_shard_fails_the_evaluation_that_reads_it(copy_of_run):
+    """Issue 22: a 0-byte shard of a full block (the tiny test split is one block) read as
+    zeros, and a forced evaluation exited 0 with changed segmentation rows."""
+    token_set = copy_of_run / layout.tokens_dir("tiny", "test", "vit")
+    last = max(token_set.glob("layer_*.zarr"), key=lambda path: int(path.stem.split("_")[1]))
+    shard = f"{layout.tokens_dir('tiny', 'test', 'vit')}/{last.name}/tokens/c/0/0"
+    (copy_of_run / shard).write_bytes(b"")
+    result = snakemake(copy_of_run, "--force", layout.evaluation("vit", "minilm", "csa", "last"))
+    assert result.returncode != 0
+    log = (
+        copy_of_run / layout.log("evaluate_aligners", "vit", "minilm", "csa", "last")
+    ).read_text()
+    assert f"shard {shard} is 0 bytes" in log, log[-3000:]
+    verified = run(["-m", "pipeline", "verify", "--results", "results"], cwd=copy_of_run)
+    assert verified.returncode == 1 and f"shard {shard} is 0 bytes" in verified.output
+
+
+def test_the_report_refuses_a_truncated_table(copy_of_run):
+    """Issue 22: Snakemake goes by dates, so a truncated table was embedded in the report."""
+    metrics = copy_of_run / layout.METRICS_TABLE
+    metrics.write_bytes(metrics.read_bytes()[:-200])
+    assert "Nothing to be done" in snakemake(copy_of_run).output  # Snakemake alone: no
+    result = snakemake(copy_of_run, "report")
+    assert result.returncode != 0
+    assert f"PROBLEM {layout.METRICS_TABLE}" in result.output, result.output[-3000:]
+    assert "metrics.parquet cannot be read" in result.output
+    assert "--forcerun aggregate" in result.output
+
+
 def test_forcing_an_align_job_refits_its_runs(copy_of_run):
     job = layout.aligner_runs("vit", "minilm", "csa", "best")
     weights = copy_of_run / Path(job).parent / "n24_s0" / "weights.safetensors"

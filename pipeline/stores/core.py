@@ -8,6 +8,12 @@ run resumes from the first missing one. Every chunk ends with a CRC-32C of its s
 (the ``crc32c`` codec, last in the chain), so Zarr itself refuses a corrupt or truncated
 chunk; the readers also check that the chunks they touch exist and hold finite values.
 
+Zarr reads an absent chunk or shard file, and an empty shard file, as the fill value, so a
+block's files (one chunk or shard file in each of the layout's ``block_arrays``) are recorded
+with their byte sizes when the block is written (``block_bytes``, before its flag), and no
+reader reads a block before ``os.stat`` finds each of its files with that size
+(``BlockFiles.check``): a deleted, emptied or truncated file is an error naming it.
+
 The store's attributes carry its ``fingerprint`` (``keys.fingerprint``), ``request``
 (``keys.request_hash``), provenance and ``complete`` (True once a run has finished it), and
 beside it the completion marker ``<store>.done`` (JSON) is written last: Snakemake declares
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -116,6 +123,9 @@ def open_group_checked(path: Path, kind: str) -> zarr.Group:
         ) from error
 
 
+BLOCK_BYTES = "block_bytes"  # (n_blocks, len(block_arrays)) int64: each block file's size
+
+
 def chunk_codecs() -> dict[str, Any]:
     """Compression, then a CRC-32C of the stored bytes (last, so it covers what is on disk)."""
     return {"compressors": [ZstdCodec(level=0), Crc32cCodec()]}
@@ -141,12 +151,15 @@ def create_group(
     fingerprint: str,
     n_blocks: int,
     arrays: Callable[[zarr.Group], None],
+    block_arrays: Sequence[str],
     attrs: dict[str, Any],
     layout_attrs: dict[str, Any],
 ) -> zarr.Group:
-    """A new, empty store: the layout's ``arrays(group)``, the ``block_complete`` flags, then
-    the attributes (last: a store whose creation was killed has no fingerprint, so it is never
-    resumed): the caller's ``attrs``, the format's, the layout's and ``complete: false``."""
+    """A new, empty store: the layout's ``arrays(group)``, the ``block_complete`` flags and the
+    ``block_bytes`` records of the ``block_arrays`` (those of ``arrays`` holding one chunk or
+    shard file per block, ``BlockFiles``), then the attributes (last: a store whose creation
+    was killed has no fingerprint, so it is never resumed): the caller's ``attrs``, the
+    format's, the layout's, ``block_arrays`` and ``complete: false``."""
     group = zarr.open_group(path, mode="w")
     arrays(group)
     group.create_array(
@@ -159,6 +172,16 @@ def create_group(
         config=DENSE,
         **chunk_codecs(),
     )
+    group.create_array(
+        BLOCK_BYTES,
+        shape=(n_blocks, len(block_arrays)),
+        chunks=(1, len(block_arrays)),  # one file per block, as the flags: shards never share
+        dtype="int64",
+        fill_value=0,
+        dimension_names=("block", "block_array"),
+        config=DENSE,
+        **chunk_codecs(),
+    )
     group.attrs.update(
         {
             **attrs,
@@ -166,6 +189,7 @@ def create_group(
             **fmt.tag,
             "format_version": fmt.version,
             **layout_attrs,
+            "block_arrays": list(block_arrays),
             "complete": False,
         }
     )
@@ -205,6 +229,102 @@ def weights_changed(attrs: Mapping[str, Any], root: Path | None = None) -> str |
     )
 
 
+class BlockFiles:
+    """The files block ``b`` of a store is written to, one in each of its ``block_arrays``
+    (the chunk or shard file ``(b, 0, ...)``: those arrays are chunked, or sharded, one block
+    along their first axis and whole along the others), and the byte sizes recorded for them
+    when the block was written (``block_bytes``)."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = Path(path)
+        self.group = group
+        self.names: list[str] = list(group.attrs["block_arrays"])
+        self._arrays = [group[name] for name in self.names]
+        self._recorded: dict[int, np.ndarray] = {}
+
+    def keys(self, block: int) -> list[str]:
+        """Store keys of the block's files, e.g. ``layers/0/c/3/0`` or ``tokens/c/3/0``."""
+        return [
+            f"{name}/{array.metadata.encode_chunk_key((block,) + (0,) * (array.ndim - 1))}"
+            for name, array in zip(self.names, self._arrays, strict=True)
+        ]
+
+    def sizes(self, block: int) -> list[int]:
+        """The byte sizes of the block's files on disk now (-1: absent)."""
+        return [_size(self.path / key) for key in self.keys(block)]
+
+    def record(self, block: int) -> None:
+        """Record the sizes of a block just written (before its flag is set)."""
+        self._records[block] = self.sizes(block)
+
+    @cached_property
+    def _records(self) -> zarr.Array:
+        return self.group[BLOCK_BYTES].with_config(DENSE)
+
+    def recorded(self, block: int, where: str, rows: range, repair: str) -> np.ndarray:
+        """The sizes recorded for the block's files (0: none), read when the block is first
+        checked (one small chunk: a reader pays only for the blocks it reads)."""
+        if block not in self._recorded:
+            try:
+                self._recorded[block] = self._records[block]
+            except Exception as error:
+                raise CorruptChunkError(
+                    f"{where}, {_span(rows)}: the size record {BLOCK_BYTES}/c/{block}/0 cannot be "
+                    f"read ({type(error).__name__}: {error}); {repair}",
+                    path=self.path,
+                    array=BLOCK_BYTES,
+                    rows=rows,
+                ) from error
+        return self._recorded[block]
+
+    def check(
+        self,
+        block: int,
+        where: str,
+        rows: range,
+        repair: str,
+        arrays: Sequence[int] | None = None,
+    ) -> None:
+        """Raise unless each file of block ``block`` (of the ``arrays``-th block arrays; all by
+        default) exists with its recorded size: ``MissingChunkError`` for an absent file,
+        ``CorruptChunkError`` for another size (emptied, truncated, replaced) or no record.
+        ``where`` and ``repair`` start and end the message; the file is named by its path."""
+        recorded, keys = self.recorded(block, where, rows, repair), self.keys(block)
+        for index in range(len(keys)) if arrays is None else arrays:
+            file, expected = self.path / keys[index], int(recorded[index])
+            size = _size(file)
+            if size == expected > 0:
+                continue
+            noun = "chunk" if self._arrays[index].shards is None else "shard"
+            if size < 0:
+                error: type[StoreIntegrityError] = MissingChunkError
+                what = f"{noun} {file} is missing (Zarr would read it as the fill value)"
+            elif expected > 0:
+                error = CorruptChunkError
+                what = f"{noun} {file} is {size} bytes, {expected} as written"
+                what += " (emptied or truncated)" if size < expected else " (replaced)"
+            else:
+                error = CorruptChunkError
+                what = f"{noun} {file} has no recorded size ({BLOCK_BYTES}/c/{block}/0 is missing)"
+            raise error(
+                f"{where}, {_span(rows)}: {what}; {repair}",
+                path=self.path,
+                array=self.names[index],
+                rows=rows,
+            )
+
+
+def _span(rows: range) -> str:
+    return f"rows {rows.start}-{rows.stop - 1}" if len(rows) else "no rows"
+
+
+def _size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return -1
+
+
 # ---- reading ------------------------------------------------------------------------------------
 
 
@@ -239,11 +359,17 @@ class StoreReader:
     def n_samples(self) -> int:
         return int(self.attrs["n_samples"])
 
+    @cached_property
+    def files(self) -> BlockFiles:
+        """Each block's files and their recorded sizes (checked before a block is read)."""
+        return BlockFiles(self.path, self.group)
+
     def sample_ids(self) -> np.ndarray:
         raise NotImplementedError
 
     def block_problems(self) -> list[StoreIntegrityError]:
-        """Every damaged block of the layout's arrays (missing, undecodable, not finite)."""
+        """Every damaged block of the layout's arrays (files missing or not of their recorded
+        size, undecodable, not finite)."""
         raise NotImplementedError
 
     def problem(self, text: str, array: str | None = None) -> StoreIntegrityError:
@@ -255,16 +381,17 @@ class StoreReader:
             attrs = self.attrs
         except StoreIntegrityError as error:
             return [error]
-        if missing := [k for k in ("fingerprint", *self.required) if k not in attrs]:
-            return [self.problem(f"attributes {missing} are missing")]
-        found = []
         if (version := attrs.get("format_version")) != self.fmt.version:
-            found.append(
+            return [  # another layout: nothing more to check against this one
                 self.problem(
                     f"format version {version} (this code writes {self.fmt.version}): extract "
                     "it again"
                 )
-            )
+            ]
+        required = ("fingerprint", "block_arrays", *self.required)
+        if missing := [k for k in required if k not in attrs]:
+            return [self.problem(f"attributes {missing} are missing")]
+        found = []
         try:
             flags = self.group["block_complete"][:]
             if not flags.all():
@@ -343,8 +470,9 @@ class BlockStoreWriter:
     (``open_writer``), per-block flags, the checked finish that writes the marker, and a
     shard job's claim on its blocks.
 
-    A layout sets ``fmt`` and ``reader`` and defines ``__init__(path, group)``, ``n_blocks``,
-    ``block_of(row)``, ``write_block(block, rows)`` and ``damaged_blocks(blocks)``."""
+    A layout sets ``fmt`` and defines ``__init__(path, group)``, ``n_blocks``,
+    ``block_of(row)``, ``write_block(block, rows)`` (ending with ``mark_written``) and
+    ``damaged_blocks(blocks)``."""
 
     fmt: ClassVar[Format]
     path: Path
@@ -354,6 +482,7 @@ class BlockStoreWriter:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path, self.group = path, group
         self.flags = group["block_complete"].with_config(DENSE)
+        self.files = BlockFiles(path, group)
         self._block: int | None = None  # the block ``add`` is filling
         self._rows: dict[int, Any] = {}
 
@@ -467,6 +596,11 @@ class BlockStoreWriter:
         if len(self._rows) == len(self.rows_of(block)):
             self.write_block(block, self.block_values([self._rows[r] for r in sorted(self._rows)]))
             self._block, self._rows = None, {}
+
+    def mark_written(self, block: int) -> None:
+        """A block's files are written: record their sizes, then set its flag."""
+        self.files.record(block)
+        self.flags[block] = True
 
     def block_values(self, rows: list[Any]) -> Any:
         """What ``write_block`` takes, from the values ``add`` collected for a block's rows."""

@@ -12,10 +12,12 @@ shards: ``pipeline.stores.core``)::
     zarr.json         attributes: encoder and dataset provenance, fingerprint, request, layer
                       names, dims, ``complete``, ...
 
-A missing chunk would read as the fill value, so the readers here (``FeatureStore.layer`` /
-``read``) check that every chunk they touch exists, wrap any decoding error, and check that
-the values they return are finite; each failure is a ``StoreIntegrityError`` naming the
-store, the layer and the rows. The writer refuses NaN or infinite values.
+A missing chunk would read as the fill value (NaN: what xarray or dask read for one), so
+the readers here (``FeatureStore.layer`` / ``read``) check that every chunk they touch exists
+with the size recorded when it was written (``core.BlockFiles``), wrap any decoding error,
+and check that the values they return are finite; each failure is a ``StoreIntegrityError``
+naming the store, the layer, the rows and the chunk file. The writer refuses NaN or infinite
+values.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ import zarr
 from pipeline.stores.core import (
     DENSE,
     SHOWN_ROWS,
+    BlockFiles,
     BlockStoreWriter,
     CorruptChunkError,
-    MissingChunkError,
     NonFiniteValuesError,
     StoreIntegrityError,
     StoreReader,
@@ -80,21 +82,22 @@ class CheckedLayer:
     """One layer of a store that reads like a ``zarr.Array`` and verifies what it reads.
 
     ``layer[...]``, ``layer.oindex[...]``, ``layer.vindex[...]`` and ``np.asarray(layer)``
-    return what the Zarr array would, after checking that every chunk they touch exists
-    (Zarr reads a missing chunk as the fill value), turning a decoding error into a
-    ``CorruptChunkError`` and refusing NaN or infinite values; errors name the store, the
-    layer and the rows. Other attributes (``shape``, ``dtype``, ``chunks``, ...) are the
-    array's; ``.array`` is the bare Zarr array.
+    return what the Zarr array would, after checking that every chunk they touch exists with
+    its recorded size (``files``: Zarr reads a missing chunk as the fill value), turning a
+    decoding error into a ``CorruptChunkError`` and refusing NaN or infinite values; errors
+    name the store, the layer, the rows and the chunk file. Other attributes (``shape``,
+    ``dtype``, ``chunks``, ...) are the array's; ``.array`` is the bare Zarr array.
     """
 
-    def __init__(self, store_path: Path, index: int, name: str, array: zarr.Array) -> None:
+    def __init__(
+        self, store_path: Path, index: int, name: str, array: zarr.Array, files: BlockFiles
+    ) -> None:
         self.array = array
         self.store_path = Path(store_path)
         self.index, self.name = index, name
+        self.files = files  # row chunk b of layer i is block b's i-th file
         self.rows_per_chunk = int(array.chunks[0])
         self.n_chunks = math.ceil(array.shape[0] / self.rows_per_chunk) if array.shape[0] else 0
-        self._column_chunks = range(math.ceil(array.shape[1] / array.chunks[1]))
-        self._present: set[int] = set()  # row chunks whose files were seen to exist
         self.oindex = _CheckedIndexer(self, lambda selection: array.oindex[selection])
         self.vindex = _CheckedIndexer(self, lambda selection: array.vindex[selection])
 
@@ -136,15 +139,11 @@ class CheckedLayer:
         start = chunk * self.rows_per_chunk
         return range(start, min(start + self.rows_per_chunk, self.array.shape[0]))
 
-    def chunk_keys(self, chunk: int) -> list[str]:
-        """Store keys of the chunk files holding row chunk ``chunk``, e.g. ``layers/0/c/3/0``."""
-        encode = self.array.metadata.encode_chunk_key
-        return [f"{self.array.path}/{encode((chunk, column))}" for column in self._column_chunks]
-
     def checked_read(self, selection: Any, fetch: Callable[[Any], Any]) -> Any:
-        """``fetch(selection)``, verified: chunks present, decodable, values finite."""
+        """``fetch(selection)``, verified: chunks present with their sizes, decodable, values
+        finite."""
         chunks = self._chunks_of(selection)
-        self._require_present(chunks)
+        self._require_files(chunks)
         try:
             values = fetch(selection)
         except (IndexError, TypeError):  # a bad selection, not a bad chunk
@@ -167,16 +166,17 @@ class CheckedLayer:
             self.check_chunk(int(chunk))
 
     def check_chunk(self, chunk: int) -> None:
-        """Raise a ``StoreIntegrityError`` unless row chunk ``chunk`` exists, decodes, is finite."""
+        """Raise a ``StoreIntegrityError`` unless row chunk ``chunk`` exists with its recorded
+        size, decodes and is finite."""
         rows = self.chunk_rows(chunk)
-        self._present.discard(chunk)
-        self._require_present([chunk])
+        self._require_files([chunk])
         try:
             values = self.array[rows.start : rows.stop]
         except Exception as error:
+            file = self.store_path / self.files.keys(chunk)[self.index]
             raise CorruptChunkError(
-                f"{self.where}, {_rows_text(rows)}: chunk {self.chunk_keys(chunk)[0]} cannot be "
-                f"decoded ({type(error).__name__}: {error}); {_damaged(self.store_path)}",
+                f"{self.where}, {_rows_text(rows)}: chunk {file} cannot be decoded "
+                f"({type(error).__name__}: {error}); {_damaged(self.store_path)}",
                 path=self.store_path,
                 array=self.name,
                 rows=rows,
@@ -202,22 +202,11 @@ class CheckedLayer:
                 found.append(error)
         return found
 
-    def _require_present(self, chunks: Iterable[int]) -> None:
+    def _require_files(self, chunks: Iterable[int]) -> None:
+        """Each chunk's file exists with the size recorded when it was written."""
         for chunk in chunks:
-            chunk = int(chunk)
-            if chunk in self._present:
-                continue
-            for key in self.chunk_keys(chunk):
-                if not (self.store_path / key).is_file():
-                    rows = self.chunk_rows(chunk)
-                    raise MissingChunkError(
-                        f"{self.where}, {_rows_text(rows)}: chunk {key} is missing (Zarr would "
-                        f"read it as the fill value); {_damaged(self.store_path)}",
-                        path=self.store_path,
-                        array=self.name,
-                        rows=rows,
-                    )
-            self._present.add(chunk)
+            rows = self.chunk_rows(int(chunk))
+            self.files.check(int(chunk), self.where, rows, _damaged(self.store_path), [self.index])
 
     def _chunks_of(self, selection: Any) -> np.ndarray | range:
         """Row chunks a selection touches (every chunk when the selection is unusual)."""
@@ -304,7 +293,8 @@ class FeatureStore(StoreReader):
         return self._checked_layer(index % self.num_layers)
 
     def _open_layer(self, index: int) -> CheckedLayer:
-        return CheckedLayer(self.path, index, self.layer_names[index], self.raw_layer(index))
+        name, array = self.layer_names[index], self.raw_layer(index)
+        return CheckedLayer(self.path, index, name, array, self.files)
 
     def read(self, index: int, rows: np.ndarray | None = None) -> np.ndarray:
         """One layer as float32, all rows or the given rows (in the given order)."""
@@ -446,7 +436,7 @@ class FeatureWriter(BlockStoreWriter):
                 self._refuse_nonfinite(index, start + bad)
         for array, values in zip(self.layers, per_layer, strict=True):
             array[start:stop] = values
-        self.flags[block] = True
+        self.mark_written(block)
 
     def _refuse_nonfinite(self, index: int, rows: np.ndarray) -> None:
         encoder = self.group.attrs.get("encoder", {})
@@ -466,9 +456,10 @@ class FeatureWriter(BlockStoreWriter):
         """Flagged blocks (or the given ones) whose chunks are missing, corrupt or not finite."""
         blocks = np.flatnonzero(self.flags[:]) if blocks is None else blocks
         names = self.group.attrs["layer_names"]
+        files = BlockFiles(self.path, self.group)  # the sizes as recorded now
         damaged: dict[int, StoreIntegrityError] = {}
         for index, array in enumerate(self.layers):
-            layer = CheckedLayer(self.path, index, names[index], array)
+            layer = CheckedLayer(self.path, index, names[index], array, files)
             for block in blocks:
                 if block in damaged:
                     continue
@@ -518,4 +509,7 @@ def _create(
         small_array(group, "layers/sample", ids, "sample")
 
     n_blocks = math.ceil(n / rows)
-    return create_group(path, FEATURES, fingerprint, n_blocks, arrays, attrs, layer_attrs)
+    block_arrays = [f"layers/{i}" for i in range(len(dims))]
+    return create_group(
+        path, FEATURES, fingerprint, n_blocks, arrays, block_arrays, attrs, layer_attrs
+    )

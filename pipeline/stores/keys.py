@@ -27,9 +27,10 @@ class Format:
     tag: dict[str, Any] = field(default_factory=dict)
 
 
-# Format 2: crc32c on every chunk, finite values only, 'complete' marks a finish.
-FEATURES = Format("feature store", 2, "extract_features")
-TOKENS = Format("token store", 1, "extract_tokens", {"format": "tokens"})
+# Features 2: crc32c on every chunk, finite values only, 'complete' marks a finish; 3 (tokens
+# 2): each block's file sizes recorded as written (``block_bytes``), token fill NaN.
+FEATURES = Format("feature store", 3, "extract_features")
+TOKENS = Format("token store", 2, "extract_tokens", {"format": "tokens"})
 
 
 def request_hash(

@@ -5,13 +5,14 @@ A token store holds every token of one layer for every sample of a split: CLS, r
 patches of a ViT block (before the final norm, as the pooled stores read them), or every real
 token of a text hidden state (no padding). Layout of ``layer_<i>.zarr``::
 
-    tokens          float16 (n_slots, dim), dims ("token", "dim"): the tokens of all samples,
-                    flat: sample i owns slots token_start[i] .. token_start[i] + token_count[i]
+    tokens          float16 (n_slots, dim), dims ("token", "dim"), fill NaN: the tokens of all
+                    samples, flat: sample i owns slots token_start[i] .. + token_count[i]
     token_start     int64 (n,), dims ("sample",)
     token_count     int32 (n,), dims ("sample",)
     sample          str (n,), dims ("sample",): the dataset's sample ids, the coordinate
     block_rows      int64 (n_blocks + 1,): block b holds rows block_rows[b] .. block_rows[b + 1]
     block_complete  bool (n_blocks,)
+    block_bytes     int64 (n_blocks, 1): the byte size of each block's shard as written
 
 Ragged, not padded: a caption takes as many slots as it has tokens, so a split's text costs
 its mean length, not its longest (PAL's reference layout pads every caption to the dataset's
@@ -24,11 +25,14 @@ cube).
 Sharded: ``tokens`` has one shard file per *block* (a run of whole samples; the unit of
 writing and of resume) holding inner chunks of about 64 KiB (whole images for vision), each
 compressed losslessly (bit-shuffled LZ4) and ending with a CRC-32C. A block starts at slot
-``b * slots_per_block``; the few slots after its last sample are fill, never stored (empty
-inner chunks are not written). Zarr writes a shard file atomically, and a block's flag is
-set after its shard, so a killed extraction leaves whole blocks only and resumes from the
-first missing one: blocks, flags, markers, fingerprints, stale detection and shards are
-``pipeline.stores.core``'s, as for the pooled feature stores.
+``b * slots_per_block``; the few slots after its last sample are fill (NaN), never stored
+(empty inner chunks are not written). Zarr writes a shard file atomically, and a block's
+size record and flag are set after its shard, so a killed extraction leaves whole blocks
+only and resumes from the first missing one: blocks, flags, size records, markers,
+fingerprints, stale detection and shards are ``pipeline.stores.core``'s, as for the pooled
+feature stores. Zarr reads a deleted or emptied shard as the fill value: NaN, never
+plausible zeros, for a direct (xarray, dask, zarr) reader; ``TokenStore`` refuses it by
+name before reading (``core.BlockFiles``).
 
 Opening with xarray / dask::
 
@@ -58,7 +62,6 @@ from pipeline.stores.core import (
     SHOWN_ROWS,
     BlockStoreWriter,
     CorruptChunkError,
-    MissingChunkError,
     NonFiniteValuesError,
     StoreIntegrityError,
     StoreReader,
@@ -229,13 +232,14 @@ class TokenWriter(BlockStoreWriter):
         first, end = int(self.block_rows[block]), int(self.block_rows[block + 1])
         if len(rows) != end - first:
             raise ValueError(f"{self.path}: block {block} has {end - first} rows, got {len(rows)}")
-        values = np.zeros((self.slots_per_block, self.dim), dtype=self.dtype)
+        values = np.full((self.slots_per_block, self.dim), np.nan, dtype=self.dtype)  # tail: fill
         offset = block * self.slots_per_block
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
             for row, tokens in zip(range(first, end), rows, strict=True):
                 start = int(self.token_start[row]) - offset
                 values[start : start + len(tokens)] = tokens
-        if not np.isfinite(values).all():
+        used = int(self.token_start[end - 1] + self.token_count[end - 1]) - offset
+        if not np.isfinite(values[:used]).all():
             bad = [
                 row
                 for row in range(first, end)
@@ -245,7 +249,7 @@ class TokenWriter(BlockStoreWriter):
             ]
             self._refuse_nonfinite(np.asarray(bad))
         self.tokens[offset : offset + self.slots_per_block] = values
-        self.flags[block] = True
+        self.mark_written(block)
 
     def _refuse_nonfinite(self, rows: np.ndarray) -> None:
         ids = np.asarray(self.group["sample"].oindex[rows[:SHOWN_ROWS]]).tolist()
@@ -266,8 +270,8 @@ class TokenWriter(BlockStoreWriter):
         )
 
     def damaged_blocks(self, blocks: Iterable[int] | None = None) -> dict[int, StoreIntegrityError]:
-        """Flagged blocks (or the given ones) whose shard is missing, does not decode, or holds
-        non-finite values."""
+        """Flagged blocks (or the given ones) whose shard is missing or not of its recorded size,
+        does not decode, or holds non-finite values."""
         reader = TokenStore(self.path)
         found = {}
         for block in np.flatnonzero(self.flags[:]) if blocks is None else blocks:
@@ -301,7 +305,7 @@ def _create(
             chunks=(plan.chunk_slots, dim),
             shards=(plan.slots_per_block, dim),
             dtype=dtype,
-            fill_value=0,
+            fill_value=np.nan,  # a missing shard reads as NaN, not as plausible zeros
             dimension_names=("token", "dim"),
             config={"write_empty_chunks": False},  # a block's unused tail is not stored
             **_token_codecs(dtype),
@@ -318,14 +322,17 @@ def _create(
         "n_tokens": int(plan.token_count.sum()),
         "slots_per_block": plan.slots_per_block,
     }
-    return create_group(path, TOKENS, fingerprint, plan.n_blocks, arrays, attrs, layout_attrs)
+    return create_group(
+        path, TOKENS, fingerprint, plan.n_blocks, arrays, ["tokens"], attrs, layout_attrs
+    )
 
 
 # ---- reading ------------------------------------------------------------------------------------
 
 
 class TokenStore(StoreReader):
-    """Read access to a token store; every read is verified (shards present, decodable, finite).
+    """Read access to a token store; every read is verified (shards present with their recorded
+    sizes, decodable, finite).
 
     ``read(rows)`` gives ``(tokens, mask)``: float32 (len(rows), T, dim) padded to the longest of
     those rows, and bool (len(rows), T). Blocks are decoded whole and kept (up to
@@ -419,28 +426,19 @@ class TokenStore(StoreReader):
     def block_of(self, rows: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.block_rows, rows, side="right") - 1
 
-    def _shard_file(self, block: int) -> Path:
-        return self.path / "tokens" / self.tokens.metadata.encode_chunk_key((block, 0))
-
     def _fetch(self, block: int, selection: Any) -> np.ndarray:
-        """Read from ``tokens`` inside ``block``, verified: shard present, decodable, finite."""
+        """Read from ``tokens`` inside ``block``, verified: its shard present with its recorded
+        size (``core.BlockFiles``), decodable, finite."""
         rows = range(int(self.block_rows[block]), int(self.block_rows[block + 1]))
-        if len(rows) and not self._shard_file(block).is_file():
-            raise MissingChunkError(
-                f"{self.where}, rows {rows.start}-{rows.stop - 1}: shard "
-                f"{self._shard_file(block).relative_to(self.path)} is missing; extract it again "
-                "(snakemake --force on its extract_tokens job)",
-                path=self.path,
-                array="tokens",
-                rows=rows,
-            )
+        if len(rows):
+            self.files.check(block, self.where, rows, self.rerun)
         try:
             values = selection()
         except Exception as error:
+            [shard] = self.files.keys(block)
             raise CorruptChunkError(
-                f"{self.where}, rows {rows.start}-{rows.stop - 1}: block {block} cannot be decoded "
-                f"({type(error).__name__}: {error}); extract it again (snakemake --force on its "
-                "extract_tokens job)",
+                f"{self.where}, rows {rows.start}-{rows.stop - 1}: shard {self.path / shard} "
+                f"cannot be decoded ({type(error).__name__}: {error}); {self.rerun}",
                 path=self.path,
                 array="tokens",
                 rows=rows,
@@ -454,17 +452,21 @@ class TokenStore(StoreReader):
             )
         return values
 
+    def _used_slots(self, block: int) -> range:
+        """The slots of ``block`` its samples fill (the rest is fill, NaN)."""
+        start = block * self.slots_per_block
+        first, end = self.block_rows[block], self.block_rows[block + 1]
+        if end == first:
+            return range(start, start)
+        return range(start, int(self.token_start[end - 1] + self.token_count[end - 1]))
+
     def _block_values(self, block: int) -> np.ndarray:
         """The used slots of one block, decoded (cached, least recently used dropped first)."""
         if block in self._cache:
             self._cache.move_to_end(block)
             return self._cache[block]
-        start = block * self.slots_per_block
-        first, end = self.block_rows[block], self.block_rows[block + 1]
-        used = (
-            int(self.token_start[end - 1] + self.token_count[end - 1] - start) if end > first else 0
-        )
-        values = self._fetch(block, lambda: self.tokens[start : start + used])
+        used = self._used_slots(block)
+        values = self._fetch(block, lambda: self.tokens[used.start : used.stop])
         self._cache[block] = values
         self._cached_bytes += values.nbytes
         while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
@@ -473,9 +475,10 @@ class TokenStore(StoreReader):
         return values
 
     def check_block(self, block: int) -> None:
-        """Raise a ``StoreIntegrityError`` unless block ``block`` is present, decodes, is finite."""
-        start = block * self.slots_per_block
-        self._fetch(block, lambda: self.tokens[start : start + self.slots_per_block])
+        """Raise a ``StoreIntegrityError`` unless block ``block``'s shard is present with its
+        recorded size, decodes and its used slots are finite."""
+        used = self._used_slots(block)
+        self._fetch(block, lambda: self.tokens[used.start : used.stop])
 
     # -- rows --
 

@@ -15,6 +15,8 @@ from pipeline.preflight import preflight
 config.update(validate_config(config))
 
 NAME = "[A-Za-z0-9][A-Za-z0-9_-]*"
+# The config files of this run as arguments: `python -m pipeline verify` names them in repairs.
+CONFIGFILES = " ".join(f"--configfile {shlex.quote(str(p))}" for p in workflow.overwrite_configfiles)
 
 # Jobs run `python -m pipeline` with the interpreter that runs Snakemake (its environment has
 # the package, activated or not), unless --sdm conda gives each rule its own environment.

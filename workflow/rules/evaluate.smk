@@ -35,6 +35,7 @@ SWEEP_TABLES = {
 
 localrules:
     aggregate,
+    report,
 
 
 rule aggregate:
@@ -81,8 +82,20 @@ rule evaluate:
 
 
 rule report:
-    """Target: everything the HTML report shows (render it with `snakemake --report`)."""
+    """Target: everything the HTML report shows (render it with `snakemake --report`), then its
+    tables read in full (`python -m pipeline verify --tables`): a damaged one is named with its
+    repair, which Snakemake alone would not notice when its date is right."""
     input:
         rules.aggregate.output,
         rules.similarity.input,
         rules.sweep.input,
+    params:
+        results=lambda wildcards, input: Path(input[0]).parent.parent,  # results/tables/<table>
+        configfiles=CONFIGFILES,
+    conda:
+        "../envs/postalign.yaml"
+    log:
+        layout.log("report", "tables"),
+    shell:
+        "python -m pipeline verify --tables --results {params.results} {params.configfiles}"
+        " 2>&1 | tee {log}"

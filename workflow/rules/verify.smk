@@ -8,7 +8,7 @@ rule verify:
     the command that repairs it. Exits non-zero when something is."""
     params:
         results=layout.RESULTS,
-        configfiles=" ".join(f"--configfile {shlex.quote(str(p))}" for p in workflow.overwrite_configfiles),
+        configfiles=CONFIGFILES,
     conda:
         "../envs/postalign.yaml"
     log:
