@@ -462,7 +462,7 @@ def test_a_config_naming_missing_benchmark_data_fails_before_any_job(tmp_path) -
 
     config = load_config(Path(__file__).resolve().parent.parent / "config.yaml")
     config["datasets"]["dtd"] = {"source": "benchmark", "dataset": "dtd", "root": str(tmp_path)}
-    with pytest.raises(ConfigError, match=r"datasets\.dtd.*DTD data: .*dtd/dtd/labels/test1.txt is missing"):
+    with pytest.raises(ConfigError, match=r"datasets\.dtd.*DTD data: .*test1.txt is missing"):
         validate_config(config)
     config["datasets"]["dtd"]["dataset"] = "dtd2"
     with pytest.raises(ConfigError, match=r"datasets\.dtd"):
