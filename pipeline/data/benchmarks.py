@@ -195,7 +195,7 @@ def _cifar(
             entry = _unpickle(base / batch)
             images.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             targets += [int(y) for y in entry[labels]]
-        pixels = np.concatenate(images).transpose(0, 2, 3, 1)  # planes -> height, width, RGB
+        pixels = np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1))  # HWC
         if len(pixels) != len(targets):
             raise ValueError(f"{base}: {len(pixels)} images but {len(targets)} labels")
         classes = [str(c) for c in _unpickle(base / meta)[names]]
