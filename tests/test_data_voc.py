@@ -98,8 +98,13 @@ def test_voc_splits_templates_and_errors(tree, tmp_path):
     assert segmentation_tasks("voc", {**spec, "splits": ["train"]}) == [("segmentation", "train")]
     with pytest.raises(ValueError, match=r"'2007_000033' is listed in splits 'trainval'"):
         prepare_dataset("voc", {**spec, "splits": ["trainval", "val"]}, tmp_path / "overlap")
-    with pytest.raises(ValueError, match="names unknown split 'test'"):
+    with pytest.raises(ValueError, match=r"names unknown split 'test' .*Segmentation/<split>.txt"):
         validate_spec("voc", {**spec, "splits": ["test"]})
+    for folder in ("SegmentationClass", "JPEGImages"):  # missing data: refused before any job
+        (tree / folder).rename(tmp_path / folder)
+        with pytest.raises(ValueError, match=rf"'root' has no {folder} folder: .*{folder} is"):
+            validate_spec("voc", spec)
+        (tmp_path / folder).rename(tree / folder)
     (tree / "SegmentationClass" / "2007_000042.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"mask of '2007_000042' is missing"):
         prepare_dataset("voc", spec, tmp_path / "missing")

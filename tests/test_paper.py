@@ -1,13 +1,15 @@
-"""The paper configuration (workflow/configs/paper.yaml) on a fabricated miniature of its data:
-COCO and Flickr30k in Karpathy's format, an ImageNet-style class folder and a VOC2012 tree,
-laid out where the config's paths point (``data/...`` under the working directory).
+"""The reproduction configuration (workflow/configs/paper.yaml) on a fabricated miniature of
+every dataset it lists, each in its distribution's real on-disk format (the adapter tests'
+miniatures: tests/test_data_benchmarks.py, test_data_scene_parsing.py, test_data_voc.py;
+Karpathy's JSON here), laid out where the config's paths point (``data/...`` under the
+working directory).
 
-- unmodified, its dry run plans the expected jobs (the counts README's "Reproducing the
-  paper" states);
-- overlaid with only smaller grid sizes, epochs and models (and the CPU: no GPU in tests), it
-  runs to the tables: the same sources, poolings, methods, protocol options and a timm
-  DINOv2-family ViT at its fixed native 518 px, random init; a tiny RoBERTa-family text model
-  built here from a local config.
+- unmodified, its dry run plans the jobs its datasets, encoder pairs, methods and layer
+  choices imply (``expected_jobs``; README "Reproducing the papers" states the counts);
+- overlaid with only smaller grid sizes, epochs and models (and the CPU: no GPU in tests),
+  and one evaluation dataset per source, it runs to the tables: the same sources, poolings,
+  methods, protocol options and a timm DINOv2-family ViT at its fixed native 518 px, random
+  init; a tiny RoBERTa-family text model built here from a local config.
 """
 
 from __future__ import annotations
@@ -15,12 +17,15 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
 import pytest
 import yaml
 from PIL import Image
+from test_data_benchmarks import TREES
+from test_data_scene_parsing import ade_tree, context_tree
 from test_data_voc import palette_png
 from test_workflow import planned_jobs, snakemake
 
@@ -35,8 +40,13 @@ THINGS = ["dog", "cat", "bus", "boat", "chair", "person", "bottle", "bird"]
 PLACES = ["on a street", "near a lake", "in a room", "on the grass", "by a window"]
 COCO_SPLITS = {"train": 16, "restval": 4, "val": 6, "test": 10}
 FLICKR_SPLITS = {"train": 4, "val": 2, "test": 8}
-IMAGENET_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n03000684": "chainsaw"}
 VOC_VAL = 4
+KARPATHY = ("coco_karpathy", "flickr30k_karpathy")
+SEGMENTATION = ("voc_segmentation", "pascal_context", "ade20k")
+TASK_KIND = {"benchmark": "classification"} | dict.fromkeys(KARPATHY, "retrieval")
+TASK_KIND |= dict.fromkeys(SEGMENTATION, "segmentation")
+TOKEN_ALIGNERS = {"pal"}
+PATH_KEYS = ("karpathy_json", "image_root", "root", "context")
 
 
 def caption(rng: np.random.Generator) -> str:
@@ -76,42 +86,59 @@ def karpathy_entries(splits: dict[str, int], rng, coco: bool) -> list[dict]:
     return entries
 
 
-def fabricate_paper_data(workdir: Path) -> None:
-    """Every file paper.yaml names, in the real on-disk formats, under ``workdir/data``."""
-    rng = np.random.default_rng(0)
-    data = workdir / "data"
-    coco = karpathy_entries(COCO_SPLITS, rng, coco=True)
-    for entry in coco:
-        photo(data / "coco" / entry["filepath"] / entry["filename"], rng)
-    (data / "coco" / "dataset_coco.json").write_text(json.dumps({"images": coco}))
-    flickr = karpathy_entries(FLICKR_SPLITS, rng, coco=False)
-    for entry in flickr:
-        photo(data / "flickr30k" / "flickr30k-images" / entry["filename"], rng)
-    (data / "flickr30k" / "dataset_flickr30k.json").write_text(json.dumps({"images": flickr}))
-    imagenet = data / "imagenet"
-    for wnid in IMAGENET_CLASSES:
-        for k in range(2):
-            photo(imagenet / "val" / wnid / f"ILSVRC2012_val_{wnid}_{k}.JPEG", rng)
-    (imagenet / "classnames.txt").write_text("\n".join(IMAGENET_CLASSES.values()) + "\n")
-    (imagenet / "templates.txt").write_text("a photo of a {}.\na bad photo of the {}.\n")
-    voc = data / "VOCdevkit" / "VOC2012"
+def karpathy(spec: dict, rng: np.random.Generator) -> None:
+    coco = spec["source"] == "coco_karpathy"
+    entries = karpathy_entries(COCO_SPLITS if coco else FLICKR_SPLITS, rng, coco=coco)
+    for entry in entries:
+        photo(Path(spec["image_root"], entry.get("filepath", ""), entry["filename"]), rng)
+    Path(spec["karpathy_json"]).write_text(json.dumps({"images": entries}))
+
+
+def voc(spec: dict, rng: np.random.Generator) -> None:
+    root = Path(spec["root"])
     names = [f"2008_{k:06d}" for k in range(VOC_VAL)]
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
-    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{n}\n" for n in names))
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{n}\n" for n in names))
     for k, name in enumerate(names):
-        photo(voc / "JPEGImages" / f"{name}.jpg", rng, size=(45, 33))
+        photo(root / "JPEGImages" / f"{name}.jpg", rng, size=(45, 33))
         labels = np.zeros((33, 45), dtype=np.uint8)
         labels[5:25, 10:30] = 1 + k  # an object of class 1 + k on background
         labels[4, :] = 255  # VOC's ignored border
-        palette_png(voc / "SegmentationClass" / f"{name}.png", labels)
+        palette_png(root / "SegmentationClass" / f"{name}.png", labels)
 
 
-def paper_captions(workdir: Path) -> list[str]:
-    """Every caption of the fabricated COCO and Flickr30k JSONs under ``workdir/data``."""
+def benchmark(spec: dict, rng: np.random.Generator) -> None:
+    Path(spec["root"]).mkdir(parents=True, exist_ok=True)  # torchvision's root, shared
+    TREES[spec["dataset"]](Path(spec["root"]))
+
+
+FABRICATE = {
+    **dict.fromkeys(KARPATHY, karpathy),
+    "benchmark": benchmark,
+    "voc_segmentation": voc,
+    "pascal_context": lambda spec, rng: context_tree(
+        Path(spec["root"]).parent, voc=Path(spec["root"]), context=Path(spec["context"])
+    ),
+    "ade20k": lambda spec, rng: ade_tree(Path(spec["root"]).parent),
+}
+
+
+def fabricate_paper_data(workdir: Path, configfile: Path = PAPER) -> None:
+    """Every dataset the config lists, in its real on-disk format, where its paths point
+    (relative to ``workdir``)."""
+    rng = np.random.default_rng(0)
+    for spec in yaml.safe_load(configfile.read_text())["datasets"].values():
+        relative = {k: str(workdir / v) if k in PATH_KEYS else v for k, v in spec.items()}
+        FABRICATE[spec["source"]](relative, rng)
+
+
+def paper_captions(workdir: Path, configfile: Path = PAPER) -> list[str]:
+    """Every caption of the config's fabricated Karpathy JSONs under ``workdir``."""
     return [
         sentence["raw"]
-        for name in ("coco/dataset_coco.json", "flickr30k/dataset_flickr30k.json")
-        for entry in json.loads((workdir / "data" / name).read_text())["images"]
+        for spec in yaml.safe_load(configfile.read_text())["datasets"].values()
+        if spec["source"] in KARPATHY
+        for entry in json.loads((workdir / spec["karpathy_json"]).read_text())["images"]
         for sentence in entry["sentences"]
     ]
 
@@ -151,20 +178,36 @@ def tiny_roberta(folder: Path, texts: list[str]) -> None:
 
 
 def scaled_down(paper: dict, text_model: Path) -> dict:
-    """paper.yaml with smaller grid sizes, epochs and models, on the CPU; nothing else."""
+    """The config with smaller grid sizes, epochs and models, on the CPU, and of its
+    evaluation datasets the first of each source (the test suite's and CI's time: every
+    listed dataset is planned by the dry run and read by its adapter test); nothing else."""
     config = copy.deepcopy(paper)
     config["runtime"] = {**config["runtime"], "device": "cpu", "precision": "float32"}
     config["runtime"] |= {"batch_size": 16, "num_workers": 0}
-    vision = config["encoders"]["dinov2_vitl14"]
-    vision |= {
-        "name": "vit_small_patch14_dinov2.lvd142m",  # same family, fixed input of 518 px
-        "pretrained": False,
-        "init_seed": 0,
-        # LayerScale off: random DINOv2 blocks start as the identity to 1e-5 (init_values),
-        # so every image would get the same class token
-        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
+    for spec in config["encoders"].values():
+        if spec["source"] == "timm":
+            spec |= {
+                "name": "vit_small_patch14_dinov2.lvd142m",  # same family, fixed input of 518 px
+                "pretrained": False,
+                "init_seed": 0,
+                # LayerScale off: random DINOv2 blocks start as the identity to 1e-5
+                # (init_values), so every image would get the same class token
+                "model_kwargs": {
+                    **spec.get("model_kwargs", {}),
+                    **{"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
+                },
+            }
+        elif spec["source"] == "huggingface":
+            spec["name"] = str(text_model)
+    experiment = config["experiment"]
+    firsts: dict[str, dict] = {}
+    for ref in experiment["evaluate"]:
+        firsts.setdefault(config["datasets"][ref["dataset"]]["source"], ref)
+    experiment["evaluate"] = list(firsts.values())
+    used = {ref["dataset"] for ref in (experiment["train"], experiment["val"], *firsts.values())}
+    config["datasets"] = {
+        name: config["datasets"][name] for name in config["datasets"] if name in used
     }
-    config["encoders"]["roberta_large"]["name"] = str(text_model)
     align = config["align"]
     align["n_pairs"] = [8, "full"]
     align["seeds"] = align["seeds"][:2]
@@ -181,21 +224,42 @@ def scaled_down(paper: dict, text_model: Path) -> dict:
     return config
 
 
-# What the unmodified paper config plans (README, "Reproducing the paper"): 4 datasets; a
-# pooled store and a token store of every split an aligner reads, for each encoder: images,
-# captions and class prompts of each evaluate dataset (a part the dataset lacks, such as
-# COCO's prompts or ImageNet's captions, is an empty store: which parts exist is known only
-# once the data is prepared), COCO train and val; token stores hold only the chosen layers.
-PAPER_JOBS = {
-    "prepare_dataset": 4,
-    "extract_features": 16,
-    "extract_tokens": 16,
-    "compare_layers": 1,
-    "fit_aligners": 18,
-    "evaluate_aligners": 18,
-    "aggregate": 1,
-    "all": 1,
-}
+def expected_jobs(config: dict[str, Any]) -> dict[str, int]:
+    """The jobs per rule a config implies, counted from it: one preparation per dataset
+    referenced; per encoder pair, a feature store of each encoder on every paired split
+    (train, val, each evaluation split: a part a dataset lacks, such as a classification
+    set's captions, is an empty store: which parts exist is known only once the data is
+    prepared) and of the text encoder on each evaluation dataset's prompts; the same token
+    sets when a method is a token aligner (PAL), else the vision tokens of segmentation
+    splits only; one layer comparison per pair; one fit and one evaluation per pair, method
+    and layer choice. Grid sizes, seeds and layers are runs inside those jobs, not jobs."""
+    datasets, exp = config["datasets"], config["experiment"]
+    refs = [exp["train"], exp["val"], *exp["evaluate"]]
+    splits = {(ref["dataset"], ref["split"]) for ref in refs}
+    evaluated = {ref["dataset"] for ref in exp["evaluate"]}
+    segmentation = {
+        (ref["dataset"], ref["split"])
+        for ref in exp["evaluate"]
+        if datasets[ref["dataset"]]["source"] in SEGMENTATION
+    }
+    pairs = {(pair["vision"], pair["text"]) for pair in exp["pairs"]}
+    vision = {v for v, _ in pairs}
+    text = {t for _, t in pairs}
+    stores = len(splits) * len(vision | text) + len(evaluated) * len(text)
+    methods = config["align"]["methods"].values()
+    tokens = any(m["aligner"] in TOKEN_ALIGNERS for m in methods)
+    runs = len(pairs) * len(config["align"]["methods"]) * len(config["align"]["layer_choices"])
+    counts = {
+        "prepare_dataset": len({ref["dataset"] for ref in refs}),
+        "extract_features": stores,
+        "extract_tokens": stores if tokens else len(segmentation) * len(vision),
+        "compare_layers": len(pairs),
+        "fit_aligners": runs,
+        "evaluate_aligners": runs,
+        "aggregate": 1,
+        "all": 1,
+    }
+    return {rule: n for rule, n in counts.items() if n}  # a dry run lists rules with jobs
 
 
 @pytest.fixture(scope="module")
@@ -205,23 +269,57 @@ def paper_tree(tmp_path_factory) -> Path:
     return workdir
 
 
+# Each paper's benchmarks, by the config's dataset names: STRUCTURE's 24 (COCO and Flickr30k
+# retrieval, 22 zero-shot classification sets: its authors' list without Kinetics700, Hateful
+# Memes, CLEVR and Rendered SST2) and PAL's 10 (the same retrieval, five of those sets, three
+# segmentation sets). paper.yaml holds both papers; a config per paper lists its own.
+STRUCTURE_BENCHMARKS = {
+    "coco", "flickr30k", "stl10", "caltech101", "food101", "cifar10", "cifar100", "imagenet",
+    "ucf101", "sun397", "eurosat", "resisc45", "mnist", "dtd", "gtsrb", "kitti", "country211",
+    "fer2013", "pcam", "birdsnap", "cars", "fgvc_aircraft", "pets", "flowers",
+}  # fmt: skip
+PAL_BENCHMARKS = {
+    "coco", "flickr30k", "stl10", "cifar100", "caltech101", "dtd", "eurosat", "voc2012",
+    "pascal_context", "ade20k",
+}  # fmt: skip
+REPRODUCTIONS = {PAPER: STRUCTURE_BENCHMARKS | PAL_BENCHMARKS}
+
+
+@pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
+def test_a_reproduction_config_evaluates_every_benchmark_of_its_papers(configfile) -> None:
+    config = yaml.safe_load(configfile.read_text())
+    datasets = config["datasets"]
+    evaluated = [ref["dataset"] for ref in config["experiment"]["evaluate"]]
+    assert sorted(evaluated) == sorted(REPRODUCTIONS[configfile])  # each once
+    kinds = {name: TASK_KIND[datasets[name]["source"]] for name in evaluated}
+    assert {n for n, kind in kinds.items() if kind == "retrieval"} == {"coco", "flickr30k"}
+    for name, spec in datasets.items():  # a benchmark is the set its name says
+        if spec["source"] == "benchmark":
+            assert spec["dataset"] == {"imagenet": "imagenet1k"}.get(name, name)
+    assert len(STRUCTURE_BENCHMARKS) == 24 and len(PAL_BENCHMARKS) == 10
+
+
 def test_the_unmodified_paper_config_plans_the_expected_jobs(paper_tree):
-    assert planned_jobs(paper_tree, configfile=PAPER) == PAPER_JOBS
+    paper = yaml.safe_load(PAPER.read_text())
+    planned = planned_jobs(paper_tree, configfile=PAPER)
+    assert planned == expected_jobs(paper)
+    print(f"\npaper.yaml plans {sum(planned.values())} jobs: {planned}")
 
 
 def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tmp_path):
-    """runtime.extract_shards = 4: the 12 feature stores and the 12 token sets of dataset
-    splits (not the 4 of prompts each) are each written by 4 shard jobs; every store and set
-    keeps its own (completing) job."""
+    """runtime.extract_shards = 4: the feature stores and the token sets of dataset splits
+    (not those of prompts) are each written by 4 shard jobs; every store and set keeps its
+    own (completing) job."""
     config = yaml.safe_load(PAPER.read_text())
     config["runtime"]["extract_shards"] = 4
     sharded = tmp_path / "paper_sharded.yaml"
     sharded.write_text(yaml.safe_dump(config))
-    planned = planned_jobs(paper_tree, configfile=sharded)
-    assert planned == {
-        **PAPER_JOBS,
-        "extract_features_shard": 12 * 4,
-        "extract_tokens_shard": 12 * 4,
+    expected = expected_jobs(config)
+    prompts = len({ref["dataset"] for ref in config["experiment"]["evaluate"]})
+    assert planned_jobs(paper_tree, configfile=sharded) == {
+        **expected,
+        "extract_features_shard": (expected["extract_features"] - prompts) * 4,
+        "extract_tokens_shard": (expected["extract_tokens"] - prompts) * 4,
     }
 
 
@@ -234,17 +332,18 @@ def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
     assert result.returncode == 0, result.output[-6000:]
 
     metrics = read_metrics(paper_tree / "results" / "tables" / "metrics.parquet")
-    methods = set(paper["align"]["methods"])
-    assert set(metrics["method"].unique()) == methods
+    assert set(metrics["method"].unique()) == set(paper["align"]["methods"])
     tasks = {
         (task.split(".")[0], kind)
         for task, kind in metrics.select("task", "task_kind").unique().rows()
     }
+    sources = {
+        config["datasets"][ref["dataset"]]["source"] for ref in config["experiment"]["evaluate"]
+    }
+    assert sources == set(TASK_KIND)  # every kind of source the paper config reads
     assert tasks == {
-        ("coco", "retrieval"),
-        ("flickr30k", "retrieval"),
-        ("imagenet", "classification"),
-        ("voc2012", "segmentation"),
+        (ref["dataset"], TASK_KIND[config["datasets"][ref["dataset"]]["source"]])
+        for ref in config["experiment"]["evaluate"]
     }
     # the authors' training set: the first caption of each Karpathy train image, restval out
     full = COCO_SPLITS["train"]

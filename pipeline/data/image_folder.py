@@ -58,7 +58,7 @@ def normalize_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     normalized = {
         "source": "image_folder",
         "root": str(root),
-        "splits": spec_splits(name, spec, found, [TASK_SPLIT]),
+        "splits": spec_splits(name, spec, found, [TASK_SPLIT], f"{root}/<split>/"),
     }
     for key in ("classnames", "templates"):
         if spec.get(key) is not None:

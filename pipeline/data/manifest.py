@@ -148,16 +148,24 @@ def spec_path(name: str, spec: Mapping[str, Any], key: str, *, is_dir: bool) -> 
 
 
 def spec_splits(
-    name: str, spec: Mapping[str, Any], known: Iterable[str], default: list[str]
+    name: str,
+    spec: Mapping[str, Any],
+    known: Iterable[str],
+    default: list[str],
+    found_in: str | None = None,
 ) -> list[str]:
-    """The list of split names in ``spec['splits']``, each one of ``known``."""
+    """The list of split names in ``spec['splits']``, each one of ``known`` (``found_in``: where
+    the data's own splits were looked for, for the error)."""
     value = spec.get("splits", default)
     if not isinstance(value, list | tuple) or not value:
         raise spec_error(name, "splits", f"must be a non-empty list of split names, not {value!r}")
     splits = [str(s) for s in value]
     for split in splits:
         if split not in known:
-            raise spec_error(name, "splits", f"names unknown split {split!r} (known: {known})")
+            where = f", from {found_in}" if found_in else ""
+            raise spec_error(
+                name, "splits", f"names unknown split {split!r} (known: {known}{where})"
+            )
     if len(set(splits)) != len(splits):
         raise spec_error(name, "splits", f"repeats a split: {splits}")
     return splits

@@ -80,7 +80,14 @@ def normalize_context(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     _require(name, "context", context / "trainval", context / "labels.txt")
     known = sorted(p.stem for p in (root / CONTEXT_LISTS).glob("*.txt"))
     return _normalized(
-        name, spec, "pascal_context", known, "val", root=str(root), context=str(context)
+        name,
+        spec,
+        "pascal_context",
+        known,
+        f"{root / CONTEXT_LISTS}/<split>.txt",
+        "val",
+        root=str(root),
+        context=str(context),
     )
 
 
@@ -137,7 +144,8 @@ def normalize_ade(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     if _object_info(root) is None:
         raise spec_error(name, "root", f"has no objectInfo150.txt or .csv: {root}")
     known = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
-    normalized = _normalized(name, spec, "ade20k", known, "validation", root=str(root))
+    where = f"{root / 'images'}/<split>/"
+    normalized = _normalized(name, spec, "ade20k", known, where, "validation", root=str(root))
     for split in normalized["splits"]:
         _require(name, "root", root / "annotations" / split)
     return normalized
@@ -192,9 +200,17 @@ def _require(name: str, key: str, *paths: Path) -> None:
 
 
 def _normalized(
-    name: str, spec: Mapping[str, Any], source: str, known: list[str], task_split: str, **paths
+    name: str,
+    spec: Mapping[str, Any],
+    source: str,
+    known: list[str],
+    found_in: str,
+    task_split: str,
+    **paths: str,
 ) -> dict[str, Any]:
-    normalized = {"source": source, **paths, "splits": spec_splits(name, spec, known, [task_split])}
+    """The normalized spec; ``known``: the splits found on disk, in ``found_in``."""
+    splits = spec_splits(name, spec, known, [task_split], found_in)
+    normalized = {"source": source, **paths, "splits": splits}
     if spec.get("templates") is not None:
         normalized["templates"] = spec_path(name, spec, "templates", is_dir=False)
     return normalized

@@ -76,11 +76,14 @@ def normalize_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     lists = root / LISTS
     if not lists.is_dir():
         raise spec_error(name, "root", f"has no {LISTS} folder (is it a VOC2012 folder?)")
+    for folder in (IMAGES, MASKS):
+        if not (root / folder).is_dir():
+            raise spec_error(name, "root", f"has no {folder} folder: {root / folder} is missing")
     known = sorted(p.stem for p in lists.glob("*.txt"))
     normalized = {
         "source": "voc_segmentation",
         "root": str(root),
-        "splits": spec_splits(name, spec, known, [TASK_SPLIT]),
+        "splits": spec_splits(name, spec, known, [TASK_SPLIT], f"{lists}/<split>.txt"),
     }
     if spec.get("templates") is not None:
         normalized["templates"] = spec_path(name, spec, "templates", is_dir=False)

@@ -1,6 +1,7 @@
 """The scaled-down paper workflow of tests/test_paper.py through a real SLURM and the SLURM
 profile: workflow/configs/paper.yaml over a fabricated miniature of its data, with only grid
-sizes, epochs and models made smaller (and the CPU instead of a GPU).
+sizes, epochs and models made smaller, one evaluation dataset of each source (and the CPU
+instead of a GPU).
 
 Needs a running single-node cluster: `make test-cluster` starts one with
 workflow/scripts/slurm-cluster.sh, runs this file and stops the cluster. Collected only with
