@@ -189,13 +189,13 @@ def fit_runs(
             done = read_done(run_dir)
             kept = done is not None and done.get("fingerprint") == fingerprint
             saved = (run_dir, run_meta, fingerprint, key)
-            if store is None:
-                if fresh or not kept:
-                    fit_run(kind, params, features, run, *saved)
-            elif kept and not fresh:  # resumed after a kill: file it if the kill came first
-                with store.claim(key) as entry:
-                    if entry is None:
-                        file_run(store, key, run_dir)
+            if kept and not fresh:  # resumed after a kill: file it if the kill came first
+                if store is not None:
+                    with store.claim(key) as entry:
+                        if entry is None:
+                            file_run(store, key, run_dir)
+            elif store is None:
+                fit_run(kind, params, features, run, *saved)
             else:
                 with store.claim(key) as entry:
                     # a forced job refits what it holds; its own filed fit is not another's
