@@ -8,9 +8,10 @@ while holding an exclusive lock on ``<root>/<key>.lock`` (``atomic.locked``), so
 need one key at once take turns: the first does the work and files it, the second finds it.
 Entries are a cache: deleting one, or the whole root, only costs the work again.
 
-Where the file system gives no ``flock`` (a Lustre mount without ``-o flock``), the lock is
-skipped with a warning: two jobs may then do one key's work twice, each filing its own
-complete folder, and a reader whose entry is replaced under it fails and does the work itself.
+Where the file system gives no ``flock`` (Lustre mounted ``noflock``), the lock is skipped
+with a warning; a lock that is only node-local (docs/architecture.md) has the same effect: two
+jobs may then do one key's work twice, each filing its own complete folder, and a reader whose
+entry is replaced under it fails and does the work itself.
 """
 
 from __future__ import annotations
