@@ -187,6 +187,29 @@ def aligner_runs(vision: str, text: str, method: str, choice: str) -> str:
     return f"{aligner_dir(vision, text, method, choice)}/{RUNS_JSON}"
 
 
+# content-addressed results under a results folder (pipeline.reuse): fits and evaluations
+RUN_STORE, EVALUATION_STORE = "by_key/runs", "by_key/evaluations"
+
+
+def run_store(runs_json: str) -> str:
+    """The content-addressed fits (``<key>/`` per run key) of the results folder that an align
+    job's ``runs.json`` is in (``<results>/aligners/<v>/<t>/<method>/<choice>/runs.json``)."""
+    return f"{_results_of(runs_json, 6)}/{RUN_STORE}"
+
+
+def evaluation_store(table: str) -> str:
+    """The content-addressed evaluations (``<key>/`` per run and split) of the results folder
+    that an evaluation table is in (``<results>/evaluation/<v>/<t>/<method>/<choice>.parquet``)."""
+    return f"{_results_of(table, 5)}/{EVALUATION_STORE}"
+
+
+def _results_of(path: str, depth: int) -> str:
+    parts = path.split("/")
+    if len(parts) <= depth:
+        raise ValueError(f"{path} is not {depth} levels under a results folder")
+    return "/".join(parts[:-depth]) or "/"
+
+
 def evaluation(vision: str, text: str, method: str, choice: str) -> str:
     return f"{RESULTS}/evaluation/{vision}/{text}/{method}/{choice}.parquet"
 

@@ -9,7 +9,10 @@ marker present and agreeing with the store, attributes, block flags, sample ids,
 chunk present, matching its checksum and finite. Aligner runs: ``done.json`` present with a
 fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
 loadable into the aligner, the curve readable, and the features it was fitted on still the
-ones in ``results/features``. Spec records (``pipeline.provenance``): a job whose outputs were
+ones in ``results/features``. The run store's fits (``results/by_key/runs``, ``pipeline.reuse``)
+are checked as runs, and as filed under their key; the evaluation store's tables are read
+back; a damaged entry's repair removes it (the next job that needs it does its work again).
+Spec records (``pipeline.provenance``): a job whose outputs were
 made with another spec than its rule last asked for is stale. Encoder weights
 (``pipeline.encoders.weights``): every file under ``results/pretrained`` must have the SHA-256
 its record holds, and a store extracted from local weights that have changed since is stale.
@@ -35,11 +38,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import layout, provenance
-from pipeline.align import artifacts
+from pipeline.align import artifacts, grid
 from pipeline.encoders.weights import WeightsIntegrityError, check_weights, pretrained_here
 from pipeline.evaluate import tables
 from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
+from pipeline.reuse import KeyedFolders
 from pipeline.stores.core import (
     StoreIntegrityError,
     StoreReader,
@@ -92,6 +96,10 @@ def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> 
         known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
         problems += check_run(run_dir, results_dir, known["features"], known["tokens"], command)
+    for entry in KeyedFolders(results_dir / layout.RUN_STORE).entries():
+        problems += check_filed_run(entry, results_dir, known["features"], known["tokens"])
+    for entry in KeyedFolders(results_dir / layout.EVALUATION_STORE).entries():
+        problems += check_filed_evaluation(entry, results_dir)
     return [
         *problems,
         *check_tables(results_dir, command),
@@ -275,12 +283,14 @@ def check_run(
     fingerprints: set[str] | None,
     token_fingerprints: set[str] | None,
     command: str,
+    repair: str | None = None,
 ) -> list[Problem]:
     """Problems of one aligner run; ``fingerprints``: the feature stores' and
-    ``token_fingerprints`` the token stores' (None: not checked)."""
+    ``token_fingerprints`` the token stores' (None: not checked). ``repair``: instead of
+    forcing the align job of a grid cell's run (a run store's entry is removed)."""
     where = str(run_dir)
     job = target(run_dir.parent / layout.RUNS_JSON, results_dir)
-    refit = f"{command} --force {job}"  # a forced align job refits every run
+    refit = repair or f"{command} --force {job}"  # a forced align job refits every run
 
     def problem(what: str) -> list[Problem]:
         return [Problem(what, where, refit)]
@@ -305,7 +315,8 @@ def check_run(
             f"{artifacts.PARAMS} of {params.get('aligner')!r}"
         )
     meta = params.get("meta") or {}
-    if run_dir.name != run_name(meta.get("n_pairs"), meta.get("seed")):
+    named = is_run_name(run_dir.name)  # a grid cell's run, not a run store's entry
+    if named and run_dir.name != run_name(meta.get("n_pairs"), meta.get("seed")):
         problems += problem(
             f"{artifacts.PARAMS} is of n_pairs {meta.get('n_pairs')}, seed {meta.get('seed')}"
         )
@@ -339,3 +350,38 @@ def check_run(
                 f"fitted on {folder} that are no longer in results/{folder} ({', '.join(stale)})"
             )
     return problems
+
+
+def check_filed_run(
+    entry: Path,
+    results_dir: Path,
+    fingerprints: set[str] | None,
+    token_fingerprints: set[str] | None,
+) -> list[Problem]:
+    """Problems of a run store's fit (``align.grid.file_run``): those of a run, and a record
+    and ``params.json`` that agree it is filed under its own key."""
+    remove = f"rm -r {target(entry, results_dir)}"
+    problems = check_run(entry, results_dir, fingerprints, token_fingerprints, "", remove)
+    if problems:
+        return problems
+    try:
+        record = json.loads((entry / grid.ENTRY).read_text())
+    except (OSError, ValueError) as error:
+        return [Problem(f"{grid.ENTRY} cannot be read ({error})", str(entry), remove)]
+    keys = {record.get("key"), artifacts.read_params(entry)["fit"].get("run_key")}
+    if keys != {entry.name}:
+        what = f"filed under its key, but {grid.ENTRY} and params.json say {sorted(map(str, keys))}"
+        return [Problem(what, str(entry), remove)]
+    return []
+
+
+def check_filed_evaluation(entry: Path, results_dir: Path) -> list[Problem]:
+    """Problems of an evaluation store's entry: its tables must read back with their schemas."""
+    from pipeline.stages import evaluate_aligners
+
+    try:
+        evaluate_aligners.read_evaluation(entry, None)
+    except Exception as error:
+        what = f"filed evaluation unreadable ({type(error).__name__}: {error})"
+        return [Problem(what, str(entry), f"rm -r {target(entry, results_dir)}")]
+    return []

@@ -76,6 +76,7 @@ TINY = {
             "csa": {"aligner": "csa", "sim_dim": 4},
             "asif": {"aligner": "asif", "k": 16},
             "procrustes": {"aligner": "procrustes"},
+            "procrustes_again": {"aligner": "procrustes"},  # procrustes' runs, fitted once
             "pal": {
                 "aligner": "pal",
                 "anchors": 8,
@@ -285,6 +286,38 @@ def test_token_stores_hold_only_the_chosen_layers(tiny_run):
         "vision_val",
         "text_val",
     }
+
+
+def test_identical_runs_were_fitted_and_evaluated_once(tiny_run):
+    """Each run key fitted by one run folder; the others (procrustes_again, ``best`` where it
+    chose the ``last`` layers) copied that fit and its evaluation: same weights, same rows."""
+    results = tiny_run / "results"
+    runs = sorted((results / "aligners").glob("*/*/*/*/n*_s*"))
+    params = {run: json.loads((run / "params.json").read_text()) for run in runs}
+    fitted = {p["fit"]["run_key"]: run for run, p in params.items() if not p["fit"]["reused_from"]}
+    assert len(fitted) == len({p["fit"]["run_key"] for p in params.values()})  # one fit per key
+    assert len(fitted) < len(runs)
+    metrics = read_metrics(results / "tables/metrics.parquet")
+    labels = ["method", "layer_choice"]
+
+    def rows(run: Path) -> pl.DataFrame:
+        meta = params[run]["meta"]
+        n_pairs, seed = meta["n_pairs"], meta["seed"]
+        of_run = (pl.col("method") == meta["method"]) & (
+            pl.col("layer_choice") == meta["layer_choice"]
+        )
+        of_run &= (pl.col("n_pairs") == n_pairs) & (pl.col("seed") == seed)
+        return metrics.filter(of_run).drop(labels).sort(pl.all())
+
+    reused = [run for run, p in params.items() if p["fit"]["reused_from"]]
+    assert {params[run]["meta"]["method"] for run in reused} >= {"procrustes_again"}
+    for run in reused:
+        original = fitted[params[run]["fit"]["run_key"]]
+        assert tiny_run / params[run]["fit"]["reused_from"] == original
+        assert (run / "weights.safetensors").read_bytes() == (
+            original / "weights.safetensors"
+        ).read_bytes()
+        assert len(rows(run)) > 0 and rows(run).equals(rows(original))
 
 
 def test_verify_finds_every_store_and_run_intact(tiny_run):

@@ -7,10 +7,19 @@ features themselves, so a killed job resumes and a run is never reused for other
 settings. Features are pooled arrays (``ArrayPairs``: their digest is their bytes) or token
 caches (``TokenPairs``: the stores' fingerprints, which key their content, and the pairs'
 rows), read batch by batch.
+
+Identical runs once (docs/architecture.md): a run's *key* (``run_key``) is its fingerprint
+without the meta that only labels its cell (method name, layer choice, its score), plus the
+code version. With a run store (``pipeline.reuse.KeyedFolders``) every fit is filed there
+under its key, and a run of another cell with the same key (``best`` choosing the ``last``
+layers, two method entries alike) copies that fit instead of fitting, recording which run it
+reused (``fit.reused_from`` in its ``params.json``).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -20,14 +29,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipeline.align.artifacts import read_done, save_run
+from pipeline.align.artifacts import CURVE, load_aligner, read_done, read_params, save_run
+from pipeline.align.base import FitReport
 from pipeline.align.kinds import aligner_params, build_aligner
 from pipeline.align.params import params_to_dict
+from pipeline.atomic import write_json
 from pipeline.fingerprint import arrays_digest, spec_hash
 from pipeline.pairs import GridRun
+from pipeline.reuse import KeyedFolders, link_files
+from pipeline.versions import code_version
+
+log = logging.getLogger(__name__)
+CELL_META = (
+    "vision_encoder",
+    "text_encoder",
+    "method",
+    "layer_choice",
+    "layer_score",
+    "selection_metric",
+)
+"""Meta entries that label a run's cell (its stores' fingerprints and layers say what it is
+fitted on): left out of the run's key."""
+ENTRY = "entry.json"  # in a run store's folder: {"key", "run": the run folder it was filed from}
 
 
 def available_cores() -> int:
@@ -111,6 +138,24 @@ def run_fingerprint(
     )
 
 
+def run_key(
+    kind: str, resolved: dict[str, Any], meta: dict[str, Any], run: GridRun, data: str
+) -> str:
+    """The content key of a run: ``run_fingerprint`` without the ``CELL_META`` labels, with
+    the code version (``versions.code_version``). Two runs with one key are the same fit."""
+    inputs = {key: value for key, value in meta.items() if key not in CELL_META}
+    return spec_hash(
+        {
+            "aligner": kind,
+            "params": resolved,
+            "inputs": inputs,
+            "run": run.name,
+            "data": data,
+            "code": code_version(),
+        }
+    )
+
+
 def fit_runs(
     kind: str,
     params: dict[str, Any],
@@ -122,14 +167,16 @@ def fit_runs(
     threads: int | None = None,
     progress: Callable[[], None] | None = None,
     fresh: bool = False,
+    store: KeyedFolders | None = None,
 ) -> list[Path]:
     """Fit and save each run on its nested subset of the training pairs in ``features``
     (``ArrayPairs``, ``TokenPairs``, or the tuple x, y, x_val, y_val); a run whose
     ``done.json`` has the same fingerprint is kept unless ``fresh`` (a forced job refits every
-    run). Returns the run directories."""
+    run). With a run ``store``, each other run copies the store's fit of its key when another
+    run folder filed it (``reuse_run``), under the key's lock; each fit is filed. Returns the
+    run directories."""
     if isinstance(features, tuple):
         features = ArrayPairs(*features)
-    n_pairs = len(features)
     resolved = params_to_dict(aligner_params(kind, params))
     data = features.digest()  # once for all the runs on these features
     paths = []
@@ -137,16 +184,87 @@ def fit_runs(
         for run in runs:
             run_dir = Path(out_dir) / run.name
             fingerprint = run_fingerprint(kind, resolved, meta, run, data)
+            key = run_key(kind, resolved, meta, run, data)
+            run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
             done = read_done(run_dir)
-            if fresh or done is None or done.get("fingerprint") != fingerprint:
-                rows = run.rows(n_pairs)
-                aligner = build_aligner(kind, params)
-                start = time.perf_counter()
-                report = aligner.fit(*features.training(rows), *features.validation(), run.seed)
-                report.extra["fit_seconds"] = time.perf_counter() - start
-                run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
-                save_run(run_dir, aligner, report, run_meta, fingerprint=fingerprint)
+            kept = done is not None and done.get("fingerprint") == fingerprint
+            saved = (run_dir, run_meta, fingerprint, key)
+            if kept and not fresh:  # resumed after a kill: file it if the kill came first
+                if store is not None:
+                    with store.claim(key) as entry:
+                        if entry is None:
+                            file_run(store, key, run_dir)
+            elif store is None:
+                fit_run(kind, params, features, run, *saved)
+            else:
+                with store.claim(key) as entry:
+                    # a forced job refits what it holds; its own filed fit is not another's
+                    others = (
+                        entry is not None and not kept and filed_from(entry) != run_dir.resolve()
+                    )
+                    if not (others and reuse_run(entry, *saved)):
+                        fit_run(kind, params, features, run, *saved)
+                        file_run(store, key, run_dir)
             paths.append(run_dir)
             if progress is not None:
                 progress()
     return paths
+
+
+def fit_run(
+    kind: str,
+    params: dict[str, Any],
+    features: ArrayPairs | TokenPairs,
+    run: GridRun,
+    run_dir: Path,
+    meta: dict[str, Any],
+    fingerprint: str,
+    key: str,
+) -> None:
+    """Fit one run on its nested subset and save it (``fit.reused_from``: null, fitted here)."""
+    aligner = build_aligner(kind, params)
+    start = time.perf_counter()
+    training = features.training(run.rows(len(features)))
+    report = aligner.fit(*training, *features.validation(), run.seed)
+    elapsed = time.perf_counter() - start
+    report.extra |= {"fit_seconds": elapsed, "run_key": key, "reused_from": None}
+    save_run(run_dir, aligner, report, meta, fingerprint=fingerprint)
+
+
+def file_run(store: KeyedFolders, key: str, run_dir: Path) -> None:
+    """File the run in ``run_dir`` as the store's fit of ``key`` (hard links: no bytes copied)."""
+
+    def fill(folder: Path) -> None:
+        link_files(run_dir, folder)
+        write_json(folder / ENTRY, {"key": key, "run": str(run_dir)})
+
+    store.put(key, fill)
+
+
+def filed_from(entry: Path) -> Path | None:
+    """The run folder a store entry was filed from, resolved (None: unreadable)."""
+    try:
+        return Path(json.loads((entry / ENTRY).read_text())["run"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def reuse_run(entry: Path, run_dir: Path, meta: dict[str, Any], fingerprint: str, key: str) -> bool:
+    """Save the store entry's fit of ``key`` as the run in ``run_dir`` with this run's own
+    ``meta`` and fingerprint, ``fit.reused_from`` naming the run that was fitted; False (and
+    nothing written) when the entry cannot be read back, whatever the reason."""
+    try:
+        params = read_params(entry)
+        if params["fit"].get("run_key") != key:
+            raise ValueError(f"the entry holds the fit of key {params['fit'].get('run_key')}")
+        aligner = load_aligner(entry)
+        curve = pl.read_parquet(entry / CURVE)
+        origin = json.loads((entry / ENTRY).read_text())["run"]
+    except Exception as error:  # a damaged or replaced entry is only a cache miss
+        log.warning("%s: the run store's %s is unusable (%s); fitting", run_dir, entry, error)
+        return False
+    fitted = params["fit"].get("reused_from") or origin
+    report = FitReport(params["chosen_epoch"], curve, {**params["fit"], "reused_from": fitted})
+    save_run(run_dir, aligner, report, meta, fingerprint=fingerprint)
+    log.info("%s: reused the fit of %s (key %s)", run_dir, fitted, key[:12])
+    return True

@@ -17,6 +17,12 @@ report's figure, and the per-item hits of every classification and retrieval met
 run (the outcomes table: the aggregate's bootstrap over test images). The aggregate stage
 concatenates the per-job tables into ``results/tables/metrics.parquet``, ``summary.parquet``
 and ``comparisons.parquet`` and draws the plots.
+
+Identical evaluations once: each run's evaluation on a split is filed in the evaluation store
+``results/by_key/evaluations/`` (``pipeline.reuse``) under its key (``evaluation_key``: the
+fitted aligner's state, its layers, the split's inputs, the code), and a run of another job
+with the same key (a fit reused from another cell, ``align.grid``) takes those rows, relabelled
+with its own method and layer choice, instead of evaluating again.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +43,7 @@ from pipeline import layout
 from pipeline.align.artifacts import load_aligner, read_params
 from pipeline.align.kinds import uses_tokens
 from pipeline.atomic import write_parquet
-from pipeline.data import load_prompts, load_split, load_tasks
+from pipeline.data import load_prompts, load_split, load_tasks, read_manifest
 from pipeline.data.tasks import (
     CLASSIFICATION,
     IGNORE_INDEX,
@@ -54,14 +60,19 @@ from pipeline.evaluate.tables import (
     concat_outcomes,
     metric_rows,
     outcome_rows,
+    read_metrics,
+    read_outcomes,
     write_metrics,
     write_outcomes,
 )
 from pipeline.evaluate.zeroshot import class_embeddings_of, classification_outcomes, logits_of
+from pipeline.fingerprint import arrays_digest, spec_hash
 from pipeline.jobs import Job
 from pipeline.pairs import pair_rows
+from pipeline.reuse import KeyedFolders
 from pipeline.stores.inputs import TokenSet, open_input
 from pipeline.stores.tokens import StoreTokens
+from pipeline.versions import code_version
 
 log = logging.getLogger(__name__)
 EXAMPLES_PER_TASK = 4  # label maps kept per segmentation task for the report
@@ -80,6 +91,7 @@ EXAMPLE_SCHEMA = {
     "labels": pl.Binary,
 }
 RUN = re.compile(r"n(\d+)_s(-?\d+)")
+METRICS, OUTCOMES, EXAMPLES = "metrics.parquet", "outcomes.parquet", "examples.parquet"  # filed
 
 
 def example_run(runs: list[str]) -> str | None:
@@ -94,6 +106,7 @@ def run(job: Job) -> None:
     runs = json.loads(Path(runs_json).read_text())["runs"]
     tokens = uses_tokens(job.spec["aligner"])
     keep = example_run(runs)
+    store = KeyedFolders(layout.evaluation_store(job.output("metrics")))
     frames, examples, outcomes = [], [], []
     for i, split in enumerate(job.spec["splits"]):
         dataset = f"dataset_{i}"
@@ -116,7 +129,7 @@ def run(job: Job) -> None:
             patches=patches,
         )
         for run in tqdm(runs, desc=f"evaluate {aligner_dir.parent.name}/{aligner_dir.name}"):
-            evaluation = evaluate_run(aligner_dir / run, inputs, examples=run == keep)
+            evaluation = evaluate_run(aligner_dir / run, inputs, run == keep, store)
             frames += evaluation.metrics
             examples += evaluation.examples
             outcomes += evaluation.outcomes
@@ -146,7 +159,8 @@ class SplitInputs:
         patches: TokenSet | None,
         kinds: Collection[str] | None = None,
     ) -> None:
-        self.dataset = dataset
+        self.dataset, self.split = dataset, split
+        self.content_hash = read_manifest(dataset_dir)["content_hash"]
         data = load_split(dataset_dir, split)
         self.data = data
         self.images = data.images
@@ -191,6 +205,26 @@ class SplitInputs:
         """Drop the layers of the vision, text or prompts features read so far (memory)."""
         self._layers = {key: value for key, value in self._layers.items() if key[0] != which}
 
+    def fingerprint(self, vision_layer: int, text_layer: int) -> dict[str, Any]:
+        """What evaluating a run at these layers reads of the split: the dataset's content, the
+        split, its tasks, and the fingerprints of the stores read (a token set's, of the layer)."""
+        layers = {"vision": vision_layer, "text": text_layer, "prompts": text_layer}
+        sources = {which: (self.features[which], layer) for which, layer in layers.items()}
+        if any(task.kind == SEGMENTATION for task in self.tasks):
+            sources["patches"] = (self.patches, vision_layer)
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "content_hash": self.content_hash,
+            "tasks": [asdict(task) for task in self.tasks],
+            "stores": {
+                which: source.fingerprint_of(layer)
+                if isinstance(source, TokenSet)
+                else source.fingerprint
+                for which, (source, layer) in sources.items()
+            },
+        }
+
     def masks(self, task: Task) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image rows of a segmentation task (those with a mask) and their masks, checked."""
         if task.name not in self._masks:
@@ -222,9 +256,14 @@ class Evaluation:
     outcomes: list[pl.DataFrame] = field(default_factory=list)
 
 
-def evaluate_run(run_dir: Path, inputs: SplitInputs, examples: bool = False) -> Evaluation:
-    """The evaluation of one aligner run on every task of one split."""
-    meta = read_params(run_dir)["meta"]
+def evaluate_run(
+    run_dir: Path, inputs: SplitInputs, examples: bool = False, store: KeyedFolders | None = None
+) -> Evaluation:
+    """The evaluation of one aligner run on every task of one split; with an evaluation
+    ``store``, the one filed under its key when there is one (relabelled as this run's),
+    else evaluated and filed."""
+    params = read_params(run_dir)
+    meta = params["meta"]
     key = RunKey(
         vision_encoder=meta["vision_encoder"],
         text_encoder=meta["text_encoder"],
@@ -235,7 +274,67 @@ def evaluate_run(run_dir: Path, inputs: SplitInputs, examples: bool = False) -> 
         n_pairs=meta["n_pairs"],
         seed=meta["seed"],
     )
-    return evaluate_aligner(load_aligner(run_dir), key, inputs, examples)
+    aligner = load_aligner(run_dir)
+    if store is None:
+        return evaluate_aligner(aligner, key, inputs, examples)
+    content = evaluation_key(params, aligner.state(), key, inputs, examples)
+    with store.claim(content) as entry:
+        if entry is not None:
+            try:
+                found = read_evaluation(entry, key)
+            except Exception as error:  # a damaged entry is only a cache miss
+                log.warning("%s: evaluation %s unusable (%s); evaluating", run_dir, entry, error)
+            else:
+                log.info("%s on %s: reused evaluation %s", run_dir, inputs.split, content[:12])
+                return found
+        result = evaluate_aligner(aligner, key, inputs, examples)
+        if result.metrics:  # a split without tasks has nothing to file
+            store.put(content, lambda folder: write_evaluation(result, folder))
+    return result
+
+
+def evaluation_key(
+    params: dict[str, Any],
+    state: dict[str, np.ndarray],
+    key: RunKey,
+    inputs: SplitInputs,
+    examples: bool,
+) -> str:
+    """The content key of a run's evaluation on a split: the fitted aligner (kind,
+    hyperparameters, a digest of each state array), its layers, what it reads of the split
+    (``SplitInputs.fingerprint``), the label maps kept, and the code version."""
+    return spec_hash(
+        {
+            "aligner": params["aligner"],
+            "hyperparameters": params["hyperparameters"],
+            "state": {name: arrays_digest(state[name]) for name in sorted(state)},
+            "split": inputs.fingerprint(key.vision_layer, key.text_layer),
+            "examples": EXAMPLES_PER_TASK if examples else 0,
+            "code": code_version(),
+        }
+    )
+
+
+def write_evaluation(evaluation: Evaluation, folder: Path) -> None:
+    """An evaluation's rows as three tables in ``folder`` (an evaluation store's entry)."""
+    write_metrics(concat_metrics(evaluation.metrics), folder / METRICS)
+    write_outcomes(concat_outcomes(evaluation.outcomes), folder / OUTCOMES)
+    write_parquet(pl.DataFrame(evaluation.examples, schema=EXAMPLE_SCHEMA), folder / EXAMPLES)
+
+
+def read_evaluation(folder: Path, key: RunKey | None) -> Evaluation:
+    """The evaluation filed in ``folder``, its rows labelled as run ``key``'s (None: as filed)."""
+    labels = asdict(key) if key is not None else {}
+
+    def relabel(frame: pl.DataFrame) -> pl.DataFrame:
+        names = [name for name in labels if name in frame.columns]
+        return frame.with_columns(pl.lit(labels[n], dtype=frame.schema[n]).alias(n) for n in names)
+
+    return Evaluation(
+        metrics=[relabel(read_metrics(folder / METRICS))],
+        examples=relabel(pl.read_parquet(folder / EXAMPLES)).to_dicts(),
+        outcomes=[relabel(read_outcomes(folder / OUTCOMES))],
+    )
 
 
 def evaluate_aligner(

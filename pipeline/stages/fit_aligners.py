@@ -8,7 +8,11 @@ run is saved in its own folder (``pipeline.pairs.run_name``) with its own comple
 Resume or refit: the job marks its folder (``stores.core.RunMark``) while it works. A job that finds
 the mark follows one that was killed and keeps the runs it finished; a job that does not
 was asked to run again (``--force``/``--forcerun``, a run's ``done.json`` deleted, changed
-inputs) and refits every run.
+inputs) and refits every run it holds.
+
+Identical runs once: a run whose key (``align.grid.run_key``) another cell has fitted, in this
+job or any other (``best`` on the ``last`` layers, a method entry like another), copies that
+fit from the run store ``results/by_key/runs/`` (``pipeline.reuse``) instead of fitting it.
 """
 
 from __future__ import annotations
@@ -20,11 +24,13 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from pipeline import atomic, layout, pairs
+from pipeline.align.artifacts import read_params
 from pipeline.align.grid import ArrayPairs, TokenPairs, fit_runs
 from pipeline.align.kinds import uses_tokens
 from pipeline.data import load_split
 from pipeline.jobs import Job
 from pipeline.pairs import GridRun, Pairs, grid_runs
+from pipeline.reuse import KeyedFolders
 from pipeline.similarity.selection import chosen_layers, read_layer_choice
 from pipeline.stores.core import RunMark
 from pipeline.stores.features import FeatureStore
@@ -89,6 +95,7 @@ def run(job: Job) -> None:
         by_layers[key][chosen["score"]].append(run)
 
     out_dir = Path(job.output("runs")).parent
+    store = KeyedFolders(layout.run_store(job.output("runs")))
     mark = RunMark(layout.run_mark(str(out_dir)))
     fresh = mark.begin()
     log.info("%s the grid's runs", "fitting" if fresh else "resuming")
@@ -134,7 +141,10 @@ def run(job: Job) -> None:
                     progress=bar.update,
                     threads=job.threads,
                     fresh=fresh,
+                    store=store,
                 )
+    reused = sum(read_params(out_dir / r.name)["fit"].get("reused_from") is not None for r in runs)
+    log.info("%d of %d runs copied the fit of another cell (the run store)", reused, len(runs))
     atomic.write_json(
         job.output("runs"),
         {

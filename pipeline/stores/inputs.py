@@ -40,6 +40,10 @@ class TokenSet:
                 "job"
             ) from error
 
+    def fingerprint_of(self, layer: int) -> str | None:
+        """The fingerprint the set's marker lists for ``layer`` (None: the set lacks it)."""
+        return json.loads(self.marker.read_text())["layers"].get(str(int(layer)))
+
     def layer(self, layer: int) -> TokenStore:
         """The checked token store of ``layer`` (opened once); an error says when the set
         lacks it."""
