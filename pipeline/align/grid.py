@@ -111,6 +111,18 @@ def run_fingerprint(
     )
 
 
+def run_label(kind: str, run: GridRun, meta: dict[str, Any]) -> str:
+    """``method run n.._s.. (vision encoder layer i, text encoder layer j)``, from what ``meta``
+    holds of it."""
+    sides = [
+        f"{meta[f'{side}_encoder']} layer {meta[f'{side}_layer']}"
+        for side in ("vision", "text")
+        if f"{side}_encoder" in meta and f"{side}_layer" in meta
+    ]
+    where = f" ({', '.join(sides)})" if sides else ""
+    return f"{meta.get('method', kind)} run {run.name}{where}"
+
+
 def fit_runs(
     kind: str,
     params: dict[str, Any],
@@ -142,7 +154,10 @@ def fit_runs(
                 rows = run.rows(n_pairs)
                 aligner = build_aligner(kind, params)
                 start = time.perf_counter()
-                report = aligner.fit(*features.training(rows), *features.validation(), run.seed)
+                try:
+                    report = aligner.fit(*features.training(rows), *features.validation(), run.seed)
+                except ValueError as err:  # bad data for this kind: say which run and layers
+                    raise ValueError(f"{run_label(kind, run, meta)}: {err}") from err
                 report.extra["fit_seconds"] = time.perf_counter() - start
                 run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
                 save_run(run_dir, aligner, report, run_meta, fingerprint=fingerprint)
