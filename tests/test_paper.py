@@ -1,8 +1,9 @@
-"""The paper configuration (workflow/configs/paper.yaml) on a fabricated miniature of its data:
-COCO and Flickr30k in Karpathy's format, an ImageNet-style class folder and a VOC2012 tree,
-laid out where the config's paths point (``data/...`` under the working directory).
+"""The reproduction configurations (workflow/configs/structure.yaml and pal.yaml) on a
+fabricated miniature of their data: COCO and Flickr30k in Karpathy's format, an ImageNet-style
+class folder and a VOC2012 tree, laid out where the configs' paths point (``data/...`` under
+the working directory).
 
-- unmodified, its dry run plans the expected jobs (the counts README's "Reproducing the
+- unmodified, each one's dry run plans the expected jobs (the counts README's "Reproducing the
   paper" states);
 - overlaid with only smaller grid sizes, epochs and models (and the CPU: no GPU in tests), it
   runs to the tables: the same sources, poolings, methods, protocol options and a timm
@@ -27,7 +28,8 @@ from test_workflow import planned_jobs, snakemake
 from pipeline.evaluate.tables import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER = ROOT / "workflow/configs/paper.yaml"
+STRUCTURE = ROOT / "workflow/configs/structure.yaml"
+PAL = ROOT / "workflow/configs/pal.yaml"
 pytestmark = pytest.mark.slow
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -77,7 +79,8 @@ def karpathy_entries(splits: dict[str, int], rng, coco: bool) -> list[dict]:
 
 
 def fabricate_paper_data(workdir: Path) -> None:
-    """Every file paper.yaml names, in the real on-disk formats, under ``workdir/data``."""
+    """Every file the reproduction configs name, in the real on-disk formats, under
+    ``workdir/data``."""
     rng = np.random.default_rng(0)
     data = workdir / "data"
     coco = karpathy_entries(COCO_SPLITS, rng, coco=True)
@@ -151,7 +154,8 @@ def tiny_roberta(folder: Path, texts: list[str]) -> None:
 
 
 def scaled_down(paper: dict, text_model: Path) -> dict:
-    """paper.yaml with smaller grid sizes, epochs and models, on the CPU; nothing else."""
+    """A reproduction config with smaller grid sizes, epochs and models, on the CPU; nothing
+    else (the vision model keeps its configured input size)."""
     config = copy.deepcopy(paper)
     config["runtime"] = {**config["runtime"], "device": "cpu", "precision": "float32"}
     config["runtime"] |= {"batch_size": 16, "num_workers": 0}
@@ -162,9 +166,13 @@ def scaled_down(paper: dict, text_model: Path) -> dict:
         "init_seed": 0,
         # LayerScale off: random DINOv2 blocks start as the identity to 1e-5 (init_values),
         # so every image would get the same class token
-        "model_kwargs": {"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
+        "model_kwargs": {
+            **vision.get("model_kwargs", {}),
+            **{"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
+        },
     }
-    config["encoders"]["roberta_large"]["name"] = str(text_model)
+    # the tiny model's 77 positions instead of RoBERTa's 512
+    config["encoders"]["roberta_large"] |= {"name": str(text_model), "max_tokens": 77}
     align = config["align"]
     align["n_pairs"] = [8, "full"]
     align["seeds"] = align["seeds"][:2]
@@ -191,8 +199,8 @@ PAPER_JOBS = {
     "extract_features": 16,
     "extract_tokens": 16,
     "compare_layers": 1,
-    "fit_aligners": 18,
-    "evaluate_aligners": 18,
+    "fit_aligners": 20,
+    "evaluate_aligners": 20,
     "aggregate": 1,
     "all": 1,
 }
@@ -205,15 +213,33 @@ def paper_tree(tmp_path_factory) -> Path:
     return workdir
 
 
+# The PAL config: 3 datasets, one layer choice (the last layers, as the authors pin them), 7
+# methods (pal, linear and mlp with and without STRUCTURE, csa and csa_reference).
+PAL_JOBS = {
+    "prepare_dataset": 3,
+    "extract_features": 13,
+    "extract_tokens": 13,
+    "compare_layers": 1,
+    "fit_aligners": 7,
+    "evaluate_aligners": 7,
+    "aggregate": 1,
+    "all": 1,
+}
+
+
 def test_the_unmodified_paper_config_plans_the_expected_jobs(paper_tree):
-    assert planned_jobs(paper_tree, configfile=PAPER) == PAPER_JOBS
+    assert planned_jobs(paper_tree, configfile=STRUCTURE) == PAPER_JOBS
+
+
+def test_the_unmodified_pal_config_plans_the_expected_jobs(paper_tree):
+    assert planned_jobs(paper_tree, configfile=PAL) == PAL_JOBS
 
 
 def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tmp_path):
     """runtime.extract_shards = 4: the 12 feature stores and the 12 token sets of dataset
     splits (not the 4 of prompts each) are each written by 4 shard jobs; every store and set
     keeps its own (completing) job."""
-    config = yaml.safe_load(PAPER.read_text())
+    config = yaml.safe_load(STRUCTURE.read_text())
     config["runtime"]["extract_shards"] = 4
     sharded = tmp_path / "paper_sharded.yaml"
     sharded.write_text(yaml.safe_dump(config))
@@ -226,7 +252,7 @@ def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tm
 
 
 def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
-    paper = yaml.safe_load(PAPER.read_text())
+    paper = yaml.safe_load(STRUCTURE.read_text())
     tiny_roberta(tmp_path / "roberta", paper_captions(paper_tree))
     config = scaled_down(paper, tmp_path / "roberta")
     (paper_tree / "scaled.yaml").write_text(yaml.safe_dump(config))

@@ -1,5 +1,5 @@
 """The scaled-down paper workflow of tests/test_paper.py through a real SLURM and the SLURM
-profile: workflow/configs/paper.yaml over a fabricated miniature of its data, with only grid
+profile: workflow/configs/structure.yaml over a fabricated miniature of its data, with only grid
 sizes, epochs and models made smaller (and the CPU instead of a GPU).
 
 Needs a running single-node cluster: `make test-cluster` starts one with
@@ -35,7 +35,7 @@ from pipeline.evaluate.tables import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_paper import (  # noqa: E402
-    PAPER,
+    STRUCTURE,
     fabricate_paper_data,
     paper_captions,
     scaled_down,
@@ -112,7 +112,7 @@ def text_model(tmp_path_factory) -> Path:
 def paper_workdir(tmp_path_factory, name: str, text_model: Path) -> Path:
     workdir = tmp_path_factory.mktemp(name)
     fabricate_paper_data(workdir)
-    config = scaled_down(yaml.safe_load(PAPER.read_text()), text_model)
+    config = scaled_down(yaml.safe_load(STRUCTURE.read_text()), text_model)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
