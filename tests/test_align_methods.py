@@ -320,14 +320,87 @@ def test_csa_small_n_reduces_or_raises() -> None:
         build_aligner("csa", {"reduce": "error"}).fit(x, y, None, None, seed=0)
     aligner = build_aligner("csa", {"sim_dim": 50})
     aligner.fit(x, y, None, None, seed=0)
-    assert aligner.hyperparameters()["fitted"] == {"rank": 9, "pca_dims": {"image": 9, "text": 9}}
+    assert aligner.hyperparameters()["fitted"] == {
+        "rank": 9,
+        "pca_dims": {"image": 9, "text": 9},
+        "feature_ranks": None,
+    }
     assert aligner.embed_image(x).shape == (10, 9)
     configured = build_aligner("csa", {"pca_dim": 3, "reduce": "error"})
     configured.fit(*linear_world(100, seed=0), None, None, seed=0)
     assert configured.hyperparameters()["fitted"] == {
         "rank": 3,
         "pca_dims": {"image": 3, "text": 3},
+        "feature_ranks": None,
     }
+
+
+RHO = np.array([0.9, 0.6, 0.3])
+
+
+def known_correlations(n: int, seed: int, d1: int = 6, d2: int = 5) -> tuple[np.ndarray, ...]:
+    """Pairs whose sample canonical correlations are exactly ``RHO`` (then 0): white centred
+    u, w and extra columns (orthonormal after QR of centred noise), v = RHO u + sqrt(1 - RHO^2)
+    w, each side padded with its own uncorrelated columns, mixed by a random invertible map and
+    shifted. CCA is invariant to the maps."""
+    rng = np.random.default_rng(seed)
+    r = len(RHO)
+    cols = 2 * r + (d1 - r) + (d2 - r)
+    noise = rng.normal(size=(n, cols))
+    q = np.linalg.qr(noise - noise.mean(0))[0] * np.sqrt(n - 1)
+    u, w = q[:, :r], q[:, r : 2 * r]
+    v = u * RHO + w * np.sqrt(1 - RHO**2)
+    x = np.hstack([u, q[:, 2 * r : r + d1]]) @ rng.normal(size=(d1, d1)) + 3.0
+    y = np.hstack([v, q[:, r + d1 :]]) @ rng.normal(size=(d2, d2)) - 1.0
+    return x, y
+
+
+def test_unregularised_csa_recovers_known_correlations_and_the_ridge_shrinks_them() -> None:
+    x, y = known_correlations(400, seed=0)
+    exact = build_aligner("csa", {"sim_dim": 5, "eps": 0})
+    exact.fit(x, y, None, None, seed=0)
+    np.testing.assert_allclose(exact.state()["correlations"], [*RHO, 0, 0], atol=1e-9)
+    assert exact.hyperparameters()["fitted"]["feature_ranks"] == {"image": 6, "text": 5}
+    ridge = build_aligner("csa", {"sim_dim": 3})  # eps 0.1 x the mean variance
+    ridge.fit(x, y, None, None, seed=0)
+    shrunk = ridge.state()["correlations"]
+    assert np.all(shrunk < RHO - 1e-3) and np.all(shrunk > 0), shrunk
+
+
+def test_a_rank_deficient_side_is_an_error_or_reduced_to_its_rank(tmp_path) -> None:
+    x, y = known_correlations(400, seed=1)
+    # a text column that is a sum of two others, stored as float32 as the feature stores do
+    y = np.hstack([y, y[:, :1] + y[:, 1:2]]).astype(np.float32)
+    params = {"sim_dim": 3, "eps": 0, "reduce": "error"}
+    with pytest.raises(ValueError, match=r"text features have numerical rank 5 of 6.*eps > 0"):
+        build_aligner("csa", params).fit(x, y, None, None, seed=0)
+    meta = {"method": "csa_reference", "vision_encoder": "dinov2", "vision_layer": 23}
+    meta |= {"text_encoder": "roberta", "text_layer": 24}
+    grid = grid_runs(["full"], [0], len(x))
+    with pytest.raises(ValueError, match=r"csa_reference run n400_s0 \(dinov2 layer 23, "):
+        fit_runs("csa", params, (x, y, None, None), grid, tmp_path, meta)
+    reduced = build_aligner("csa", {**params, "reduce": "pca"})
+    reduced.fit(x, y, None, None, seed=0)
+    fitted = reduced.hyperparameters()["fitted"]
+    assert fitted["pca_dims"] == {"image": None, "text": 5}
+    assert fitted["feature_ranks"] == {"image": 6, "text": 5}
+    np.testing.assert_allclose(reduced.state()["correlations"], RHO, atol=1e-6)
+    # with the ridge the covariance is invertible at any rank: nothing reduced, rank unchecked
+    ridge = build_aligner("csa", {"sim_dim": 3, "reduce": "error"})
+    ridge.fit(x, y, None, None, seed=0)
+    assert ridge.hyperparameters()["fitted"]["pca_dims"] == {"image": None, "text": None}
+
+
+def test_equal_weights_score_the_cosine_of_canonical_coordinates() -> None:
+    x, y = known_correlations(400, seed=2)
+    weighted = build_aligner("csa", {"sim_dim": 3, "eps": 0})
+    equal = build_aligner("csa", {"sim_dim": 3, "eps": 0, "equal_weights": True})
+    for aligner in (weighted, equal):
+        aligner.fit(x, y, None, None, seed=0)
+    u, v = equal.embed_image(x[:20]), equal.embed_text(y[:20])
+    np.testing.assert_array_equal(u, weighted.embed_image(x[:20]))
+    np.testing.assert_allclose(equal.similarity(u, v), u @ v.T, atol=1e-6)
+    np.testing.assert_allclose(weighted.similarity(u, v), (u * RHO) @ v.T, atol=1e-6)
 
 
 # ---- ASIF ----

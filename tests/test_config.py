@@ -206,10 +206,11 @@ def test_unreadable_config_file(tmp_path):
         load_config(path)
 
 
-def test_paper_config_is_valid_until_its_data_paths_are_filled_in():
+@pytest.mark.parametrize("name", ["structure.yaml", "pal.yaml"])
+def test_reproduction_configs_are_valid_until_their_data_paths_are_filled_in(name):
     # The schema and cross-references pass; only the data files a user supplies are missing.
     with pytest.raises(ConfigError, match=r"'datasets\.coco'.*karpathy_json.*no existing file"):
-        load_config(ROOT / "workflow" / "configs" / "paper.yaml")
+        load_config(ROOT / "workflow" / "configs" / name)
 
 
 def test_schema_enums_match_the_registries():

@@ -180,6 +180,45 @@ def test_only_the_anchors_train_and_they_stay_unit() -> None:
         np.testing.assert_allclose(np.linalg.norm(p, axis=1), 1.0, atol=1e-5)
 
 
+def test_free_anchors_leave_the_sphere_and_the_forward_sees_only_their_directions() -> None:
+    image, text = tiny_pairs(40, seed=0)
+    val = tiny_pairs(20, seed=1)
+    # one step from the same unit anchors: the same forward and gradient, so the free anchors
+    # are the projected ones up to each row's norm
+    one_step = {"batch_size": 40, "max_epochs": 1}
+    stepped = {}
+    for update in ("project", "free"):
+        aligner = pal(anchor_update=update, **one_step)
+        aligner.fit(image, text, None, None, seed=0)
+        stepped[update] = aligner.state()
+    for key, free in stepped["free"].items():
+        norms = np.linalg.norm(free, axis=1, keepdims=True)
+        assert not np.allclose(norms, 1.0, atol=1e-4)
+        np.testing.assert_allclose(free / norms, stepped["project"][key], atol=1e-6)
+
+    fits = {}
+    for update in ("project", "free"):
+        aligner = pal(anchor_update=update, max_epochs=8, patience=8)
+        fits[update] = (aligner, aligner.fit(image, text, *val, seed=0))
+    for _, report in fits.values():  # both train
+        val_loss = report.curve["val_loss"]
+        assert val_loss.min() < val_loss[0] - 1e-3, val_loss.to_list()
+    free_aligner = fits["free"][0]
+    for anchors in free_aligner.state().values():
+        assert np.abs(np.linalg.norm(anchors, axis=1) - 1.0).max() > 1e-3
+    for anchors in fits["project"][0].state().values():
+        np.testing.assert_allclose(np.linalg.norm(anchors, axis=1), 1.0, atol=1e-5)
+    # the forward normalises the anchors: their unit rows give the same profiles
+    unit = pal()
+    unit.load_state(
+        {k: a / np.linalg.norm(a, axis=1, keepdims=True) for k, a in free_aligner.state().items()}
+    )
+    for side, source in (("image_profiles", image), ("text_profiles", text)):
+        np.testing.assert_allclose(
+            getattr(unit, side)(source), getattr(free_aligner, side)(source), atol=1e-6
+        )
+
+
 def test_fit_report_follows_the_curve_schema() -> None:
     report = pal().fit(*tiny_pairs(40, seed=0), None, None, seed=0)
     assert report.curve.schema == pl.Schema(CURVE_SCHEMA)
@@ -305,6 +344,7 @@ def test_early_stopping_is_driven_by_validation_and_restores_the_best_epoch() ->
         ({"anchors": 0}, "parameter 'anchors' must be >= 1"),
         ({"tau_p": 0}, "parameter 'tau_p' must be > 0"),
         ({"pooling": "max"}, "parameter 'pooling' must be one of"),
+        ({"anchor_update": "clamp"}, "parameter 'anchor_update' must be one of"),
         ({"lr": -1}, "parameter 'lr' must be > 0"),
         ({"batch_size": 1}, "parameter 'batch_size' must be >= 2"),
         ({"patience": 0}, "parameter 'patience' must be >= 1"),
@@ -321,6 +361,7 @@ def test_params_defaults_and_hyperparameters() -> None:
     aligner = PALAligner(make_params(PALParams, {"lr": "1e-3"}))
     hp = aligner.hyperparameters()
     assert hp["anchors"] == 512 and hp["tau_p"] == 0.03 and hp["pooling"] == "cap"
+    assert hp["anchor_update"] == "project"
     assert hp["tau"] == 0.05 and hp["betas"] == [0.9, 0.95] and hp["weight_decay"] == 1e-4
     assert hp["lr"] == 1e-3 and hp["fitted"] == {}
     assert PALAligner.kind == "pal" and KINDS["pal"].params is PALParams

@@ -1,8 +1,8 @@
-"""The reproduction configuration (workflow/configs/paper.yaml) on a fabricated miniature of
-every dataset it lists, each in its distribution's real on-disk format (the adapter tests'
-miniatures: tests/test_data_benchmarks.py, test_data_scene_parsing.py, test_data_voc.py;
-Karpathy's JSON here), laid out where the config's paths point (``data/...`` under the
-working directory).
+"""The reproduction configurations (workflow/configs/structure.yaml and pal.yaml) on a
+fabricated miniature of every dataset they list, each in its distribution's real on-disk
+format (the adapter tests' miniatures: tests/test_data_benchmarks.py,
+test_data_scene_parsing.py, test_data_voc.py; Karpathy's JSON here), laid out where the
+configs' paths point (``data/...`` under the working directory).
 
 - unmodified, its dry run plans the jobs its datasets, encoder pairs, methods and layer
   choices imply (``expected_jobs``; README "Reproducing the papers" states the counts);
@@ -32,7 +32,8 @@ from test_workflow import planned_jobs, snakemake
 from pipeline.evaluate.tables import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
-PAPER = ROOT / "workflow/configs/paper.yaml"
+STRUCTURE = ROOT / "workflow/configs/structure.yaml"
+PAL = ROOT / "workflow/configs/pal.yaml"
 pytestmark = pytest.mark.slow
 
 COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
@@ -123,20 +124,29 @@ FABRICATE = {
 }
 
 
-def fabricate_paper_data(workdir: Path, configfile: Path = PAPER) -> None:
-    """Every dataset the config lists, in its real on-disk format, where its paths point
-    (relative to ``workdir``)."""
+def reproduction_datasets(configfiles: tuple[Path, ...] = (STRUCTURE, PAL)) -> dict[str, dict]:
+    """The datasets the configs list, by name (a name means the same data in every config)."""
+    datasets: dict[str, dict] = {}
+    for configfile in configfiles:
+        for name, spec in yaml.safe_load(configfile.read_text())["datasets"].items():
+            assert datasets.setdefault(name, spec) == spec, f"{name} differs between configs"
+    return datasets
+
+
+def fabricate_paper_data(workdir: Path) -> None:
+    """Every dataset the reproduction configs list, in its real on-disk format, where its
+    paths point (relative to ``workdir``)."""
     rng = np.random.default_rng(0)
-    for spec in yaml.safe_load(configfile.read_text())["datasets"].values():
+    for spec in reproduction_datasets().values():
         relative = {k: str(workdir / v) if k in PATH_KEYS else v for k, v in spec.items()}
         FABRICATE[spec["source"]](relative, rng)
 
 
-def paper_captions(workdir: Path, configfile: Path = PAPER) -> list[str]:
-    """Every caption of the config's fabricated Karpathy JSONs under ``workdir``."""
+def paper_captions(workdir: Path) -> list[str]:
+    """Every caption of the configs' fabricated Karpathy JSONs under ``workdir``."""
     return [
         sentence["raw"]
-        for spec in yaml.safe_load(configfile.read_text())["datasets"].values()
+        for spec in reproduction_datasets().values()
         if spec["source"] in KARPATHY
         for entry in json.loads((workdir / spec["karpathy_json"]).read_text())["images"]
         for sentence in entry["sentences"]
@@ -197,8 +207,8 @@ def scaled_down(paper: dict, text_model: Path) -> dict:
                     **{"depth": 2, "embed_dim": 32, "num_heads": 2, "init_values": None},
                 },
             }
-        elif spec["source"] == "huggingface":
-            spec["name"] = str(text_model)
+        elif spec["source"] == "huggingface":  # the tiny model's 77 positions, not RoBERTa's 512
+            spec |= {"name": str(text_model), "max_tokens": 77}
     experiment = config["experiment"]
     firsts: dict[str, dict] = {}
     for ref in experiment["evaluate"]:
@@ -272,7 +282,7 @@ def paper_tree(tmp_path_factory) -> Path:
 # Each paper's benchmarks, by the config's dataset names: STRUCTURE's 24 (COCO and Flickr30k
 # retrieval, 22 zero-shot classification sets: its authors' list without Kinetics700, Hateful
 # Memes, CLEVR and Rendered SST2) and PAL's 10 (the same retrieval, five of those sets, three
-# segmentation sets). paper.yaml holds both papers; a config per paper lists its own.
+# segmentation sets), each listed by its own config.
 STRUCTURE_BENCHMARKS = {
     "coco", "flickr30k", "stl10", "caltech101", "food101", "cifar10", "cifar100", "imagenet",
     "ucf101", "sun397", "eurosat", "resisc45", "mnist", "dtd", "gtsrb", "kitti", "country211",
@@ -282,7 +292,7 @@ PAL_BENCHMARKS = {
     "coco", "flickr30k", "stl10", "cifar100", "caltech101", "dtd", "eurosat", "voc2012",
     "pascal_context", "ade20k",
 }  # fmt: skip
-REPRODUCTIONS = {PAPER: STRUCTURE_BENCHMARKS | PAL_BENCHMARKS}
+REPRODUCTIONS = {STRUCTURE: STRUCTURE_BENCHMARKS, PAL: PAL_BENCHMARKS}
 
 
 @pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
@@ -299,20 +309,20 @@ def test_a_reproduction_config_evaluates_every_benchmark_of_its_papers(configfil
     assert len(STRUCTURE_BENCHMARKS) == 24 and len(PAL_BENCHMARKS) == 10
 
 
-def test_the_unmodified_paper_config_plans_the_expected_jobs(paper_tree):
-    paper = yaml.safe_load(PAPER.read_text())
-    planned = planned_jobs(paper_tree, configfile=PAPER)
-    assert planned == expected_jobs(paper)
-    print(f"\npaper.yaml plans {sum(planned.values())} jobs: {planned}")
+@pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
+def test_an_unmodified_reproduction_config_plans_the_expected_jobs(paper_tree, configfile):
+    planned = planned_jobs(paper_tree, configfile=configfile)
+    assert planned == expected_jobs(yaml.safe_load(configfile.read_text()))
+    print(f"\n{configfile.name} plans {sum(planned.values())} jobs: {planned}")
 
 
 def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tmp_path):
-    """runtime.extract_shards = 4: the feature stores and the token sets of dataset splits
-    (not those of prompts) are each written by 4 shard jobs; every store and set keeps its
-    own (completing) job."""
-    config = yaml.safe_load(PAPER.read_text())
+    """runtime.extract_shards = 4 (the PAL config: feature stores and token sets): the
+    feature stores and the token sets of dataset splits (not those of prompts) are each written
+    by 4 shard jobs; every store and set keeps its own (completing) job."""
+    config = yaml.safe_load(PAL.read_text())
     config["runtime"]["extract_shards"] = 4
-    sharded = tmp_path / "paper_sharded.yaml"
+    sharded = tmp_path / "pal_sharded.yaml"
     sharded.write_text(yaml.safe_dump(config))
     expected = expected_jobs(config)
     prompts = len({ref["dataset"] for ref in config["experiment"]["evaluate"]})
@@ -323,15 +333,19 @@ def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tm
     }
 
 
-def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
-    paper = yaml.safe_load(PAPER.read_text())
+@pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
+def test_a_scaled_down_reproduction_config_runs_to_the_tables(paper_tree, configfile, tmp_path):
+    paper = yaml.safe_load(configfile.read_text())
     tiny_roberta(tmp_path / "roberta", paper_captions(paper_tree))
     config = scaled_down(paper, tmp_path / "roberta")
-    (paper_tree / "scaled.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(paper_tree, configfile=paper_tree / "scaled.yaml")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "data").symlink_to(paper_tree / "data")
+    (workdir / "scaled.yaml").write_text(yaml.safe_dump(config))
+    result = snakemake(workdir, configfile=workdir / "scaled.yaml")
     assert result.returncode == 0, result.output[-6000:]
 
-    metrics = read_metrics(paper_tree / "results" / "tables" / "metrics.parquet")
+    metrics = read_metrics(workdir / "results" / "tables" / "metrics.parquet")
     assert set(metrics["method"].unique()) == set(paper["align"]["methods"])
     tasks = {
         (task.split(".")[0], kind)
@@ -340,7 +354,10 @@ def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
     sources = {
         config["datasets"][ref["dataset"]]["source"] for ref in config["experiment"]["evaluate"]
     }
-    assert sources == set(TASK_KIND)  # every kind of source the paper config reads
+    listed = {
+        paper["datasets"][ref["dataset"]]["source"] for ref in paper["experiment"]["evaluate"]
+    }
+    assert sources == listed  # every kind of source the config reads
     assert tasks == {
         (ref["dataset"], TASK_KIND[config["datasets"][ref["dataset"]]["source"]])
         for ref in config["experiment"]["evaluate"]
@@ -349,3 +366,9 @@ def test_the_scaled_down_paper_config_runs_to_the_tables(paper_tree, tmp_path):
     full = COCO_SPLITS["train"]
     assert set(metrics["n_pairs"].unique()) == {8, full}
     assert metrics.filter(pl.col("metric").is_null() | pl.col("value").is_nan()).is_empty()
+
+
+def test_the_two_configs_cover_every_kind_of_source():
+    """Between them the scaled-down runs read every adapter kind of the papers' benchmarks."""
+    sources = {spec["source"] for spec in reproduction_datasets().values()}
+    assert sources == set(TASK_KIND)

@@ -289,9 +289,9 @@ def test_repairs_name_the_config_the_results_were_made_with(results):
     """Under any config but the default, a repair without it would build another workflow."""
     results_dir, path, _ = results
     chunk(path, 1, 3).unlink()
-    [problem] = verify.verify_results(results_dir, [Path("workflow/configs/paper.yaml")])
+    [problem] = verify.verify_results(results_dir, [Path("workflow/configs/structure.yaml")])
     assert problem.repair == (
-        f"{verify.SNAKEMAKE} --configfile workflow/configs/paper.yaml --force "
+        f"{verify.SNAKEMAKE} --configfile workflow/configs/structure.yaml --force "
         "results/features/tiny/train/vit.zarr.done"
     )
 

@@ -4,12 +4,17 @@ Both sides are centred with the training means; CCA is solved in closed form: ea
 whitened with its covariance plus a ridge ``eps`` times its mean variance, and the SVD of the
 whitened cross-covariance gives the canonical directions and correlations rho. An embedding is
 the first ``sim_dim`` canonical coordinates, L2-normalised; the score of a pair is
-sum_i rho_i u_i v_i.
+sum_i w_i u_i v_i with w = rho, or w = 1 (``equal_weights``: the cosine of the canonical
+coordinates, as the STRUCTURE and PAL authors score their CSA baseline).
 
-``pca_dim`` (when set) first projects each side onto at most that many principal components.
-With n pairs <= a side's (projected) width its covariance is singular: ``reduce: error`` raises,
-``reduce: pca`` (default) projects that side onto its top n - 1 principal components. The
-widths used are recorded in ``hyperparameters()["fitted"]["pca_dims"]`` (null: not reduced).
+``eps: 0`` is the unregularised estimator of the CSA authors' code (cca_zoo's ``CCA``), whose
+covariances must be invertible. ``pca_dim`` (when set) first projects each side onto at most
+that many principal components. A side whose covariance is singular, because n pairs <= its
+(projected) width or, with ``eps: 0``, because its features have a lower numerical rank
+(``RANK_RTOL``), is handled by ``reduce``: ``error`` raises, naming the side and its rank;
+``pca`` (default) projects that side onto its top n - 1 (or rank) principal components. The
+widths used are recorded in ``hyperparameters()["fitted"]["pca_dims"]`` (null: not reduced),
+the numerical ranks in ``["feature_ranks"]`` (null unless ``eps`` is 0).
 """
 
 from __future__ import annotations
@@ -22,12 +27,28 @@ from pipeline.align.base import ClosedFormAligner, check_features
 from pipeline.align.params import CSAParams
 from pipeline.linalg import l2_normalise
 
+RANK_RTOL = 1e-10
+"""With ``eps: 0``, a principal direction whose variance is at most this fraction of the largest
+counts as null. On the default run's float32 MiniLM features, null directions (rank 381 of 384
+at the last layer) lie at <= 2e-15 of the largest variance and real ones at >= 7e-6."""
+
+
+def spectrum(centred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (decreasing) and eigenvectors (columns) of the scatter matrix of
+    column-centred data (d x d work instead of an n x d SVD)."""
+    values, vectors = np.linalg.eigh(centred.T @ centred)
+    order = np.argsort(values)[::-1]
+    return values[order], vectors[:, order]
+
 
 def principal_axes(centred: np.ndarray, k: int) -> np.ndarray:
-    """(d, k) top-k principal directions of column-centred data (eigenvectors of its scatter
-    matrix, by decreasing eigenvalue; d x d work instead of an n x d SVD)."""
-    values, vectors = np.linalg.eigh(centred.T @ centred)
-    return vectors[:, np.argsort(values)[::-1][:k]]
+    """(d, k) top-k principal directions of column-centred data."""
+    return spectrum(centred)[1][:, :k]
+
+
+def numerical_rank(values: np.ndarray) -> int:
+    """Directions of a decreasing spectrum above ``RANK_RTOL`` times its largest value."""
+    return int(np.sum(values > RANK_RTOL * max(values[0], 0.0))) if len(values) else 0
 
 
 def inverse_sqrt(cov: np.ndarray) -> np.ndarray:
@@ -65,27 +86,40 @@ class CSAAligner(ClosedFormAligner):
     params: CSAParams
     STATE_KEYS = STATE_KEYS
 
-    def reduced_width(self, n: int, width: int, side: str) -> int | None:
-        """Principal components to keep on a side, or None to keep its features as they are."""
+    def reduced_width(self, n: int, width: int, side: str, rank: int | None) -> int | None:
+        """Principal components to keep on a side (``rank``: its numerical rank, or None when
+        not needed), or None to keep its features as they are."""
         k = min(width, self.params.pca_dim or width)
+        singular = None
         if n <= k:
+            singular, reduced = f"{n} pairs <= {side} feature width {k}", n - 1
+        elif rank is not None and rank < k:
+            singular, reduced = f"the {side} features have numerical rank {rank} of {k}", rank
+        if singular is not None:
             if self.params.reduce == "error":
+                fixes = "use more pairs, set pca_dim" if n <= k else "set eps > 0, pca_dim"
                 raise ValueError(
-                    f"csa: {n} pairs <= {side} feature width {k}, so its covariance is singular;"
-                    " use more pairs, set pca_dim, or set reduce: pca"
+                    f"csa: {singular}, so its covariance is singular; {fixes} <= {reduced},"
+                    " or set reduce: pca"
                 )
-            k = n - 1
+            k = reduced
         return None if k == width else k
 
     def solve(self, x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         n = len(x)
         means = {"image": x.mean(axis=0), "text": y.mean(axis=0)}
         centred = {"image": x - means["image"], "text": y - means["text"]}
-        widths = {side: self.reduced_width(n, c.shape[1], side) for side, c in centred.items()}
-        axes = {
-            side: None if k is None else principal_axes(centred[side], k)
-            for side, k in widths.items()
-        }
+        ranks: dict[str, int | None] = {}
+        widths: dict[str, int | None] = {}
+        axes: dict[str, np.ndarray | None] = {}
+        for side, c in centred.items():
+            # unregularised, a side's covariance must be invertible: its rank is checked
+            found = spectrum(c) if self.params.eps == 0 else None
+            ranks[side] = None if found is None else numerical_rank(found[0])
+            widths[side] = k = self.reduced_width(n, c.shape[1], side, ranks[side])
+            if k is not None and found is None:
+                found = spectrum(c)
+            axes[side] = None if k is None else found[1][:, :k]
         reduced = {side: c if axes[side] is None else c @ axes[side] for side, c in centred.items()}
         rank = min(self.params.sim_dim, reduced["image"].shape[1], reduced["text"].shape[1])
         a, b, rho = cca(reduced["image"], reduced["text"], rank, self.params.eps)
@@ -96,7 +130,8 @@ class CSAAligner(ClosedFormAligner):
             "text_directions": b if axes["text"] is None else axes["text"] @ b,
             "correlations": rho,
         }
-        return arrays, {"rank": rank, "pca_dims": widths}
+        feature_ranks = None if self.params.eps > 0 else ranks
+        return arrays, {"rank": rank, "pca_dims": widths, "feature_ranks": feature_ranks}
 
     def embed(self, a: np.ndarray, side: str) -> np.ndarray:
         arrays = self.fitted()
@@ -105,6 +140,9 @@ class CSAAligner(ClosedFormAligner):
         return l2_normalise(coords).astype(np.float32)
 
     def similarity(self, image_emb: np.ndarray, text_emb: np.ndarray) -> np.ndarray:
-        """sum_i rho_i u_i v_i: coordinates weighted by the canonical correlations."""
+        """sum_i w_i u_i v_i: coordinates weighted by the canonical correlations (w = rho), or
+        their cosine (w = 1, ``equal_weights``)."""
+        if self.params.equal_weights:
+            return image_emb @ text_emb.T
         rho = self.fitted()["correlations"].astype(np.float32)
         return (image_emb * rho) @ text_emb.T

@@ -156,6 +156,18 @@ def run_key(
     )
 
 
+def run_label(kind: str, run: GridRun, meta: dict[str, Any]) -> str:
+    """``method run n.._s.. (vision encoder layer i, text encoder layer j)``, from what ``meta``
+    holds of it."""
+    sides = [
+        f"{meta[f'{side}_encoder']} layer {meta[f'{side}_layer']}"
+        for side in ("vision", "text")
+        if f"{side}_encoder" in meta and f"{side}_layer" in meta
+    ]
+    where = f" ({', '.join(sides)})" if sides else ""
+    return f"{meta.get('method', kind)} run {run.name}{where}"
+
+
 def fit_runs(
     kind: str,
     params: dict[str, Any],
@@ -225,7 +237,10 @@ def fit_run(
     aligner = build_aligner(kind, params)
     start = time.perf_counter()
     training = features.training(run.rows(len(features)))
-    report = aligner.fit(*training, *features.validation(), run.seed)
+    try:
+        report = aligner.fit(*training, *features.validation(), run.seed)
+    except ValueError as err:  # bad data for this kind: say which run and layers
+        raise ValueError(f"{run_label(kind, run, meta)}: {err}") from err
     elapsed = time.perf_counter() - start
     report.extra |= {"fit_seconds": elapsed, "run_key": key, "reused_from": None}
     save_run(run_dir, aligner, report, meta, fingerprint=fingerprint)

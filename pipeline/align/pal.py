@@ -11,10 +11,12 @@ and ``cls`` (first token) are ablations.
 Training is symmetric InfoNCE on the profiles (fixed tau 0.05) with the heads' training loop
 (``pipeline.align.training``, the same ``lr`` / ``schedule`` / ``clip`` options): AdamW (0.9,
 0.95), weight decay 1e-4, gradient-norm clipping, linear warm-up then cosine decay, early
-stopping on the validation InfoNCE keeping the best epoch's anchors. After every optimiser step
-the anchors are projected back onto the unit sphere (rows renormalised), so they are unit rows
-at every forward and in ``state()``; the weight decay therefore only damps the steps' radial
-part.
+stopping on the validation InfoNCE keeping the best epoch's anchors. ``anchor_update``:
+``project`` (default) projects the anchors back onto the unit sphere after every optimiser step,
+so they are unit rows at every forward and in ``state()`` (the weight decay then only damps the
+steps' radial part); ``free`` leaves them where the step puts them, as the PAL authors do: the
+forward pass normalises them anyway (``token_anchor_cosine``), so a profile depends only on
+their directions, and the weight decay shrinks their norms.
 
 Tokens are read in batches from a ``TokenSource`` (rows -> tokens, mask), so neither training
 nor embedding ever holds a whole token cache in memory. Fits are deterministic for a seed: the
@@ -203,8 +205,8 @@ def profiles(
 
 
 class Anchors(nn.Module):
-    """The trained parameters: unit anchors ``image_anchors`` (K, Dv), ``text_anchors`` (K, Dt)
-    (taken as given: a saved state is loaded bit for bit)."""
+    """The trained parameters: anchors ``image_anchors`` (K, Dv), ``text_anchors`` (K, Dt), unit
+    rows at initialisation (taken as given: a saved state is loaded bit for bit)."""
 
     def __init__(self, image_anchors: torch.Tensor, text_anchors: torch.Tensor) -> None:
         super().__init__()
@@ -257,7 +259,8 @@ def train_anchors(
     seed: int,
 ) -> FitReport:
     """Train ``model`` in place on (image, text) pairs (``training.train_model``), the anchors
-    renormalised after every step; leaves it holding the chosen epoch."""
+    renormalised after every step unless ``anchor_update`` is ``free``; leaves it holding the
+    chosen epoch."""
 
     def train_loss(probe: nn.Module, rows: torch.Tensor, step: int) -> Loss:
         loss = batch_loss(probe, read_pairs(*train, rows), params)
@@ -267,8 +270,9 @@ def train_anchors(
         return batch_loss(probe, read_pairs(*val, rows), params)
 
     validation = None if val is None else (len(val[0]), val_loss)
+    after_step = Anchors.renormalise if params.anchor_update == "project" else None
     return train_model(
-        model, len(train[0]), train_loss, validation, params, seed, after_step=Anchors.renormalise
+        model, len(train[0]), train_loss, validation, params, seed, after_step=after_step
     )
 
 

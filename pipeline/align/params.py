@@ -90,6 +90,8 @@ Schedule = Literal["cosine", "reference"]
 SCHEDULES: tuple[str, ...] = get_args(Schedule)
 Clip = Literal["global", "per_tower", "per_tensor"]
 CLIPS: tuple[str, ...] = get_args(Clip)
+AnchorUpdate = Literal["project", "free"]
+ANCHOR_UPDATES: tuple[str, ...] = get_args(AnchorUpdate)
 AUTO_LR = "auto"
 
 
@@ -233,12 +235,15 @@ class MLPParams(LinearParams):
 
 @dataclass(frozen=True)
 class CSAParams:
-    """``csa`` config: canonical dimensions kept, covariance ridge, the small-n policy."""
+    """``csa`` config: canonical dimensions kept, covariance ridge (``eps: 0``: unregularised,
+    the authors' estimator), the policy for a singular side, and whether the score weights the
+    canonical coordinates by their correlations or equally (``equal_weights``)."""
 
     sim_dim: int = 64
     eps: float = 0.1
     reduce: str = "pca"
     pca_dim: int | None = None
+    equal_weights: bool = False
 
     def __post_init__(self) -> None:
         require(self.sim_dim >= 1, "sim_dim", f"must be >= 1, got {self.sim_dim}")
@@ -289,15 +294,23 @@ class PALParams(Optimisation):
     """``pal`` config (keys = field names; the optimisation keys are ``Optimisation``'s).
 
     ``anchors``: K per modality; ``tau_p``: CAP temperature; ``pooling``: cap, mean or cls;
-    ``tau``: the fixed InfoNCE temperature (docs/pal.md).
+    ``tau``: the fixed InfoNCE temperature; ``anchor_update``: ``project`` (back onto the unit
+    sphere after every optimiser step) or ``free`` (left as the step leaves them, normalised
+    only in the forward pass: the PAL authors') (docs/pal.md).
     """
 
     anchors: int = 512
     tau_p: float = 0.03
     pooling: str = "cap"
+    anchor_update: str = "project"
 
     def __post_init__(self) -> None:
         require(self.anchors >= 1, "anchors", f"must be >= 1, got {self.anchors}")
         require(self.tau_p > 0, "tau_p", f"must be > 0, got {self.tau_p}")
         require(self.pooling in PAL_POOLINGS, "pooling", f"must be one of {PAL_POOLINGS}")
+        require(
+            self.anchor_update in ANCHOR_UPDATES,
+            "anchor_update",
+            f"must be one of {ANCHOR_UPDATES}, got {self.anchor_update!r}",
+        )
         super().__post_init__()

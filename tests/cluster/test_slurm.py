@@ -1,7 +1,8 @@
 """The scaled-down paper workflow of tests/test_paper.py through a real SLURM and the SLURM
-profile: workflow/configs/paper.yaml over a fabricated miniature of its data, with only grid
-sizes, epochs and models made smaller, one evaluation dataset of each source (and the CPU
-instead of a GPU).
+profile: workflow/configs/pal.yaml (the reproduction with every kind of job: feature stores, token
+sets, PAL, segmentation) over a fabricated miniature of its data, with only grid sizes, epochs
+and models made smaller and one evaluation dataset per source (and the CPU instead of a GPU);
+the STRUCTURE config's scaled-down run is in the test suite (tests/test_paper.py).
 
 Needs a running single-node cluster: `make test-cluster` starts one with
 workflow/scripts/slurm-cluster.sh, runs this file and stops the cluster. Collected only with
@@ -36,7 +37,7 @@ from pipeline.evaluate.tables import read_metrics
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
 from test_paper import (  # noqa: E402
-    PAPER,
+    PAL,
     fabricate_paper_data,
     paper_captions,
     scaled_down,
@@ -113,7 +114,7 @@ def text_model(tmp_path_factory) -> Path:
 def paper_workdir(tmp_path_factory, name: str, text_model: Path) -> Path:
     workdir = tmp_path_factory.mktemp(name)
     fabricate_paper_data(workdir)
-    config = scaled_down(yaml.safe_load(PAPER.read_text()), text_model)
+    config = scaled_down(yaml.safe_load(PAL.read_text()), text_model)
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
