@@ -22,6 +22,13 @@ SWEEP_TABLE = f"{RESULTS}/tables/sweep.parquet"  # every sweep row with its laye
 SWEEP_RHO_TABLE = f"{RESULTS}/tables/sweep_rho.parquet"  # Spearman's rho of the sweep
 PLOTS_DIR = f"{RESULTS}/plots"
 REPORT = f"{RESULTS}/report.html"
+STAGING = f"{RESULTS}/staging"  # the aggregate's outputs, before `publish` copies them out
+
+
+def staged(path: str) -> str:
+    """Where the aggregate writes a table or the plots that ``publish`` then copies to ``path``
+    (Snakemake deletes a job's outputs before it runs and when it fails: not the published)."""
+    return f"{STAGING}/{path.removeprefix(f'{RESULTS}/')}"
 
 
 def dataset_dir(dataset: str) -> str:

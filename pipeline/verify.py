@@ -7,10 +7,13 @@ with what is wrong, where, and a shell command (run from the workflow root, with
 checked alike (``check_store``), each by its layout's own reader (``integrity_problems``):
 marker present and agreeing with the store, attributes, block flags, sample ids, and every
 chunk present, matching its checksum and finite. Aligner runs: ``done.json`` present with a
-fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
+fingerprint and the SHA-256 of every file of the run, each file matching it, ``params.json``
+consistent with it and with the run's folder name, the weights
 loadable into the aligner, the curve readable, and the features it was fitted on still the
 ones in ``results/features``. Spec records (``pipeline.provenance``): a job whose outputs were
-made with another spec than its rule last asked for is stale.
+made with another spec than its rule last asked for is stale. The aggregate's inputs: every
+evaluation table read against its schema, and the staged outputs of the last aggregate present
+(a failed one leaves the tables it published before).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import numpy as np
 
 from pipeline import layout, provenance
 from pipeline.align import artifacts
+from pipeline.evaluate.tables import METRICS_SCHEMA, OUTCOMES_SCHEMA, read_table
 from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
 from pipeline.stores.core import StoreIntegrityError, StoreReader, marked_fingerprint, marker_path
@@ -34,6 +38,8 @@ from pipeline.stores.features import FeatureStore
 from pipeline.stores.tokens import TokenStore
 
 SNAKEMAKE = "snakemake --cores all --workflow-profile workflow/profiles/default"
+# An evaluate job's tables by suffix: outcomes, examples (read, no table schema), metrics.
+EVALUATION_SCHEMAS = {".outcomes": OUTCOMES_SCHEMA, ".examples": None, "": METRICS_SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> 
         known[folder] = fingerprints if (results_dir / folder).is_dir() else None
     for run_dir in aligner_runs(results_dir):
         problems += check_run(run_dir, results_dir, known["features"], known["tokens"], command)
-    return problems + stale_jobs(results_dir, command)
+    return problems + stale_jobs(results_dir, command) + aggregate_problems(results_dir, command)
 
 
 def stale_jobs(results_dir: Path, command: str) -> list[Problem]:
@@ -87,6 +93,34 @@ def stale_jobs(results_dir: Path, command: str) -> list[Problem]:
         if made is not None and made != asked:
             what = "outputs made with another spec than the config now asks for: stale"
             problems.append(Problem(what, str(record.relative_to(results_dir)), command))
+    return problems
+
+
+def aggregate_problems(results_dir: Path, command: str) -> list[Problem]:
+    """The evaluation tables the aggregate reads, each read in full against its schema (the
+    repair re-evaluates its job), and whether the last aggregate finished: its staged outputs
+    are gone after a failure, and the published tables are then the ones from before."""
+    problems = []
+    for path in sorted((results_dir / "evaluation").rglob("*.parquet")):
+        kind = next((k for k in EVALUATION_SCHEMAS if path.name.endswith(f"{k}.parquet")), "")
+        job = path.with_name(path.name.removesuffix(f"{kind}.parquet") + ".parquet")
+        try:
+            read_table(path, EVALUATION_SCHEMAS[kind])
+        except ValueError as error:
+            repair = f"{command} --force {target(job, results_dir)}"
+            problems.append(Problem(str(error), str(path), repair))
+    published = [layout.METRICS_TABLE, layout.SUMMARY_TABLE, layout.COMPARISONS_TABLE]
+    missing = [
+        layout.staged(path)
+        for path in [*published, layout.PLOTS_DIR]
+        if not (results_dir / Path(layout.staged(path)).relative_to(layout.RESULTS)).exists()
+    ]
+    if (results_dir / "tables").is_dir() and missing:
+        what = (
+            f"the last aggregate did not finish ({', '.join(missing)} missing): results/tables "
+            "and results/plots are what it published before, not of the evaluation tables now"
+        )
+        problems.append(Problem(what, str(results_dir / "tables"), command))
     return problems
 
 
@@ -197,7 +231,9 @@ def check_run(
     ``token_fingerprints`` the token stores' (None: not checked)."""
     where = str(run_dir)
     job = target(run_dir.parent / layout.RUNS_JSON, results_dir)
-    refit = f"{command} --force {job}"  # a forced align job refits every run
+    # a forced align job refits every run; --forcerun also reruns what reads them (its outputs
+    # may be gone: Snakemake deletes a failed job's, and rebuilds none under up-to-date tables)
+    refit = f"{command} --forcerun {job}"
 
     def problem(what: str) -> list[Problem]:
         return [Problem(what, where, refit)]
@@ -211,6 +247,8 @@ def check_run(
     fingerprint = done.get("fingerprint") if isinstance(done, dict) else None
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         return problem(f"{artifacts.DONE} has no valid fingerprint ({fingerprint!r})")
+    if damaged := artifacts.damaged_files(run_dir, done):  # edited or damaged since it was fitted
+        return [Problem(what, where, refit) for what in damaged]
     try:
         params = artifacts.read_params(run_dir)
     except (OSError, ValueError) as error:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipeline.align.artifacts import read_done, save_run
+from pipeline.align.artifacts import damaged_files, read_done, save_run
 from pipeline.align.kinds import aligner_params, build_aligner
 from pipeline.align.params import params_to_dict
 from pipeline.fingerprint import arrays_digest, spec_hash
@@ -125,8 +125,8 @@ def fit_runs(
 ) -> list[Path]:
     """Fit and save each run on its nested subset of the training pairs in ``features``
     (``ArrayPairs``, ``TokenPairs``, or the tuple x, y, x_val, y_val); a run whose
-    ``done.json`` has the same fingerprint is kept unless ``fresh`` (a forced job refits every
-    run). Returns the run directories."""
+    ``done.json`` has the same fingerprint and whose files match it is kept unless ``fresh`` (a
+    forced job refits every run). Returns the run directories."""
     if isinstance(features, tuple):
         features = ArrayPairs(*features)
     n_pairs = len(features)
@@ -138,7 +138,8 @@ def fit_runs(
             run_dir = Path(out_dir) / run.name
             fingerprint = run_fingerprint(kind, resolved, meta, run, data)
             done = read_done(run_dir)
-            if fresh or done is None or done.get("fingerprint") != fingerprint:
+            kept = done is not None and done.get("fingerprint") == fingerprint
+            if fresh or not kept or damaged_files(run_dir, done):
                 rows = run.rows(n_pairs)
                 aligner = build_aligner(kind, params)
                 start = time.perf_counter()
