@@ -194,6 +194,7 @@ PAPER_JOBS = {
     "fit_aligners": 18,
     "evaluate_aligners": 18,
     "aggregate": 1,
+    "publish": 1,
     "all": 1,
 }
 

@@ -322,7 +322,13 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run, t
         jobs = planned_jobs(tiny_run)
     finally:
         write_config(tiny_run, TINY)
-    assert jobs == {"fit_aligners": 2, "evaluate_aligners": 2, "aggregate": 1, "all": 1}
+    assert jobs == {
+        "fit_aligners": 2,
+        "evaluate_aligners": 2,
+        "aggregate": 1,
+        "publish": 1,
+        "all": 1,
+    }
 
 
 def test_without_snakemakes_records_a_changed_hyperparameter_still_reruns(copy_of_run):
@@ -338,6 +344,7 @@ def test_without_snakemakes_records_a_changed_hyperparameter_still_reruns(copy_o
         "fit_aligners": 2,
         "evaluate_aligners": 2,
         "aggregate": 1,
+        "publish": 1,
         "all": 1,
     }
     record = copy_of_run / layout.spec_record("fit_aligners", "vit", "minilm", "asif", "best")
