@@ -76,13 +76,13 @@ rule publish:
     input:
         unpack(inputs_of(jobs.publish)),
     output:
+        **PUBLISHED,
         plots=report(
             directory(layout.PLOTS_DIR),
             patterns=["{name}.png"],
             category="Results",
             caption="../report/plots.rst",
         ),
-        **PUBLISHED,
     params:
         spec=spec_of(jobs.publish),
         inputs=lambda wildcards, input: cli_paths(input),
@@ -107,7 +107,7 @@ rule report:
     aggregate's staged outputs: after a failed aggregate (which Snakemake records with the
     inputs it failed on) they are missing, so every run tries it again and names the fault."""
     input:
-        rules.aggregate.output,
         rules.publish.output,
+        rules.aggregate.output,
         rules.similarity.input,
         rules.sweep.input,
