@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -59,6 +60,24 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def copy(source: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Copy a file onto ``target`` atomically; a folder file by file, then remove the files of
+    ``target`` that ``source`` lacks: a reader sees every file whole, old or new, never fewer."""
+    source, target = Path(source), Path(target)
+    if not source.is_dir():
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+        return
+    files = {path.relative_to(source) for path in source.rglob("*") if path.is_file()}
+    for name in sorted(files):
+        copy(source / name, target / name)
+    for path in sorted(target.rglob("*"), reverse=True):  # a folder after what it holds
+        if path.is_file() and path.relative_to(target) not in files:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 @contextmanager

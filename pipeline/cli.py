@@ -35,7 +35,7 @@ class Stage:
     help: str
     wildcards: tuple[str, ...]
     job: Callable[..., jobs.Job]
-    alias: str
+    alias: str | None = None
 
 
 STAGES: dict[str, Stage] = {
@@ -104,6 +104,11 @@ STAGES: dict[str, Stage] = {
         (),
         jobs.aggregate,
         "tables",
+    ),
+    "publish": Stage(
+        "copy the aggregate's staged tables and plots to results/tables and results/plots",
+        (),
+        jobs.publish,
     ),
 }
 
@@ -208,7 +213,8 @@ def parser() -> argparse.ArgumentParser:
     )
     audit.set_defaults(run=verify)
     for name, stage in STAGES.items():
-        sub = commands.add_parser(name, aliases=[stage.alias], help=stage.help)
+        aliases = [stage.alias] if stage.alias else []
+        sub = commands.add_parser(name, aliases=aliases, help=stage.help)
         sub.add_argument("--spec", type=json.loads, help="the job's slice of the config, as JSON")
         sub.add_argument("--in", dest="inputs", nargs="*", metavar="NAME=PATH", help="inputs")
         sub.add_argument("--out", dest="outputs", nargs="*", metavar="NAME=PATH", help="outputs")

@@ -474,15 +474,8 @@ def aggregate(config: dict[str, Any]) -> Job:
             {layout.dataset_manifest(ref["dataset"]) for ref in experiment(config)["evaluate"]}
         ),
     }
-    outputs: dict[str, str | list[str]] = {
-        "metrics": layout.METRICS_TABLE,
-        "summary": layout.SUMMARY_TABLE,
-        "comparisons": layout.COMPARISONS_TABLE,
-        "plots": layout.PLOTS_DIR,
-    }
     if has_sweep(config):
         inputs["sweeps"] = sweep_tables(config)
-        outputs |= {"sweep": layout.SWEEP_TABLE, "sweep_rho": layout.SWEEP_RHO_TABLE}
     return Job(
         "aggregate",
         {
@@ -491,8 +484,27 @@ def aggregate(config: dict[str, Any]) -> Job:
             "statistics": config["statistics"],
         },
         inputs=inputs,
-        outputs=outputs,
+        outputs={name: layout.staged(path) for name, path in published(config).items()},
     )
+
+
+def published(config: dict[str, Any]) -> dict[str, str]:
+    """The tables and the plots folder the report shows, by name: the aggregate's outputs
+    once ``publish`` has copied them out of staging."""
+    tables = {
+        "metrics": layout.METRICS_TABLE,
+        "summary": layout.SUMMARY_TABLE,
+        "comparisons": layout.COMPARISONS_TABLE,
+        "plots": layout.PLOTS_DIR,
+    }
+    if has_sweep(config):
+        tables |= {"sweep": layout.SWEEP_TABLE, "sweep_rho": layout.SWEEP_RHO_TABLE}
+    return tables
+
+
+def publish(config: dict[str, Any]) -> Job:
+    """Copy the aggregate's staged outputs to the tables and plots the report shows."""
+    return Job("publish", {}, inputs=aggregate(config).outputs, outputs=published(config))
 
 
 def structure_baselines(methods: dict[str, dict[str, Any]]) -> dict[str, str]:

@@ -25,6 +25,13 @@ REPORT = f"{RESULTS}/report.html"
 # SHA-256 of local weights by (path, size, mtime, ctime, inode): a cache, never a result
 # (``fingerprint.content_sha256``); deleting it only costs hashing again.
 HASH_CACHE = f"{RESULTS}/.cache/sha256.json"
+STAGING = f"{RESULTS}/staging"  # the aggregate's outputs, before `publish` copies them out
+
+
+def staged(path: str) -> str:
+    """Where the aggregate writes a table or the plots that ``publish`` then copies to ``path``
+    (Snakemake deletes a job's outputs before it runs and when it fails: not the published)."""
+    return f"{STAGING}/{path.removeprefix(f'{RESULTS}/')}"
 
 
 def dataset_dir(dataset: str) -> str:

@@ -7,7 +7,8 @@ with what is wrong, where, and a shell command (run from the workflow root, with
 checked alike (``check_store``), each by its layout's own reader (``integrity_problems``):
 marker present and agreeing with the store, attributes, block flags, sample ids, and every
 chunk present, matching its checksum and finite. Aligner runs: ``done.json`` present with a
-fingerprint, ``params.json`` consistent with it and with the run's folder name, the weights
+fingerprint and the SHA-256 of every file of the run, each file matching it, ``params.json``
+consistent with it and with the run's folder name, the weights
 loadable into the aligner, the curve readable, and the features it was fitted on still the
 ones in ``results/features``. The run store's fits (``results/by_key/runs``, ``pipeline.reuse``)
 are checked as runs, and as filed under their key; the evaluation store's tables are read
@@ -19,7 +20,9 @@ its record holds, and a store extracted from local weights that have changed sin
 Tables (``check_tables``):
 every parquet file under ``results/tables`` read in full, and validated against its schema
 where it is one of the aggregate's (``TABLE_SCHEMAS``); ``verify_tables`` checks only them
-(the ``report`` rule and the Makefile do, before the HTML report embeds them).
+(the ``report`` rule and the Makefile do, before the HTML report embeds them). The
+aggregate's inputs: every evaluation table read against its schema, and the staged outputs of
+the last aggregate present (a failed one leaves the tables it published before).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from pipeline import layout, provenance
 from pipeline.align import artifacts, grid
 from pipeline.encoders.weights import WeightsIntegrityError, check_weights, pretrained_here
 from pipeline.evaluate import tables
+from pipeline.evaluate.tables import METRICS_SCHEMA, OUTCOMES_SCHEMA, read_table
 from pipeline.fingerprint import spec_hash
 from pipeline.pairs import is_run_name, run_name
 from pipeline.reuse import KeyedFolders
@@ -62,6 +66,8 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {  # the aggregate's tables, by file name
     Path(layout.SWEEP_TABLE).name: tables.SWEEP_SCHEMA,
     Path(layout.SWEEP_RHO_TABLE).name: tables.SWEEP_RHO_SCHEMA,
 }
+# An evaluate job's tables by suffix: outcomes, examples (read, no table schema), metrics.
+EVALUATION_SCHEMAS = {".outcomes": OUTCOMES_SCHEMA, ".examples": None, "": METRICS_SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,7 @@ def verify_results(results_dir: Path, configfiles: list[Path] | None = None) -> 
         *check_tables(results_dir, command),
         *stale_jobs(results_dir, command),
         *check_pretrained(results_dir, command),
+        *aggregate_problems(results_dir, command),
     ]
 
 
@@ -178,6 +185,34 @@ def stale_jobs(results_dir: Path, command: str) -> list[Problem]:
         if made is not None and made != asked:
             what = "outputs made with another spec than the config now asks for: stale"
             problems.append(Problem(what, str(record.relative_to(results_dir)), command))
+    return problems
+
+
+def aggregate_problems(results_dir: Path, command: str) -> list[Problem]:
+    """The evaluation tables the aggregate reads, each read in full against its schema (the
+    repair re-evaluates its job), and whether the last aggregate finished: its staged outputs
+    are gone after a failure, and the published tables are then the ones from before."""
+    problems = []
+    for path in sorted((results_dir / "evaluation").rglob("*.parquet")):
+        kind = next((k for k in EVALUATION_SCHEMAS if path.name.endswith(f"{k}.parquet")), "")
+        job = path.with_name(path.name.removesuffix(f"{kind}.parquet") + ".parquet")
+        try:
+            read_table(path, EVALUATION_SCHEMAS[kind])
+        except ValueError as error:
+            repair = f"{command} --force {target(job, results_dir)}"
+            problems.append(Problem(str(error), str(path), repair))
+    published = [layout.METRICS_TABLE, layout.SUMMARY_TABLE, layout.COMPARISONS_TABLE]
+    missing = [
+        layout.staged(path)
+        for path in [*published, layout.PLOTS_DIR]
+        if not (results_dir / Path(layout.staged(path)).relative_to(layout.RESULTS)).exists()
+    ]
+    if (results_dir / "tables").is_dir() and missing:
+        what = (
+            f"the last aggregate did not finish ({', '.join(missing)} missing): results/tables "
+            "and results/plots are what it published before, not of the evaluation tables now"
+        )
+        problems.append(Problem(what, str(results_dir / "tables"), command))
     return problems
 
 
@@ -290,7 +325,9 @@ def check_run(
     forcing the align job of a grid cell's run (a run store's entry is removed)."""
     where = str(run_dir)
     job = target(run_dir.parent / layout.RUNS_JSON, results_dir)
-    refit = repair or f"{command} --force {job}"  # a forced align job refits every run
+    # a forced align job refits every run; --forcerun also reruns what reads them (its outputs
+    # may be gone: Snakemake deletes a failed job's, and rebuilds none under up-to-date tables)
+    refit = repair or f"{command} --forcerun {job}"
 
     def problem(what: str) -> list[Problem]:
         return [Problem(what, where, refit)]
@@ -304,6 +341,8 @@ def check_run(
     fingerprint = done.get("fingerprint") if isinstance(done, dict) else None
     if not isinstance(fingerprint, str) or not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
         return problem(f"{artifacts.DONE} has no valid fingerprint ({fingerprint!r})")
+    if damaged := artifacts.damaged_files(run_dir, done):  # edited or damaged since it was fitted
+        return [Problem(what, where, refit) for what in damaged]
     try:
         params = artifacts.read_params(run_dir)
     except (OSError, ValueError) as error:

@@ -55,6 +55,7 @@ def test_each_stage_has_a_job_whose_paths_come_from_the_layout(config):
         "fit_aligners",
         "evaluate_aligners",
         "aggregate",
+        "publish",
     }
 
 
@@ -65,7 +66,8 @@ def test_aggregate_reads_every_outcomes_table_and_knows_the_statistics(config):
     assert aggregate.input_list("outcomes") == [
         layout.outcomes(*cell) for cell in jobs.grid_cells(config)
     ]
-    assert aggregate.output("comparisons") == layout.COMPARISONS_TABLE
+    assert aggregate.output("comparisons") == layout.staged(layout.COMPARISONS_TABLE)
+    assert jobs.publish(config).output("comparisons") == layout.COMPARISONS_TABLE
     assert aggregate.spec["statistics"] == {"bootstrap": 1000, "level": 0.95, "seed": 0}
     assert aggregate.spec["baselines"] == {"linear_structure": "linear"}
 
@@ -137,8 +139,9 @@ def test_the_sweep_job_reads_what_a_pooled_methods_align_and_evaluate_jobs_read(
     assert sweep.threads == config["align"]["threads"] and "threads" not in str(sweep.spec)
     aggregate = jobs.aggregate(config)
     assert aggregate.input_list("sweeps") == jobs.sweep_tables(config) == [sweep.output("sweep")]
-    assert aggregate.output("sweep") == layout.SWEEP_TABLE
-    assert aggregate.output("sweep_rho") == layout.SWEEP_RHO_TABLE
+    assert jobs.published(config)["sweep"] == layout.SWEEP_TABLE
+    assert jobs.published(config)["sweep_rho"] == layout.SWEEP_RHO_TABLE
+    assert aggregate.output("sweep_rho") == layout.staged(layout.SWEEP_RHO_TABLE)
 
 
 def test_without_a_sweep_section_there_is_no_sweep(config, tmp_path):

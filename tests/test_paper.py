@@ -267,6 +267,7 @@ def expected_jobs(config: dict[str, Any]) -> dict[str, int]:
         "fit_aligners": runs,
         "evaluate_aligners": runs,
         "aggregate": 1,
+        "publish": 1,
         "all": 1,
     }
     return {rule: n for rule, n in counts.items() if n}  # a dry run lists rules with jobs

@@ -1,6 +1,7 @@
 """Feature-store integrity: missing, corrupt and non-finite chunks are named errors, never data;
 the writer refuses NaN; ``pipeline.verify`` reports every kind of damage with its repair."""
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -325,28 +326,54 @@ def corrupt_weights(run):
     (run / "weights.safetensors").write_bytes((run / "weights.safetensors").read_bytes()[:40])
 
 
+def resealed(damage):
+    """``damage``, then the run's record rewritten to match its files: what the record alone
+    cannot tell (a run written so, or the record rewritten too) is still found."""
+
+    def apply(run):
+        damage(run)
+        done = json.loads((run / "done.json").read_text())
+        for name in done["files"]:
+            done["files"][name] = hashlib.sha256((run / name).read_bytes()).hexdigest()
+        (run / "done.json").write_text(json.dumps(done))
+
+    return apply
+
+
+def edit_params(old, new):
+    return lambda run: (run / "params.json").write_text(
+        (run / "params.json").read_text().replace(old, new)
+    )
+
+
 RUN_DAMAGE = {
     "no done.json": (lambda run: (run / "done.json").unlink(), "unfinished run"),
-    "corrupt weights": (corrupt_weights, "weights.safetensors cannot be loaded"),
+    "corrupt weights": (corrupt_weights, "weights.safetensors of run"),
+    "corrupt weights, record rewritten": (
+        resealed(corrupt_weights),
+        "weights.safetensors cannot be loaded",
+    ),
     "bad fingerprint": (
         lambda run: (run / "done.json").write_text(json.dumps({"aligner": "procrustes"})),
         "no valid fingerprint",
     ),
+    "edited params": (
+        edit_params('"n_pairs": 20', '"n_pairs": 30'),
+        "params.json of run",  # ... does not match its record
+    ),
     "other run's params": (
-        lambda run: (run / "params.json").write_text(
-            (run / "params.json").read_text().replace('"n_pairs": 20', '"n_pairs": 30')
-        ),
+        resealed(edit_params('"n_pairs": 20', '"n_pairs": 30')),
         "params.json is of n_pairs 30",
     ),
     "stale features": (
-        lambda run: (run / "params.json").write_text(
-            (run / "params.json")
-            .read_text()
-            .replace('"vision_train": "f1"', '"vision_train": "f0"')
-        ),
+        resealed(edit_params('"vision_train": "f1"', '"vision_train": "f0"')),
         "no longer in results/features (vision_train)",
     ),
-    "curve missing": (lambda run: (run / "curve.parquet").unlink(), "curve.parquet cannot be read"),
+    "curve missing": (lambda run: (run / "curve.parquet").unlink(), "curve.parquet of run"),
+    "curve unreadable": (
+        resealed(lambda run: (run / "curve.parquet").write_bytes(b"PAR1")),
+        "curve.parquet cannot be read",
+    ),
 }
 
 
@@ -359,4 +386,4 @@ def test_verify_names_each_kind_of_run_damage_with_its_repair(results, damage):
     assert problem.where == str(run) and expected in problem.what
     prefix = "results/aligners/vit/minilm/procrustes/last"
     assert problem.repair.startswith("snakemake")
-    assert problem.repair.endswith(f"--force {prefix}/runs.json")
+    assert problem.repair.endswith(f"--forcerun {prefix}/runs.json")

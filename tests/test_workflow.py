@@ -355,7 +355,13 @@ def test_changing_one_methods_hyperparameter_reruns_only_that_method(tiny_run, t
         jobs = planned_jobs(tiny_run)
     finally:
         write_config(tiny_run, TINY)
-    assert jobs == {"fit_aligners": 2, "evaluate_aligners": 2, "aggregate": 1, "all": 1}
+    assert jobs == {
+        "fit_aligners": 2,
+        "evaluate_aligners": 2,
+        "aggregate": 1,
+        "publish": 1,
+        "all": 1,
+    }
 
 
 def test_without_snakemakes_records_a_changed_hyperparameter_still_reruns(copy_of_run):
@@ -371,6 +377,7 @@ def test_without_snakemakes_records_a_changed_hyperparameter_still_reruns(copy_o
         "fit_aligners": 2,
         "evaluate_aligners": 2,
         "aggregate": 1,
+        "publish": 1,
         "all": 1,
     }
     record = copy_of_run / layout.spec_record("fit_aligners", "vit", "minilm", "asif", "best")
@@ -545,3 +552,59 @@ def test_sharded_extraction_gives_the_same_stores(copy_of_run):
             # other blocks, so other batches: equal up to float32 rounding (the unit test
             # tests/test_extract.py shows 3 shards bit-identical to 1 at the same blocks)
             np.testing.assert_allclose(made.read(layer), values, rtol=1e-5, atol=1e-6)
+
+
+def published(results: Path) -> dict[str, bytes]:
+    """Every table and figure the user and the report read, by path."""
+    return {
+        str(path.relative_to(results)): path.read_bytes()
+        for folder in ("tables", "plots")
+        for path in sorted((results / folder).rglob("*"))
+        if path.is_file() and path.name != ".snakemake_timestamp"
+    }
+
+
+def test_a_bad_evaluation_table_keeps_the_published_tables(copy_of_run):
+    """A NaN in one evaluation table: the aggregate fails naming the file and row; every table
+    (the sweep's too) and plot published before is still there, unchanged (Snakemake deletes
+    only the aggregate's staged outputs), and the next run tries the aggregate again."""
+    results = copy_of_run / "results"
+    before = published(results)
+    assert {"tables/sweep.parquet", "tables/sweep_rho.parquet"} <= set(before)
+    assert sum(name.startswith("plots/") for name in before) > 20
+    table = layout.evaluation("vit", "minilm", "csa", "best")
+    frame = pl.read_parquet(copy_of_run / table)
+    nan = pl.when(pl.int_range(pl.len()) == 3).then(float("nan")).otherwise(pl.col("value"))
+    frame.with_columns(value=nan).write_parquet(copy_of_run / table)
+    result = snakemake(copy_of_run)
+    assert result.returncode != 0
+    log = (copy_of_run / layout.log("aggregate", "tables")).read_text()
+    assert f"table {table}: column 'value' has NaN or infinite values in 1 rows" in log
+    assert "first row 3 (vision_encoder=vit" in log
+    assert published(results) == before
+    assert planned_jobs(copy_of_run) == {"aggregate": 1, "publish": 1, "all": 1}
+
+
+def test_an_edited_run_is_named_by_verify_and_refused_by_evaluation(copy_of_run):
+    """``meta.vision_layer`` edited in a PAL run's params.json (to a layer its token sets do not
+    hold): verify names the run and its refit; a forced evaluation refuses the run by its
+    record, not by telling the user to extract the token set again."""
+    cell = ("vit", "minilm", "pal", "best")
+    run_dir = Path(layout.aligner_dir(*cell)) / "n24_s0"
+    params = json.loads((copy_of_run / run_dir / "params.json").read_text())
+    held = {
+        int(path.name.removeprefix("layer_").removesuffix(".zarr"))
+        for path in (copy_of_run / "results/tokens/tiny/test/vit").glob("layer_*.zarr")
+    }
+    params["meta"]["vision_layer"] = min(set(range(3)) - held)
+    (copy_of_run / run_dir / "params.json").write_text(json.dumps(params, indent=2))
+    result = run(["-m", "pipeline", "verify", "--results", "results"], cwd=copy_of_run)
+    assert result.returncode == 1, result.output[-3000:]
+    assert f"PROBLEM {run_dir}\n" in result.output
+    assert f"params.json of run {run_dir} does not match its record" in result.output
+    assert f"--forcerun {layout.aligner_runs(*cell)}" in result.output
+    result = snakemake(copy_of_run, "--force", layout.evaluation(*cell))
+    assert result.returncode != 0
+    log = (copy_of_run / layout.log("evaluate_aligners", *cell)).read_text()
+    assert f"params.json of run {run_dir} does not match its record" in log
+    assert "extract_tokens" not in log

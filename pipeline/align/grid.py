@@ -33,7 +33,14 @@ import polars as pl
 import torch
 from threadpoolctl import threadpool_limits
 
-from pipeline.align.artifacts import CURVE, load_aligner, read_done, read_params, save_run
+from pipeline.align.artifacts import (
+    CURVE,
+    damaged_files,
+    load_aligner,
+    read_done,
+    read_params,
+    save_run,
+)
 from pipeline.align.base import FitReport
 from pipeline.align.kinds import aligner_params, build_aligner
 from pipeline.align.params import params_to_dict
@@ -183,10 +190,10 @@ def fit_runs(
 ) -> list[Path]:
     """Fit and save each run on its nested subset of the training pairs in ``features``
     (``ArrayPairs``, ``TokenPairs``, or the tuple x, y, x_val, y_val); a run whose
-    ``done.json`` has the same fingerprint is kept unless ``fresh`` (a forced job refits every
-    run). With a run ``store``, each other run copies the store's fit of its key when another
-    run folder filed it (``reuse_run``), under the key's lock; each fit is filed. Returns the
-    run directories."""
+    ``done.json`` has the same fingerprint and whose files match it is kept unless ``fresh`` (a
+    forced job refits every run). With a run ``store``, each other run copies the store's fit
+    of its key when another run folder filed it (``reuse_run``), under the key's lock; each fit
+    is filed. Returns the run directories."""
     if isinstance(features, tuple):
         features = ArrayPairs(*features)
     resolved = params_to_dict(aligner_params(kind, params))
@@ -200,6 +207,7 @@ def fit_runs(
             run_meta = {**meta, "n_pairs": run.n_pairs, "seed": run.seed}
             done = read_done(run_dir)
             kept = done is not None and done.get("fingerprint") == fingerprint
+            kept = kept and not damaged_files(run_dir, done)  # a damaged run is refitted
             saved = (run_dir, run_meta, fingerprint, key)
             if kept and not fresh:  # resumed after a kill: file it if the kill came first
                 if store is not None:

@@ -483,14 +483,30 @@ def validate(frame: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:
     frame = frame.select(list(expected))
     for field in schema:
         if not field.nullable and frame[field.name].null_count():
-            raise ValueError(f"column {field.name!r} has {frame[field.name].null_count()} nulls")
+            nulls = frame[field.name].is_null().to_numpy()
+            raise ValueError(
+                f"column {field.name!r} has {int(nulls.sum())} nulls, first {_row(frame, nulls)}"
+            )
     if "task_kind" in frame.columns:
         bad = set(frame["task_kind"].unique().to_list()) - set(TASK_KINDS)
         if bad:
             raise ValueError(f"task_kind {sorted(bad)} is not one of {TASK_KINDS}")
-    if "value" in frame.columns and not np.isfinite(frame["value"].to_numpy()).all():
-        raise ValueError("column 'value' has NaN or infinite values")
+    if "value" in frame.columns:
+        bad = ~np.isfinite(frame["value"].to_numpy())
+        if bad.any():
+            raise ValueError(
+                f"column 'value' has NaN or infinite values in {int(bad.sum())} rows, "
+                f"first {_row(frame, bad)}"
+            )
     return frame
+
+
+def _row(frame: pl.DataFrame, flags: np.ndarray) -> str:
+    """The first row where ``flags`` is set, by index and its scalar columns."""
+    index = int(np.flatnonzero(flags)[0])
+    row = frame.row(index, named=True)
+    shown = ", ".join(f"{k}={v}" for k, v in row.items() if not isinstance(v, list | bytes))
+    return f"row {index} ({shown})"
 
 
 def write_metrics(metrics: pl.DataFrame, path: str | os.PathLike[str]) -> None:
@@ -525,22 +541,32 @@ def write_sweep_rho(rho: pl.DataFrame, path: str | os.PathLike[str]) -> None:
 
 def read_metrics(path: str | os.PathLike[str]) -> pl.DataFrame:
     """The metrics table at ``path``, validated against ``METRICS_SCHEMA``."""
-    return validate(pl.read_parquet(path), METRICS_SCHEMA)
+    return read_table(path, METRICS_SCHEMA)
 
 
 def read_summary(path: str | os.PathLike[str]) -> pl.DataFrame:
     """The summary table at ``path``, validated against ``SUMMARY_SCHEMA``."""
-    return validate(pl.read_parquet(path), SUMMARY_SCHEMA)
+    return read_table(path, SUMMARY_SCHEMA)
 
 
 def read_outcomes(path: str | os.PathLike[str]) -> pl.DataFrame:
     """An outcomes table at ``path``, validated against ``OUTCOMES_SCHEMA``."""
-    return validate(pl.read_parquet(path), OUTCOMES_SCHEMA)
+    return read_table(path, OUTCOMES_SCHEMA)
 
 
 def read_comparisons(path: str | os.PathLike[str]) -> pl.DataFrame:
     """The comparisons table at ``path``, validated against ``COMPARISONS_SCHEMA``."""
-    return validate(pl.read_parquet(path), COMPARISONS_SCHEMA)
+    return read_table(path, COMPARISONS_SCHEMA)
+
+
+def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pl.DataFrame:
+    """The Parquet table at ``path`` (validated against ``schema`` when given); an error that
+    names the file: unreadable, or which column and row break the schema."""
+    try:
+        frame = pl.read_parquet(path)
+        return frame if schema is None else validate(frame, schema)
+    except (OSError, ValueError, pl.exceptions.PolarsError) as error:
+        raise ValueError(f"table {os.fspath(path)}: {error}") from error
 
 
 def _write(frame: pl.DataFrame, schema: pa.Schema, path: str | os.PathLike[str]) -> None:

@@ -15,6 +15,11 @@ segmentation task, a few predicted label maps of PAL and of the best global meth
 With a layer sweep (the job's ``sweeps`` inputs) it also writes the ``sweep`` table (every sweep
 row with its layer pair's similarity), the ``sweep_rho`` table (Spearman's rho per encoder pair,
 similarity metric, task and metric) and the matching figures (``plots/layers/sweep__*.png``).
+
+Every input table is read with its path: a bad one fails the job naming the file and row. The
+job's outputs are staged (``layout.staged``); the ``publish`` stage copies them into
+``results/tables`` and ``results/plots`` once the job has succeeded, so a failing aggregate
+leaves the tables and plots last published (docs/architecture.md, "Rerun semantics").
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from pipeline.evaluate.tables import (
     polars_schema,
     read_metrics,
     read_outcomes,
+    read_table,
     similarity_metrics,
     summarise,
     sweep_with_similarity,
@@ -61,7 +67,7 @@ log = logging.getLogger(__name__)
 def run(job: Job) -> None:
     from pipeline.evaluate import plots  # matplotlib: imported only where figures are drawn
 
-    metrics = concat_metrics(pl.read_parquet(path) for path in job.input_list("evaluations"))
+    metrics = concat_metrics(read_metrics(path) for path in job.input_list("evaluations"))
     statistics = Statistics(**job.spec["statistics"])
     outcomes = concat_outcomes(read_outcomes(path) for path in job.input_list("outcomes"))
     replicates = bootstrap_replicates(outcomes, metrics, statistics)
@@ -75,14 +81,14 @@ def run(job: Job) -> None:
 
     shutil.rmtree(plots_dir, ignore_errors=True)  # only figures of this run, none left over
     written = plots.plot_all(summary, plots_dir, comparisons)
-    similarity = pl.concat([pl.read_parquet(path) for path in similarities], how="diagonal")
+    similarity = pl.concat([read_table(path) for path in similarities], how="diagonal")
     written += similarity_plots(plots, similarity, metrics, plots_dir)
     if "sweeps" in job.inputs:
         sweep = concat_metrics(read_metrics(path) for path in job.input_list("sweeps"))
         write_sweep(sweep_with_similarity(sweep, similarity), job.output("sweep"))
         write_sweep_rho(sweep_rho(plots, similarity, sweep), job.output("sweep_rho"))
         written += sweep_plots(plots, similarity, sweep, plots_dir)
-    examples = pl.concat([pl.read_parquet(path) for path in job.input_list("examples")])
+    examples = pl.concat([read_table(path) for path in job.input_list("examples")])
     datasets = {
         read_manifest(Path(layout.dataset_of_manifest(m)))["name"]: layout.dataset_of_manifest(m)
         for m in job.input_list("datasets")

@@ -25,38 +25,24 @@ rule evaluate_aligners:
         " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
-# The sweep's tables, only with a `sweep` section (jobs.aggregate lists them then).
-SWEEP_TABLES = {
-    name: report(path, category="Tables", caption=f"../report/{name}.rst")
-    for name, path in jobs.aggregate(config).outputs.items()
-    if name in ("sweep", "sweep_rho")
-}
-
-
 localrules:
     aggregate,
+    publish,
     report,
 
 
 rule aggregate:
     """One metrics table, its summary over seeds, the paired comparisons and the plots; with a
-    layer sweep, its tables and similarity-against-accuracy plots too. Light (reads the evaluate
-    jobs' small tables): on a cluster it runs where Snakemake runs, not as a SLURM job."""
+    layer sweep, its tables and similarity-against-accuracy plots too, all into results/staging
+    (publish copies them out). Light (reads the evaluate jobs' small tables): on a cluster it
+    runs where Snakemake runs, not as a SLURM job."""
     input:
         unpack(inputs_of(jobs.aggregate)),
     output:
-        metrics=report(layout.METRICS_TABLE, category="Tables", caption="../report/metrics.rst"),
-        summary=report(layout.SUMMARY_TABLE, category="Tables", caption="../report/summary.rst"),
-        comparisons=report(
-            layout.COMPARISONS_TABLE, category="Tables", caption="../report/comparisons.rst"
-        ),
-        plots=report(
-            directory(layout.PLOTS_DIR),
-            patterns=["{name}.png"],
-            category="Results",
-            caption="../report/plots.rst",
-        ),
-        **SWEEP_TABLES,
+        **{
+            name: directory(path) if name == "plots" else path
+            for name, path in jobs.aggregate(config).outputs.items()
+        },
     params:
         spec=spec_of(jobs.aggregate),
         inputs=lambda wildcards, input: cli_paths(input),
@@ -75,6 +61,42 @@ rule aggregate:
         " --out {params.outputs} --threads {threads} > {log} 2>&1"
 
 
+# The published tables and plots, as the report shows them (the sweep's only with a `sweep`
+# section: jobs.published lists them then).
+PUBLISHED = {
+    name: report(path, category="Tables", caption=f"../report/{name}.rst")
+    for name, path in jobs.published(config).items()
+    if name != "plots"
+}
+
+
+rule publish:
+    """The aggregate's staged outputs copied to results/tables and results/plots, once it has
+    succeeded: Snakemake deletes a job's outputs before it runs and when it fails, so a failing
+    aggregate leaves what was published before."""
+    input:
+        unpack(inputs_of(jobs.publish)),
+    output:
+        **PUBLISHED,
+        plots=report(
+            directory(layout.PLOTS_DIR),
+            patterns=["{name}.png"],
+            category="Results",
+            caption="../report/plots.rst",
+        ),
+    params:
+        spec=spec_of(jobs.publish),
+        inputs=lambda wildcards, input: cli_paths(input),
+        outputs=lambda wildcards, output: cli_paths(output),
+    conda:
+        "../envs/postalign.yaml"
+    log:
+        layout.log("publish", "tables"),
+    shell:
+        "python -m pipeline publish --spec {params.spec:q} --in {params.inputs}"
+        " --out {params.outputs} --threads {threads} > {log} 2>&1"
+
+
 rule evaluate:
     """Target: every run evaluated on every task."""
     input:
@@ -82,10 +104,13 @@ rule evaluate:
 
 
 rule report:
-    """Target: everything the HTML report shows (render it with `snakemake --report`), then its
-    tables read in full (`python -m pipeline verify --tables`): a damaged one is named with its
-    repair, which Snakemake alone would not notice when its date is right."""
+    """Target: everything the HTML report shows (render it with `snakemake --report`), and the
+    aggregate's staged outputs: after a failed aggregate (which Snakemake records with the
+    inputs it failed on) they are missing, so every run tries it again and names the fault;
+    then its tables read in full (`python -m pipeline verify --tables`): a damaged one is named
+    with its repair, which Snakemake alone would not notice when its date is right."""
     input:
+        rules.publish.output,
         rules.aggregate.output,
         rules.similarity.input,
         rules.sweep.input,
