@@ -265,6 +265,13 @@ def test_verify_names_a_block_whose_size_record_is_lost(results):
 # ---- tables -------------------------------------------------------------------------------------
 
 
+def publish_tables(results_dir: Path) -> None:
+    """``write_tables`` as a finished aggregate leaves them: staged, and published."""
+    write_tables(results_dir / "staging" / "tables")
+    (results_dir / "staging" / "plots").mkdir()
+    write_tables(results_dir / "tables")
+
+
 def write_tables(folder: Path) -> None:
     """The aggregate's metrics, summary and comparisons tables of two seeds of two methods."""
     rows = []
@@ -302,7 +309,7 @@ TABLE_CASES = [
 @pytest.mark.parametrize(("damaged", "how"), TABLE_CASES)
 def test_verify_names_a_damaged_table_and_its_repair(tmp_path, damaged, how):
     results_dir = tmp_path / "results"
-    write_tables(results_dir / "tables")
+    publish_tables(results_dir)
     assert verify.verify_results(results_dir) == []
     apply, expected = TABLE_DAMAGE[how]
     table = results_dir / "tables" / f"{damaged}.parquet"
@@ -317,7 +324,7 @@ def test_the_report_check_refuses_a_truncated_table_by_name(tmp_path):
     """``python -m pipeline verify --tables``: what the ``report`` rule and the Makefile run
     before ``snakemake --report`` embeds the tables."""
     results_dir = tmp_path / "results"
-    write_tables(results_dir / "tables")
+    publish_tables(results_dir)
     command = [sys.executable, "-m", "pipeline", "verify", "--tables", "--results", results_dir]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert subprocess.run(command, env=env, capture_output=True).returncode == 0
