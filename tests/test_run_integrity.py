@@ -102,11 +102,11 @@ def test_a_flipped_byte_in_the_weights_is_refused_and_named(results: Path) -> No
     message = str(refused.value)
     assert f"{WEIGHTS} of run {run_dir} does not match its record" in message
     assert f"snakemake --forcerun {run_dir.parent / layout.RUNS_JSON}" in message
-    problems = verify_results(results, [Path("workflow/configs/paper.yaml")])
+    problems = verify_results(results, [Path("workflow/configs/structure.yaml")])
     assert [p.where for p in problems] == [str(run_dir)]
     assert WEIGHTS in problems[0].what and "does not match its record" in problems[0].what
     assert problems[0].repair.endswith(
-        "--configfile workflow/configs/paper.yaml --forcerun "
+        "--configfile workflow/configs/structure.yaml --forcerun "
         "results/aligners/vit/minilm/asif/last/runs.json"
     )
 

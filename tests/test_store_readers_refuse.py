@@ -331,7 +331,7 @@ def test_the_report_check_refuses_a_truncated_table_by_name(tmp_path):
     metrics = results_dir / "tables" / "metrics.parquet"
     metrics.write_bytes(metrics.read_bytes()[:-100])
     checked = subprocess.run(
-        [*command, "--configfile", "workflow/configs/paper.yaml"],
+        [*command, "--configfile", "workflow/configs/structure.yaml"],
         env=env,
         capture_output=True,
         text=True,
@@ -341,7 +341,7 @@ def test_the_report_check_refuses_a_truncated_table_by_name(tmp_path):
         f"PROBLEM {metrics}" in checked.stdout
         and "metrics.parquet cannot be read" in checked.stdout
     )
-    assert "--configfile workflow/configs/paper.yaml --forcerun aggregate" in checked.stdout
+    assert "--configfile workflow/configs/structure.yaml --forcerun aggregate" in checked.stdout
     # the report rule runs it, and the Makefile before rendering the report
     rules = (ROOT / "workflow" / "rules" / "evaluate.smk").read_text()
     assert "python -m pipeline verify --tables" in rules.split("rule report:")[1]

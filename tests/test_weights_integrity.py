@@ -250,10 +250,10 @@ def test_damaged_pretrained_weights_are_refused_before_use_and_named_by_verify(w
     assert load_file(weights).keys() == intact.keys()  # still a readable safetensors file
     with pytest.raises(WeightsIntegrityError, match=r"'vit_pre'.*vit_pre\.safetensors.*pretrain"):
         build_encoder("vit_pre", spec)
-    [problem] = verify_results(workdir / "results", [Path("paper.yaml")])
+    [problem] = verify_results(workdir / "results", [Path("structure.yaml")])
     assert problem.where == str(weights) and "vit_pre.json" in problem.what
     target = layout.pretrained_weights("vit_pre")
-    assert problem.repair.endswith(f"--configfile paper.yaml --force {target}")
+    assert problem.repair.endswith(f"--configfile structure.yaml --force {target}")
 
     Path(layout.pretrain_record("vit_pre")).unlink()  # weights without their record
     with pytest.raises(WeightsIntegrityError, match="no readable record"):
