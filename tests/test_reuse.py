@@ -228,19 +228,6 @@ def test_identical_runs_are_fitted_and_evaluated_once(world):
     assert len(read_outcomes(job.output("outcomes"))) > 0
 
 
-def test_a_cell_evaluated_again_computes_its_own_evaluation_and_reuses_anothers(world):
-    """A second run of a cell's evaluate job (forced, or its inputs changed) never takes the
-    entry it filed itself: it computes. Another cell with the same key still reuses it."""
-    world.fit("ridge", "last")
-    world.fit("ridge", "best")
-    world.evaluate("ridge", "last")
-    assert world.evaluations == RUNS
-    world.evaluate("ridge", "last")  # forced: its own entries are not another cell's
-    assert world.evaluations == 2 * RUNS
-    world.evaluate("ridge", "best")  # the same key, filed by another run folder: reused
-    assert world.evaluations == 2 * RUNS
-
-
 def test_a_changed_choice_refits_and_the_link_does_not_survive(world):
     world.fit("ridge", "last")
     world.fit("ridge", "best")

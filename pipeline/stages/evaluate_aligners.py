@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from pipeline import layout
 from pipeline.align.artifacts import load_aligner, read_params
 from pipeline.align.kinds import uses_tokens
-from pipeline.atomic import write_json, write_parquet
+from pipeline.atomic import write_parquet
 from pipeline.data import load_prompts, load_split, load_tasks, read_manifest
 from pipeline.data.tasks import (
     CLASSIFICATION,
@@ -92,7 +92,6 @@ EXAMPLE_SCHEMA = {
 }
 RUN = re.compile(r"n(\d+)_s(-?\d+)")
 METRICS, OUTCOMES, EXAMPLES = "metrics.parquet", "outcomes.parquet", "examples.parquet"  # filed
-ORIGIN = "origin.json"  # the run folder whose evaluation an entry is
 
 
 def example_run(runs: list[str]) -> str | None:
@@ -261,9 +260,8 @@ def evaluate_run(
     run_dir: Path, inputs: SplitInputs, examples: bool = False, store: KeyedFolders | None = None
 ) -> Evaluation:
     """The evaluation of one aligner run on every task of one split; with an evaluation
-    ``store``, the one filed under its key by another run folder when there is one (relabelled
-    as this run's), else evaluated and filed. A run's own filed evaluation is never reused:
-    its job runs again only when forced or when its inputs changed, and must then compute."""
+    ``store``, the one filed under its key when there is one (relabelled as this run's),
+    else evaluated and filed."""
     params = read_params(run_dir)
     meta = params["meta"]
     key = RunKey(
@@ -280,9 +278,8 @@ def evaluate_run(
     if store is None:
         return evaluate_aligner(aligner, key, inputs, examples)
     content = evaluation_key(params, aligner.state(), key, inputs, examples)
-    origin = str(Path(run_dir).resolve())
     with store.claim(content) as entry:
-        if entry is not None and filed_origin(entry) != origin:
+        if entry is not None:
             try:
                 found = read_evaluation(entry, key)
             except Exception as error:  # a damaged entry is only a cache miss
@@ -292,16 +289,8 @@ def evaluate_run(
                 return found
         result = evaluate_aligner(aligner, key, inputs, examples)
         if result.metrics:  # a split without tasks has nothing to file
-            store.put(content, lambda folder: write_evaluation(result, folder, origin))
+            store.put(content, lambda folder: write_evaluation(result, folder))
     return result
-
-
-def filed_origin(entry: Path) -> str | None:
-    """The run folder whose evaluation ``entry`` is (None: not recorded or unreadable)."""
-    try:
-        return json.loads((entry / ORIGIN).read_text())["run"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def evaluation_key(
@@ -326,10 +315,8 @@ def evaluation_key(
     )
 
 
-def write_evaluation(evaluation: Evaluation, folder: Path, origin: str) -> None:
-    """An evaluation's rows as three tables in ``folder`` (an evaluation store's entry), and
-    the run folder ``origin`` they are the evaluation of."""
-    write_json(folder / ORIGIN, {"run": origin})
+def write_evaluation(evaluation: Evaluation, folder: Path) -> None:
+    """An evaluation's rows as three tables in ``folder`` (an evaluation store's entry)."""
     write_metrics(concat_metrics(evaluation.metrics), folder / METRICS)
     write_outcomes(concat_outcomes(evaluation.outcomes), folder / OUTCOMES)
     write_parquet(pl.DataFrame(evaluation.examples, schema=EXAMPLE_SCHEMA), folder / EXAMPLES)
