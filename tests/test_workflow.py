@@ -457,6 +457,9 @@ def test_an_emptied_token_shard_fails_the_evaluation_that_reads_it(copy_of_run):
     last = max(token_set.glob("layer_*.zarr"), key=lambda path: int(path.stem.split("_")[1]))
     shard = f"{layout.tokens_dir('tiny', 'test', 'vit')}/{last.name}/tokens/c/0/0"
     (copy_of_run / shard).write_bytes(b"")
+    # the evaluation store would hand the forced job the rows computed before the damage (the
+    # same key: same weights and inputs); without it the job reads the shard
+    shutil.rmtree(copy_of_run / layout.RESULTS / layout.EVALUATION_STORE)
     result = snakemake(copy_of_run, "--force", layout.evaluation("vit", "minilm", "csa", "last"))
     assert result.returncode != 0
     log = (
