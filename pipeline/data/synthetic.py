@@ -7,14 +7,15 @@ where the cell has room (so neighbours stay at least two pixels apart). Objects 
 overlap when cells are smaller than objects, which takes ``max_count`` > 4. Every object
 fills a square box whose side is set by its size.
 
-Geometry (``version``, ``GEOMETRIES``): the square regions of the five positions (left,
-right, top, bottom: against that edge, centred along it; centre: in the middle) have a side
-of ``region`` times the image, and the three sizes are fractions of the image. Version 1:
-regions of half the image, objects 12-22 % of it (8-14 px at 64 px: one or two 8 px patches
-of a ViT). Version 2: regions of three quarters, objects 22-34 % (14-22 px: two to three
-patches across), so that an object's shape is drawn over several patches
-(docs/pretrain.md says why); its four largest objects just fit a region's 2 x 2 cells. The
-mask is drawn first (uint8 PNG;
+Geometry (``version``, ``GEOMETRIES``; docs/protocols.md): the square regions of the five
+positions (left, right, top, bottom: against that edge, centred along it; centre: in the
+middle) have a side of ``region`` times the image, and the three sizes are fractions of the
+image. Version 1: regions of half the image, objects 12-22 % of it (8-14 px at 64 px: one
+or two 8 px patches of a ViT), cells over the whole region. Version 2: regions of three
+quarters, objects 22-34 % (14-22 px: two to three patches across, so that a shape is drawn
+over several patches); its four largest objects just fit a region's 2 x 2 cells, and smaller
+groups keep together at the position's anchor (``Geometry.room``), so a group's centre stays
+on its position's half of the image. The mask is drawn first (uint8 PNG;
 ``SHAPES.index(shape) + 1`` on object pixels, 0 elsewhere) and the image is painted from
 it, so the two agree exactly.
 
