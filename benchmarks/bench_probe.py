@@ -9,9 +9,10 @@ those ``--retrain`` makes) and for the same architecture's seeded random init
 (``pipeline.probe``): a logistic regression per attribute (colour, shape, count, size,
 position) on the frozen pooled features (what the extract stage stores) of ``--n-train``
 train images, scored (accuracy) on ``--n-test`` test images of the config's synthetic world;
-and the patch probe, a logistic regression from each patch token of ``--n-patch-train``
-train images to its patch's mask class, scored as segmentation is (mIoU on the test masks).
-Prints the table and each probe's best block.
+and the patch probe, a logistic regression from each patch token of the same train images
+to its patch's mask class, scored as segmentation is (mIoU on the test masks). Prints the
+table, each probe's best block, the block best for colour, shape and count together, and
+the patch probe's ceiling and floor (a perfect patch classifier; background everywhere).
 
 ``--retrain`` also times a reference, the pooled extraction of the test images by the random
 init at the pretraining's threads, before and after; ``pretraining / reference`` is the
@@ -54,7 +55,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=jobs.PRETRAIN_THREADS)
     parser.add_argument("--n-train", type=int, default=1500)
     parser.add_argument("--n-test", type=int, default=400)
-    parser.add_argument("--n-patch-train", type=int, default=300)
     args = parser.parse_args()
     config = load_config(args.config)
     job = jobs.pretrain_encoder(config, args.encoder)
@@ -89,10 +89,11 @@ def main() -> None:
                 (encode_layers(encoder, train.images), train.labels),
                 (encode_layers(encoder, test.images), test.labels),
             )
-            patches = probe_patch_layers(encoder, train, test, args.n_patch_train)
+            patches = probe_patch_layers(encoder, train, test, args.n_train)
             tables.append(pl.concat([pooled, patches]).with_columns(weights=pl.lit(label)))
     view, classes = random_init.token_layout()["view"], len(synthetic.SEGMENTATION_CLASSES)
     ceiling = patch_ceiling(test.masks, random_init.grid, view, classes)
+    floor = patch_ceiling(test.masks, random_init.grid, view, classes, background=True)
     table = pl.concat(tables)
     wide = table.pivot(on="layer", index=["weights", "attribute"], values="score")
     wide = wide.rename({c: f"block {c}" for c in wide.columns[2:]})
@@ -108,7 +109,10 @@ def main() -> None:
     ):
         weights, block, low = row["weights"], row["layer"], row["score"]
         print(f"{weights}: block {block} has colour, shape and count >= {low:.3f}")
-    print(f"patch probe ceiling (a perfect patch classifier): {ceiling:.3f}")
+    print(
+        f"patch probe mIoU: {ceiling:.3f} for a perfect patch classifier, {floor:.3f} for "
+        "background everywhere"
+    )
 
 
 def reference_seconds(encoder, images) -> float:

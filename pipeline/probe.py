@@ -155,15 +155,21 @@ def patch_probe(
 
 
 def patch_ceiling(
-    masks: Sequence[np.ndarray], grid: tuple[int, int], view: dict[str, Any] | None, n_classes: int
+    masks: Sequence[np.ndarray],
+    grid: tuple[int, int],
+    view: dict[str, Any] | None,
+    n_classes: int,
+    background: bool = False,
 ) -> float:
     """The mIoU of a perfect patch probe: each patch scored 1 for its own target class
     (``patch_targets``) and 0 for the others, decoded the same way; what patch-level
     segmentation of these masks on this grid can reach at most (near enough: a soft score
-    can do slightly better at borders)."""
+    can do slightly better at borders). ``background``: instead, the mIoU of predicting
+    the background (class 0) everywhere, the floor a segmentation must clear."""
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     for mask in masks:
-        scores = np.eye(n_classes)[patch_targets(mask, grid, view, n_classes)]
+        classes = patch_targets(mask, grid, view, n_classes)
+        scores = np.eye(n_classes)[np.zeros_like(classes) if background else classes]
         labels = decode(scores, grid, mask.shape, view)
         target = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, mask)
         confusion += confusion_matrix(labels, target, n_classes)

@@ -70,3 +70,7 @@ def test_the_patch_probe_reaches_the_ceiling_on_coded_tokens_and_not_on_noise() 
     assert coded == pytest.approx(ceiling, abs=0.02)
     noise = rng.normal(size=test_tokens.shape)
     assert patch_probe(train_tokens, targets, noise, test_masks, (4, 4), None, 3) < 0.5 * ceiling
+    # background everywhere: IoU 15/16 for the background, 0 for the one object class
+    # each mask holds (both classes occur in the set, so both count)
+    floor = patch_ceiling(test_masks, (4, 4), None, 3, background=True)
+    assert floor == pytest.approx(15 / 16 / 3)
