@@ -4,12 +4,14 @@ and the on-disk contract (tables, tasks, prompts, manifest)."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
+from matplotlib.path import Path as MplPath
 from scipy import ndimage
 
 from pipeline.data import (
@@ -138,39 +140,158 @@ def test_captions_of_an_image_are_varied(shapes):
     assert {"two", "2", "disc", "circle", "violet", "purple", "big", "large"} <= words
 
 
-def check_drawing(image: np.ndarray, mask: np.ndarray, attributes: dict, size: int) -> None:
-    """The mask marks exactly the object pixels; the objects match the attributes."""
-    assert set(np.unique(mask)) == {0, world.SHAPES.index(attributes["shape"]) + 1}
-    rgb = np.array(world.COLOURS[attributes["colour"]])
-    objects = mask > 0
-    assert (image[objects] == rgb).all()
-    assert (np.abs(image[~objects].astype(int) - rgb).max(axis=1) > 60).all()
-    labelled, n_objects = ndimage.label(objects, structure=np.ones((3, 3)))  # 8-connected
-    assert n_objects == attributes["count"]
-    x0, y0, x1, y1 = world.region_box(attributes["position"], size)
-    ys, xs = np.nonzero(objects)
+# The test's own templates of the shapes on the unit square (a 5-point star with a thicker
+# waist than the generator's): each object, resampled onto a 24 x 24 grid over its box, must
+# be nearest (IoU) to its own shape's template.
+_U, _V = np.meshgrid((np.arange(24) + 0.5) / 24, (np.arange(24) + 0.5) / 24)
+_STAR = [
+    ((1.0 if k % 2 == 0 else 0.5) * math.cos(a), (1.0 if k % 2 == 0 else 0.5) * math.sin(a))
+    for k, a in ((k, -math.pi / 2 + k * math.pi / 5) for k in range(10))
+]
+SHAPE_TEMPLATES = {
+    "circle": (_U - 0.5) ** 2 + (_V - 0.5) ** 2 <= 0.25,
+    "square": np.ones_like(_U, dtype=bool),
+    "triangle": np.abs(2 * _U - 1) <= _V,
+    "star": MplPath((np.array(_STAR) - np.min(_STAR, axis=0)) / np.ptp(np.array(_STAR), axis=0))
+    .contains_points(np.c_[_U.ravel(), _V.ravel()])
+    .reshape(_U.shape),
+    "cross": (np.abs(_U - 0.5) <= 1 / 6) | (np.abs(_V - 0.5) <= 1 / 6),
+    "diamond": np.abs(_U - 0.5) + np.abs(_V - 0.5) <= 0.5,
+}
+
+
+def read_shape(obj: np.ndarray) -> str:
+    """The template nearest to one object's bool mask (cropped to its box)."""
+    h, w = obj.shape
+    sampled = obj[np.minimum((_V * h).astype(int), h - 1), np.minimum((_U * w).astype(int), w - 1)]
+    iou = {k: (sampled & t).sum() / (sampled | t).sum() for k, t in SHAPE_TEMPLATES.items()}
+    return max(iou, key=iou.get)
+
+
+def separate_objects(mask: np.ndarray) -> tuple[np.ndarray, list]:
+    """8-connected components of the object pixels, and their boxes."""
+    labelled, _ = ndimage.label(mask > 0, structure=np.ones((3, 3)))
+    return labelled, ndimage.find_objects(labelled)
+
+
+def check_colour(image: np.ndarray, mask: np.ndarray, colour: str) -> None:
+    """Object pixels (mask > 0) are exactly the colour; no background pixel is near it."""
+    rgb = np.array(world.COLOURS[colour])
+    assert (image[mask > 0] == rgb).all()
+    assert (np.abs(image[mask == 0].astype(int) - rgb).max(axis=1) > 60).all()
+
+
+def check_shape(mask: np.ndarray, shape: str, read: bool) -> None:
+    """The mask holds the shape's class and (``read``) every object reads as that shape."""
+    assert set(np.unique(mask)) == {0, world.SHAPES.index(shape) + 1}
+    labelled, boxes = separate_objects(mask)
+    if read:
+        assert [read_shape(labelled[box] == k) for k, box in enumerate(boxes, 1)] == [shape] * len(
+            boxes
+        )
+
+
+def check_size(mask: np.ndarray, size: str, image_size: int, version: int) -> None:
+    """Every object spans its size's width (the polygon of its box may end a pixel short)."""
+    side = world.object_diameter(size, image_size, version)
+    for box in separate_objects(mask)[1]:
+        assert side - 1 <= max(box[0].stop - box[0].start, box[1].stop - box[1].start) <= side
+
+
+def check_count(mask: np.ndarray, count: int) -> None:
+    assert len(separate_objects(mask)[1]) == count
+
+
+def check_position(mask: np.ndarray, position: str, image_size: int, version: int) -> None:
+    """The objects lie in the position's region, and their centre on the position's half of
+    the image (centre: nearer the middle than a quarter of the image, on both axes)."""
+    x0, y0, x1, y1 = world.region_box(position, image_size, version)
+    ys, xs = np.nonzero(mask)
     assert x0 <= xs.min() and xs.max() < x1 and y0 <= ys.min() and ys.max() < y1
-    side = world.object_diameter(attributes["size"], size)
-    for box in ndimage.find_objects(labelled):
-        extent = max(box[0].stop - box[0].start, box[1].stop - box[1].start)
-        assert side - 1 <= extent <= side
+    labelled, boxes = separate_objects(mask)
+    centres = ndimage.center_of_mass(mask > 0, labelled, range(1, len(boxes) + 1))
+    y, x = (np.mean(c) / image_size for c in zip(*centres, strict=True))
+    side = {"left": x < 0.5, "right": x > 0.5, "top": y < 0.5, "bottom": y > 0.5}
+    assert side.get(position, abs(x - 0.5) < 0.25 and abs(y - 0.5) < 0.25), (x, y)
+
+
+def check_drawing(
+    image: np.ndarray, mask: np.ndarray, attributes: dict, image_size: int, version: int
+) -> None:
+    """The mask marks exactly the object pixels; the objects match every attribute."""
+    check_colour(image, mask, attributes["colour"])
+    check_shape(mask, attributes["shape"], read=image_size >= 64)
+    check_size(mask, attributes["size"], image_size, version)
+    check_count(mask, attributes["count"])
+    check_position(mask, attributes["position"], image_size, version)
+
+
+@pytest.fixture(scope="module", params=sorted(world.GEOMETRIES))
+def drawn(request) -> tuple[int, list[world.Example]]:
+    """150 test images at 64 px of each world version."""
+    spec = validate_spec("shapes", {**SPEC, "version": request.param})
+    holdout = world.holdout_combinations(spec["seed"], spec["holdout_combinations"])
+    return request.param, [world.generate_example(spec, "test", i, holdout) for i in range(150)]
+
+
+def test_colour_is_painted_exactly_on_the_mask(drawn):
+    for example in drawn[1]:
+        check_colour(example.image, example.mask, example.scene.colour)
+
+
+def test_shape_is_the_mask_class_and_every_object_reads_as_it(drawn):
+    for example in drawn[1]:
+        check_shape(example.mask, example.scene.shape, read=True)
+    assert {example.scene.shape for example in drawn[1]} == set(world.SHAPES)
+
+
+def test_size_sets_the_width_of_every_object(drawn):
+    version, examples = drawn
+    widths = [world.object_diameter(size, 64, version) for size in world.SIZES]
+    assert widths == sorted(widths) and min(np.diff(widths)) >= 3  # three distinct sizes
+    for example in examples:
+        check_size(example.mask, example.scene.size, 64, version)
+
+
+def test_count_is_the_number_of_separate_objects(drawn):
+    for example in drawn[1]:
+        check_count(example.mask, example.scene.count)
+    assert {example.scene.count for example in drawn[1]} == {1, 2, 3, 4}
+
+
+def test_position_puts_the_objects_in_their_region_on_its_side(drawn):
+    version, examples = drawn
+    for example in examples:
+        check_position(example.mask, example.scene.position, 64, version)
+
+
+def test_version_2_draws_objects_over_several_patches_and_version_1_is_unchanged():
+    """Version 2's objects are 14-22 px at 64 px (two to three 8 px patches across); version 1
+    keeps the old geometry: half-image regions and 8-14 px objects."""
+    assert [world.object_diameter(s, 64, 2) for s in world.SIZES] == [14, 18, 22]
+    assert [world.object_diameter(s, 64, 1) for s in world.SIZES] == [8, 11, 14]
+    assert world.region_box("left", 64, 1) == (0, 16, 32, 48)
+    assert world.region_box("centre", 64, 2) == (8, 8, 56, 56)
+    assert validate_spec("shapes", SPEC)["version"] == 2
 
 
 def test_masks_agree_with_images_and_attributes(shapes):
     data = load_split(shapes, "test")
     for i, row in enumerate(data.images.iter_rows(named=True)):
-        check_drawing(np.asarray(data.open_image(i)), data.open_mask(i), row, 64)
+        check_drawing(np.asarray(data.open_image(i)), data.open_mask(i), row, 64, 2)
 
 
+@pytest.mark.parametrize("version", sorted(world.GEOMETRIES))
 @pytest.mark.parametrize("image_size", [32, 97, 224])
-def test_drawings_hold_at_other_image_sizes(image_size):
-    spec = validate_spec("shapes", {**SPEC, "image_size": image_size})
+def test_drawings_hold_at_other_image_sizes(image_size, version):
+    spec = validate_spec("shapes", {**SPEC, "image_size": image_size, "version": version})
     holdout = world.holdout_combinations(spec["seed"], spec["holdout_combinations"])
     for index in range(60 if image_size < 200 else 15):
         example = world.generate_example(spec, "test", index, holdout)
         scene = example.scene
         attributes = {key: getattr(scene, key) for key in ("shape", "colour", "size", "position")}
-        check_drawing(example.image, example.mask, {**attributes, "count": scene.count}, image_size)
+        attributes["count"] = scene.count
+        check_drawing(example.image, example.mask, attributes, image_size, version)
 
 
 def test_label_columns_index_the_class_names(shapes):
@@ -365,6 +486,8 @@ def test_readers_name_what_is_wrong(shapes, tmp_path):
         ({"holdout_combinations": 1}, "holdout_combinations"),
         ({"holdout_combinations": 7}, "holdout_combinations"),
         ({"colours": 3}, "colours"),
+        ({"version": 3}, "version"),
+        ({"version": True}, "version"),
     ],
 )
 def test_validate_spec_names_the_bad_key(change, key):

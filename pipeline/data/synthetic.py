@@ -5,7 +5,17 @@ one region of a lightly noisy grey background: the region is split into a grid w
 cell per object, and each object lies in its own cell, one pixel clear of the cell's border
 where the cell has room (so neighbours stay at least two pixels apart). Objects can only
 overlap when cells are smaller than objects, which takes ``max_count`` > 4. Every object
-fills a square box whose side is set by its size. The mask is drawn first (uint8 PNG;
+fills a square box whose side is set by its size.
+
+Geometry (``version``, ``GEOMETRIES``; docs/protocols.md): the square regions of the five
+positions (left, right, top, bottom: against that edge, centred along it; centre: in the
+middle) have a side of ``region`` times the image, and the three sizes are fractions of the
+image. Version 1: regions of half the image, objects 12-22 % of it (8-14 px at 64 px: one
+or two 8 px patches of a ViT), cells over the whole region. Version 2: regions of three
+quarters, objects 22-34 % (14-22 px: two to three patches across, so that a shape is drawn
+over several patches); its four largest objects just fit a region's 2 x 2 cells, and smaller
+groups keep together at the position's anchor (``Geometry.room``), so a group's centre stays
+on its position's half of the image. The mask is drawn first (uint8 PNG;
 ``SHAPES.index(shape) + 1`` on object pixels, 0 elsewhere) and the image is painted from
 it, so the two agree exactly.
 
@@ -62,7 +72,13 @@ from pipeline.data.tasks import (
 
 SPLITS = ("train", "val", "test")
 TRAIN, TEST = "train", "test"
-DEFAULTS = {"image_size": 64, "captions_per_image": 5, "max_count": 4, "holdout_combinations": 4}
+DEFAULTS = {
+    "version": 2,
+    "image_size": 64,
+    "captions_per_image": 5,
+    "max_count": 4,
+    "holdout_combinations": 4,
+}
 
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -77,14 +93,45 @@ COLOUR_NAMES = tuple(COLOURS)
 N_HOLDOUT_MAX = min(len(SHAPES), len(COLOURS))  # held-out shapes and colours are distinct
 COMBINATIONS = tuple((shape, colour) for shape in SHAPES for colour in COLOUR_NAMES)
 SIZES = ("small", "medium", "large")
-SIZE_FRACTIONS = {"small": 0.12, "medium": 0.17, "large": 0.22}  # object width / image width
 POSITIONS = ("left", "right", "top", "bottom", "centre")
-REGIONS = {  # (x0, y0, x1, y1) as fractions of the image
-    "left": (0.0, 0.25, 0.5, 0.75),
-    "right": (0.5, 0.25, 1.0, 0.75),
-    "top": (0.25, 0.0, 0.75, 0.5),
-    "bottom": (0.25, 0.5, 0.75, 1.0),
-    "centre": (0.25, 0.25, 0.75, 0.75),
+
+
+ANCHORS = {  # where a group sits in its region, per axis: 0 start, 0.5 middle, 1 end
+    "left": (0.0, 0.5),
+    "right": (1.0, 0.5),
+    "top": (0.5, 0.0),
+    "bottom": (0.5, 1.0),
+    "centre": (0.5, 0.5),
+}
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A world version's layout: ``region`` (side of a position's square region) and
+    ``sizes`` (object width per size, in SIZES order), both as fractions of the image; and
+    ``room``: None, the objects' cells split the whole region; else the cells take only the
+    objects' width, their gaps and ``room`` times the object width of play, and the group's
+    square sits at the position's anchor in the region (``ANCHORS``)."""
+
+    region: float
+    sizes: tuple[float, float, float]
+    room: float | None = None
+
+    def regions(self) -> dict[str, tuple[float, float, float, float]]:
+        """(x0, y0, x1, y1) of each position's region, as fractions of the image."""
+        side, mid = self.region, (1.0 - self.region) / 2
+        return {
+            "left": (0.0, mid, side, mid + side),
+            "right": (1.0 - side, mid, 1.0, mid + side),
+            "top": (mid, 0.0, mid + side, side),
+            "bottom": (mid, 1.0 - side, mid + side, 1.0),
+            "centre": (mid, mid, mid + side, mid + side),
+        }
+
+
+GEOMETRIES = {  # world version -> its geometry (module docstring)
+    1: Geometry(region=0.5, sizes=(0.12, 0.17, 0.22)),
+    2: Geometry(region=0.75, sizes=(0.22, 0.28, 0.34), room=0.5),
 }
 MIN_SIZE = 32  # small objects are then 4 pixels wide: any smaller cannot show a shape
 GAP = 1  # pixels kept free on each side of an object inside its cell
@@ -199,8 +246,12 @@ def normalize_spec(name: str, spec: Mapping[str, Any]) -> dict[str, Any]:
     if n_holdout == 1:
         raise spec_error(name, "holdout_combinations", "must be 0 or at least 2 (classes)")
     n_templates = len(CAPTION_TEMPLATES)
+    version = spec.get("version", DEFAULTS["version"])
+    if isinstance(version, bool) or version not in GEOMETRIES:
+        raise spec_error(name, "version", f"must be one of {list(GEOMETRIES)}, not {version!r}")
     return {
         "source": "synthetic",
+        "version": version,
         "seed": spec_int(name, spec, "seed", 0, 0, 2**63 - 1),
         "splits": {str(split): count for split, count in splits.items()},
         "image_size": spec_int(name, spec, "image_size", DEFAULTS["image_size"], MIN_SIZE, 4096),
@@ -240,28 +291,48 @@ def choose_combination(
     return seen[rng.integers(len(seen))]
 
 
-def region_box(position: str, image_size: int) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = (round(f * image_size) for f in REGIONS[position])
+def region_box(position: str, image_size: int, version: int) -> tuple[int, int, int, int]:
+    fractions = GEOMETRIES[version].regions()[position]
+    x0, y0, x1, y1 = (round(f * image_size) for f in fractions)
     return x0, y0, x1, y1
 
 
-def object_diameter(size: str, image_size: int) -> int:
-    return round(SIZE_FRACTIONS[size] * image_size)
+def object_diameter(size: str, image_size: int, version: int) -> int:
+    return round(GEOMETRIES[version].sizes[SIZES.index(size)] * image_size)
 
 
 def place_objects(
-    rng: np.random.Generator, box: tuple[int, int, int, int], diameter: int, count: int
+    rng: np.random.Generator,
+    box: tuple[int, int, int, int],
+    diameter: int,
+    count: int,
+    anchor: tuple[float, float] | None = None,
+    room: int = 0,
 ) -> tuple[tuple[int, int], ...]:
-    """Top-left corners of ``count`` d x d objects, one per cell of a grid over ``box``."""
+    """Top-left corners of ``count`` d x d objects, one per cell of a grid over ``box``.
+
+    With an ``anchor`` (x, y; 0 the box's start, 1 its end), the grid keeps only the columns
+    and rows that hold an object, is only as wide as they are (an object and its gaps each)
+    plus ``room`` pixels of play, and sits at the anchor of ``box``."""
     x0, y0, x1, y1 = box
     grid = math.ceil(math.sqrt(count))
-    cells = rng.choice(grid * grid, size=count, replace=False)
+    cells = [divmod(int(cell), grid) for cell in rng.choice(grid * grid, size=count, replace=False)]
+    axes = []
+    for axis, (lo, hi) in enumerate(((x0, x1), (y0, y1))):
+        used = sorted({cell[1 - axis] for cell in cells})  # columns, then rows
+        if anchor is None:
+            axes.append((lo, hi, grid, {k: k for k in used}))
+            continue
+        width = min(hi - lo, len(used) * (diameter + 2 * GAP) + room)
+        start = lo + round(anchor[axis] * (hi - lo - width))
+        axes.append((start, start + width, len(used), {k: i for i, k in enumerate(used)}))
+    (xl, xh, nx, column), (yl, yh, ny, row) = axes
     return tuple(
         (
-            _cell_offset(rng, x0, x1, grid, int(cell) % grid, diameter),
-            _cell_offset(rng, y0, y1, grid, int(cell) // grid, diameter),
+            _cell_offset(rng, xl, xh, nx, column[c], diameter),
+            _cell_offset(rng, yl, yh, ny, row[r], diameter),
         )
-        for cell in cells
+        for r, c in cells
     )
 
 
@@ -274,13 +345,20 @@ def _cell_offset(rng: np.random.Generator, lo: int, hi: int, grid: int, k: int, 
 
 
 def sample_scene(
-    rng: np.random.Generator, shape: str, colour: str, image_size: int, max_count: int
+    rng: np.random.Generator, shape: str, colour: str, spec: Mapping[str, Any]
 ) -> Scene:
+    """Size, position, count and layout of an image under a normalized spec."""
+    image_size, version = spec["image_size"], spec["version"]
     size = SIZES[rng.integers(len(SIZES))]
     position = POSITIONS[rng.integers(len(POSITIONS))]
-    count = int(rng.integers(1, max_count + 1))
-    diameter = object_diameter(size, image_size)
-    corners = place_objects(rng, region_box(position, image_size), diameter, count)
+    count = int(rng.integers(1, spec["max_count"] + 1))
+    diameter = object_diameter(size, image_size, version)
+    box, room = region_box(position, image_size, version), GEOMETRIES[version].room
+    if room is None:
+        corners = place_objects(rng, box, diameter, count)
+    else:
+        anchor, play = ANCHORS[position], round(room * diameter)
+        corners = place_objects(rng, box, diameter, count, anchor, play)
     return Scene(shape, colour, size, position, diameter, corners)
 
 
@@ -345,7 +423,7 @@ def generate_example(
     """Image ``index`` of ``split`` under a normalized spec: a pure function of its arguments."""
     rng = image_rng(spec["seed"], split, index)
     shape, colour = choose_combination(rng, split, index, holdout)
-    scene = sample_scene(rng, shape, colour, spec["image_size"], spec["max_count"])
+    scene = sample_scene(rng, shape, colour, spec)
     mask = draw_mask(scene, spec["image_size"])
     image = paint_image(rng, mask, COLOURS[colour])
     return Example(scene, image, mask, describe(rng, scene, spec["captions_per_image"]))
@@ -363,7 +441,7 @@ def unpaired_image(
         raise ValueError(f"unpaired split {split!r} must not be one of {SPLITS}")
     rng = image_rng(spec["seed"], split, index)
     shape, colour = choose_combination(rng, TRAIN, index, holdout)
-    scene = sample_scene(rng, shape, colour, spec["image_size"], spec["max_count"])
+    scene = sample_scene(rng, shape, colour, spec)
     return paint_image(rng, draw_mask(scene, spec["image_size"]), COLOURS[colour])
 
 

@@ -143,6 +143,19 @@ def seen(view: dict[str, Any] | None, size: tuple[int, int]) -> np.ndarray:
     return rows[:, None] & cols[None, :]
 
 
+def pixel_patches(
+    view: dict[str, Any] | None, size: tuple[int, int], grid: tuple[int, int]
+) -> np.ndarray:
+    """(H, W) int64: the row-major index of the patch of an (h, w) grid that each pixel's
+    centre falls in through ``view`` (``view_positions``), -1 where the input did not see it."""
+    rows, cols = view_positions(view, size)
+    h, w = grid
+    row = np.where((rows >= 0) & (rows < 1), np.floor(rows * h), -1).astype(np.int64)
+    col = np.where((cols >= 0) & (cols < 1), np.floor(cols * w), -1).astype(np.int64)
+    index = row[:, None] * w + col[None, :]
+    return np.where((row[:, None] >= 0) & (col[None, :] >= 0), index, -1)
+
+
 def decode(
     scores: np.ndarray | torch.Tensor,
     grid: tuple[int, int],

@@ -11,17 +11,19 @@ from typing import Any
 SPLIT = "pretrain"
 DEFAULTS: dict[str, Any] = {
     "images": 8192,  # distinct unpaired images, rendered once
-    "steps": 160,
-    "batch_size": 256,  # images per step (two views each)
+    "steps": 210,
+    "batch_size": 128,  # images per step (two views each)
     "lr": 2.0e-3,
     "weight_decay": 0.05,
-    "warmup_steps": 16,
+    "warmup_steps": 20,
     "temperature": 0.1,
     "projection_dim": 128,
+    "recolour": 0.85,  # fraction of images whose views repaint the objects
+    "rescale": 1.4,  # views scale the objects by up to this factor (or its inverse)
     "seed": 0,
 }
 KEYS = ("dataset", *DEFAULTS)
-ZERO_ALLOWED = ("weight_decay", "warmup_steps", "seed")
+ZERO_ALLOWED = ("weight_decay", "warmup_steps", "recolour", "seed")
 
 
 class PretrainSpecError(ValueError):
@@ -43,6 +45,8 @@ class PretrainSettings:
     warmup_steps: int
     temperature: float
     projection_dim: int
+    recolour: float
+    rescale: float
     seed: int
 
 
@@ -67,6 +71,14 @@ def parse_settings(encoder: str, block: Any) -> PretrainSettings:
         values[key] = value
     if values["batch_size"] < 2:
         raise PretrainSpecError(encoder, "batch_size", "needs at least 2 images for negatives")
+    if values["recolour"] > 1:
+        raise PretrainSpecError(
+            encoder, "recolour", f"is a fraction in [0, 1], not {values['recolour']}"
+        )
+    if values["rescale"] < 1:
+        raise PretrainSpecError(
+            encoder, "rescale", f"must be >= 1 (1: no scaling), not {values['rescale']}"
+        )
     return PretrainSettings(**values)
 
 

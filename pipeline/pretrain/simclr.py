@@ -7,9 +7,12 @@ repeats a train, val or test image), no captions, no labels.
 
 Objective: SimCLR instance discrimination (NT-Xent over two views of each image, the other
 2B - 2 views of the batch as negatives) on the encoder's pooled vector through a projection
-head. A view moves each object to a random free place on a freshly painted grey background:
-it keeps colour, shape, size and count and varies the layout, the background and the pixel
-grid under the patches (``docs/pretrain.md`` says why, and what it reaches).
+head. A view moves each object to a random free place on a freshly painted grey background
+and scales all of them by one random factor (``rescale``); for a fraction ``recolour`` of
+the images both views also paint the objects a random colour each. So a view keeps shape
+and count, and (unless repainted) colour, and varies the layout, size, background and the
+pixel grid under the patches: what is left to tell an image from the others is what the
+tasks ask about, shape first (``docs/pretrain.md`` says why, and what it reaches).
 
 Determinism: initial weights, batches and views come from generators seeded by ``seed``;
 torch runs with ``threads`` intra-op threads; the same spec gives identical weights on the
@@ -18,6 +21,7 @@ same machine and software.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -43,6 +47,8 @@ from pipeline.pretrain.settings import SPLIT, PretrainSettings, initial_spec, pa
 
 SATURATION = 50  # max - min channel value (0..255) above which a pixel is an object's
 PLACEMENT_TRIES = 20  # random places tried per object before one that overlaps is accepted
+SHRINK, SHRINKS = 0.85, 6  # a view's scale shrinks by SHRINK, at most SHRINKS times, while
+# its objects find no free places (then the last object overlaps)
 
 
 # --- images and views ---------------------------------------------------------------------
@@ -58,26 +64,69 @@ def render_images(dataset: Mapping[str, Any], n: int) -> np.ndarray:
     return np.stack(images)
 
 
-def object_view(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """``image``'s objects, each moved to a random free place, on a repainted background."""
+def object_view(
+    image: np.ndarray, rng: np.random.Generator, recolour: bool = False, rescale: float = 1.0
+) -> np.ndarray:
+    """``image``'s objects, each moved to a random free place, on a repainted background.
+
+    ``recolour``: the objects take one random saturated colour instead of their own;
+    ``rescale`` > 1: they are all scaled by one factor drawn log-uniformly from
+    [1 / rescale, rescale]. While the objects find no free places the scale shrinks
+    (``SHRINK``): a view keeps the count, the shape and (unless recoloured) the colour."""
     size = image.shape[0]
     objects = image.max(axis=2).astype(int) - image.min(axis=2) > SATURATION
+    labels, _ = ndimage.label(objects)
+    shapes = [labels[box] == k for k, box in enumerate(ndimage.find_objects(labels), start=1)]
+    paint = [
+        image[box][labels[box] == k][0] for k, box in enumerate(ndimage.find_objects(labels), 1)
+    ]
     base = rng.integers(*synthetic.BACKGROUND_GREY)
     noise = rng.normal(0.0, synthetic.BACKGROUND_NOISE, size=image.shape)
+    if recolour:
+        paint = [
+            rng.permutation([rng.integers(200, 256), rng.integers(0, 60), rng.integers(0, 256)])
+        ] * len(paint)
+    scale = math.exp(rng.uniform(-math.log(rescale), math.log(rescale)))
+    for attempt in range(SHRINKS + 1):
+        scaled = [_scaled(where, scale, size) for where in shapes]
+        corners = _free_places(rng, scaled, size, final=attempt == SHRINKS)
+        if corners is not None:
+            break
+        scale *= SHRINK
     view = np.clip(np.rint(base + noise), 0, 255).astype(np.uint8)
-    taken = np.zeros((size, size), dtype=bool)
-    labels, _ = ndimage.label(objects)
-    for index, box in enumerate(ndimage.find_objects(labels), start=1):
-        height, width = box[0].stop - box[0].start, box[1].stop - box[1].start
-        for _ in range(PLACEMENT_TRIES):  # the last try is kept even if it overlaps
-            y, x = rng.integers(size - height + 1), rng.integers(size - width + 1)
-            free = not taken[max(0, y - 1) : y + height + 1, max(0, x - 1) : x + width + 1].any()
-            if free:
-                break
-        where = labels[box] == index
-        view[y : y + height, x : x + width][where] = image[box][where]
-        taken[y : y + height, x : x + width] |= where
+    for where, colour, (y, x) in zip(scaled, paint, corners, strict=True):
+        view[y : y + where.shape[0], x : x + where.shape[1]][where] = colour
     return view
+
+
+def _scaled(where: np.ndarray, scale: float, size: int) -> np.ndarray:
+    if scale == 1.0:
+        return where
+    shape = tuple(max(1, min(size, round(n * scale))) for n in where.shape)
+    image = Image.fromarray(where.astype(np.uint8) * 255)
+    return np.asarray(image.resize(shape[::-1], Image.Resampling.BILINEAR)) > 127
+
+
+def _free_places(
+    rng: np.random.Generator, shapes: list[np.ndarray], size: int, final: bool
+) -> list[tuple[int, int]] | None:
+    """Top-left corners of the objects, each tried at PLACEMENT_TRIES random places one
+    pixel clear of the others; None when one finds no free place, unless ``final`` (its last
+    try is then kept, overlapping)."""
+    taken = np.zeros((size, size), dtype=bool)
+    corners = []
+    for where in shapes:
+        height, width = where.shape
+        for _ in range(PLACEMENT_TRIES):
+            y, x = rng.integers(size - height + 1), rng.integers(size - width + 1)
+            if not taken[max(0, y - 1) : y + height + 1, max(0, x - 1) : x + width + 1].any():
+                break
+        else:
+            if not final:
+                return None
+        taken[y : y + height, x : x + width] |= where
+        corners.append((int(y), int(x)))
+    return corners
 
 
 # --- model and loss -------------------------------------------------------------------------
@@ -132,10 +181,14 @@ def pretrain(
     with compute_threads(threads), tqdm(total=settings.steps, desc="pretrain", unit="step") as bar:
         for _ in range(settings.steps):
             batch = rng.choice(len(images), size=settings.batch_size, replace=False)
-            views = [Image.fromarray(object_view(images[i], rng)) for _ in range(2) for i in batch]
+            recolour = rng.random(len(batch)) < settings.recolour  # both views of an image
+            views = [
+                Image.fromarray(object_view(images[i], rng, new, settings.rescale))
+                for _ in range(2)
+                for i, new in zip(batch, recolour, strict=True)
+            ]
             pooled = encoder.pooled_layers(encoder.collate(views))[-1]
-            z1, z2 = head(pooled).chunk(2)
-            loss = nt_xent(z1, z2, settings.temperature)
+            loss = nt_xent(*head(pooled).chunk(2), settings.temperature)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
