@@ -205,9 +205,11 @@ def plot_similarity_vs_metric(
     ax = fig.subplots()
     ax.scatter(x, y, color=colormaps["tab10"](0))
     for xi, yi, (v, t) in zip(x, y, points.select(LAYER_PAIR).rows(), strict=True):
-        ax.annotate(
+        label = ax.annotate(
             f"v{v}/t{t}", (xi, yi), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
         )
+        label.set_in_layout(False)  # the layout engine would measure every label (most of the time)
+    ax.margins(0.08)  # room for the labels the layout leaves out
     ax.set(xlabel=f"layer-pair similarity ({similarity_metric})", ylabel=f"{task}: {metric}")
     ax.grid(alpha=0.3)
     ax.set_title(
