@@ -165,15 +165,15 @@ def patch_ceiling(
     (``patch_targets``) and 0 for the others, decoded the same way; what patch-level
     segmentation of these masks on this grid can reach at most (near enough: a soft score
     can do slightly better at borders). ``background``: instead, the mIoU of predicting
-    the background (class 0) everywhere, the floor a segmentation must clear."""
+    the background (class 0) everywhere on the same pixels (``miou_all_background``), the
+    floor a segmentation must clear."""
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     for mask in masks:
-        classes = patch_targets(mask, grid, view, n_classes)
-        scores = np.eye(n_classes)[np.zeros_like(classes) if background else classes]
+        scores = np.eye(n_classes)[patch_targets(mask, grid, view, n_classes)]
         labels = decode(scores, grid, mask.shape, view)
         target = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, mask)
         confusion += confusion_matrix(labels, target, n_classes)
-    return segmentation_metrics(confusion)["miou"]
+    return segmentation_metrics(confusion)["miou_all_background" if background else "miou"]
 
 
 SCHEMA = {"layer": pl.Int64, "attribute": pl.String, "score": pl.Float64}

@@ -52,6 +52,22 @@ def test_miou_leaves_out_absent_classes_and_background_for_fg() -> None:
     assert metrics["pixel_accuracy"] == pytest.approx(6 / 9)  # 9 counted pixels, 6 on the diagonal
     no_background = segmentation_metrics(confusion_matrix(PRED, TARGET, 4), background=None)
     assert no_background["miou_fg"] == pytest.approx(no_background["miou"])
+    assert "miou_all_background" not in no_background  # no background class: no such floor
+
+
+def test_the_floor_is_the_miou_of_background_everywhere() -> None:
+    """``miou_all_background`` is what a label map of class 0 at every counted pixel scores:
+    here 3 of the 9 counted pixels are background and 3 classes are in the targets."""
+    metrics = segmentation_metrics(confusion_matrix(PRED, TARGET, 4), background=0)
+    assert metrics["miou_all_background"] == pytest.approx((3 / 9) / 3)
+    everywhere = np.where(TARGET == 255, 255, 0)  # class 0 wherever a pixel counts
+    brute = segmentation_metrics(confusion_matrix(everywhere, TARGET, 4), background=0)
+    assert metrics["miou_all_background"] == pytest.approx(brute["miou"])
+    assert brute["miou_all_background"] == pytest.approx(brute["miou"])  # the targets decide
+    # another background index: its share of the pixels over the classes present
+    assert segmentation_metrics(confusion_matrix(PRED, TARGET, 4), background=1)[
+        "miou_all_background"
+    ] == pytest.approx((4 / 9) / 3)
 
 
 def test_a_class_predicted_but_absent_counts_zero() -> None:
@@ -145,7 +161,9 @@ def test_segment_maps_every_patch_through_the_image_map_and_pools_one_matrix() -
         PooledIdentity(), VisionTokens(tokens), np.eye(3), np.arange(2), masks, keep=1
     )
     assert confusion.sum() == 2 * 10 * 15 - 4 and np.trace(confusion) == confusion.sum()
-    assert segmentation_metrics(confusion) == {"miou": 1.0, "miou_fg": 1.0, "pixel_accuracy": 1.0}
+    metrics = segmentation_metrics(confusion)
+    assert metrics.pop("miou_all_background") < 1.0  # background is not everywhere
+    assert metrics == {"miou": 1.0, "miou_fg": 1.0, "pixel_accuracy": 1.0}
     assert len(kept) == 1 and np.array_equal(kept[0], np.kron(layouts[0], np.ones((5, 5))))
     scores = patch_class_scores(PooledIdentity(), tokens[0, 1:], np.eye(3))
     assert scores.shape == (6, 3) and np.array_equal(scores.argmax(1), layouts[0].ravel())

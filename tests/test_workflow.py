@@ -206,8 +206,15 @@ def test_every_artefact_of_the_dag(tiny_run):
         rows = metrics.filter(pl.col("method") == method)
         assert set(rows["task"]) == set(metrics["task"]), method
         segmentation = rows.filter(pl.col("task") == "tiny.segmentation")
-        assert set(segmentation["metric"]) == {"miou", "miou_fg", "pixel_accuracy"}, method
-        assert len(segmentation) == 3 * 2 * 4  # metrics x layer choices x runs
+        assert set(segmentation["metric"]) == {
+            "miou",
+            "miou_fg",
+            "pixel_accuracy",
+            "miou_all_background",
+        }, method
+        assert len(segmentation) == 4 * 2 * 4  # metrics x layer choices x runs
+    floor = metrics.filter(pl.col("metric") == "miou_all_background")["value"]
+    assert floor.n_unique() == 1 and 0 < floor[0] < 1  # one test split, one floor for all
     assert list((results / "plots" / "segmentation").glob("tiny.segmentation__*.png"))
     assert {"tiny.shape", "tiny.colour", "tiny.novel_combination", "tiny.retrieval"} <= set(
         metrics["task"]

@@ -8,7 +8,10 @@ Metrics come from a confusion matrix (rows: target class, columns: predicted cla
 all the images of a set. The IoU of class c is tp / (tp + fp + fn); classes whose union is empty
 (neither in the targets nor predicted) are left out of the means. ``miou`` averages every other
 class, background included; ``miou_fg`` leaves the background class out; ``pixel_accuracy``
-is the fraction of counted pixels predicted right. Pixels labelled ``ignore_index`` count nowhere.
+is the fraction of counted pixels predicted right; ``miou_all_background``, the floor a method
+must clear, is the ``miou`` of predicting the background class at every pixel (the background's
+pixel fraction over the number of classes in the targets). Pixels labelled ``ignore_index``
+count nowhere.
 
 ``segment`` runs this over a split: the patch tokens of a vision token store, scored by PAL's
 anchors or, for every pooled aligner, by the patch baseline (``patch_class_scores``).
@@ -53,17 +56,31 @@ def class_iou(confusion: np.ndarray) -> np.ndarray:
 
 def segmentation_metrics(confusion: np.ndarray, background: int | None = 0) -> dict[str, float]:
     """``miou`` (all classes with a non-empty union), ``miou_fg`` (the same without class
-    ``background``; equal to ``miou`` when it is None) and ``pixel_accuracy``; NaN if undefined."""
+    ``background``; equal to ``miou`` when it is None), ``pixel_accuracy`` and (with a
+    background class) ``miou_all_background``; NaN if undefined."""
     iou = class_iou(confusion)
     foreground = np.ones(len(iou), dtype=bool)
     if background is not None:
         foreground[background] = False
     total = np.asarray(confusion).sum()
-    return {
+    metrics = {
         "miou": _nanmean(iou),
         "miou_fg": _nanmean(iou[foreground]),
         "pixel_accuracy": float(np.trace(confusion) / total) if total else float("nan"),
     }
+    if background is not None:
+        metrics["miou_all_background"] = all_background_miou(confusion, background)
+    return metrics
+
+
+def all_background_miou(confusion: np.ndarray, background: int = 0) -> float:
+    """The ``miou`` of a label map that is ``background`` everywhere, on the same targets:
+    the background's IoU is its share of the pixels, every other class in the targets has
+    IoU 0, and classes absent from the targets have an empty union (left out)."""
+    targets = np.asarray(confusion).sum(axis=1)
+    everywhere = np.zeros_like(confusion)
+    everywhere[:, background] = targets
+    return _nanmean(class_iou(everywhere))
 
 
 def _nanmean(values: np.ndarray) -> float:
