@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -334,19 +335,34 @@ def test_sharded_extraction_adds_shard_jobs_for_every_split_store(paper_tree, tm
     }
 
 
-@pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
-def test_a_scaled_down_reproduction_config_runs_to_the_tables(paper_tree, configfile, tmp_path):
-    paper = yaml.safe_load(configfile.read_text())
-    tiny_roberta(tmp_path / "roberta", paper_captions(paper_tree))
-    config = scaled_down(paper, tmp_path / "roberta")
-    workdir = tmp_path / "work"
-    workdir.mkdir()
+@pytest.fixture(scope="module")
+def scaled_runs(paper_tree, tmp_path_factory) -> dict[str, tuple[dict, Any, pl.DataFrame | None]]:
+    """Both scaled-down configs run one after the other in one working directory, PAL's first,
+    as someone reproducing both papers would: the same encoders and training data, so the
+    second finds the datasets and stores it shares with the first. By config file name: the
+    scaled config, the run's result and the metrics table it published (None if it failed)."""
+    workdir = tmp_path_factory.mktemp("scaled")
     (workdir / "data").symlink_to(paper_tree / "data")
-    (workdir / "scaled.yaml").write_text(yaml.safe_dump(config))
-    result = snakemake(workdir, configfile=workdir / "scaled.yaml")
-    assert result.returncode == 0, result.output[-6000:]
+    tiny_roberta(workdir / "roberta", paper_captions(paper_tree))
+    runs = {}
+    for configfile in (PAL, STRUCTURE):
+        config = scaled_down(yaml.safe_load(configfile.read_text()), workdir / "roberta")
+        (workdir / f"scaled_{configfile.name}").write_text(yaml.safe_dump(config))
+        result = snakemake(workdir, configfile=workdir / f"scaled_{configfile.name}")
+        table = workdir / "results" / "tables" / "metrics.parquet"
+        runs[configfile.name] = (
+            config,
+            result,
+            read_metrics(table) if result.returncode == 0 else None,
+        )
+    return runs
 
-    metrics = read_metrics(workdir / "results" / "tables" / "metrics.parquet")
+
+@pytest.mark.parametrize("configfile", sorted(REPRODUCTIONS), ids=lambda path: path.name)
+def test_a_scaled_down_reproduction_config_runs_to_the_tables(scaled_runs, configfile):
+    paper = yaml.safe_load(configfile.read_text())
+    config, result, metrics = scaled_runs[configfile.name]
+    assert result.returncode == 0, result.output[-6000:]
     assert set(metrics["method"].unique()) == set(paper["align"]["methods"])
     tasks = {
         (task.split(".")[0], kind)
@@ -367,6 +383,18 @@ def test_a_scaled_down_reproduction_config_runs_to_the_tables(paper_tree, config
     full = COCO_SPLITS["train"]
     assert set(metrics["n_pairs"].unique()) == {8, full}
     assert metrics.filter(pl.col("metric").is_null() | pl.col("value").is_nan()).is_empty()
+
+
+def test_the_second_config_reuses_the_stores_the_first_made(scaled_runs):
+    """STRUCTURE's scaled run after PAL's: the datasets and the text encoder's stores it reads
+    were made by PAL's run (the same data and text model), so it prepares and encodes none of
+    them again; the vision stores are its own (PAL feeds DINOv2 224 px, STRUCTURE 518 px)."""
+    _, result, _ = scaled_runs[STRUCTURE.name]
+    assert result.returncode == 0, result.output[-3000:]
+    assert "rule prepare_dataset:" not in result.output
+    written = re.findall(r"^\s+output: (.*)$", result.output, re.MULTILINE)
+    stores = [path for path in written if "/features/" in path]
+    assert stores and all("dinov2_vitl14" in path for path in stores), stores
 
 
 def test_the_two_configs_cover_every_kind_of_source():
