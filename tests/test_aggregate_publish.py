@@ -149,3 +149,8 @@ def test_verify_names_a_bad_evaluation_table_and_an_aggregate_that_did_not_finis
     assert "the last aggregate did not finish" in unfinished.what
     assert layout.staged(layout.METRICS_TABLE) in unfinished.what
     assert unfinished.repair == "snakemake"
+
+
+def test_figure_families_drawn_in_parallel_come_back_in_their_order() -> None:
+    families = [(sorted, ([3, 1, 2],)), (list, ("ab",)), (sorted, ([9, 8],))]
+    assert aggregate.draw(families, 2) == aggregate.draw(families, 1) == [1, 2, 3, "a", "b", 8, 9]

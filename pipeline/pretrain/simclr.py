@@ -22,8 +22,10 @@ same machine and software.
 from __future__ import annotations
 
 import math
+import queue
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -178,16 +180,10 @@ def pretrain(
     )
     losses: list[float] = []
     model.train()
+    batches = prefetched(view_batches(encoder, images, rng, settings))
     with compute_threads(threads), tqdm(total=settings.steps, desc="pretrain", unit="step") as bar:
-        for _ in range(settings.steps):
-            batch = rng.choice(len(images), size=settings.batch_size, replace=False)
-            recolour = rng.random(len(batch)) < settings.recolour  # both views of an image
-            views = [
-                Image.fromarray(object_view(images[i], rng, new, settings.rescale))
-                for _ in range(2)
-                for i, new in zip(batch, recolour, strict=True)
-            ]
-            pooled = encoder.pooled_layers(encoder.collate(views))[-1]
+        for batch in batches:
+            pooled = encoder.pooled_layers(batch)[-1]
             loss = nt_xent(*head(pooled).chunk(2), settings.temperature)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -199,6 +195,43 @@ def pretrain(
             bar.update()
     model.eval()
     return PretrainResult(model, losses, time.perf_counter() - start)
+
+
+def view_batches(
+    encoder: Any, images: list[np.ndarray], rng: np.random.Generator, settings: PretrainSettings
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The model inputs of every step: two views of each image of a batch (all first views,
+    then all second views), drawn in order from ``rng``."""
+    for _ in range(settings.steps):
+        batch = rng.choice(len(images), size=settings.batch_size, replace=False)
+        recolour = rng.random(len(batch)) < settings.recolour  # both views of an image
+        views = [
+            Image.fromarray(object_view(images[i], rng, new, settings.rescale))
+            for _ in range(2)
+            for i, new in zip(batch, recolour, strict=True)
+        ]
+        yield encoder.collate(views)
+
+
+def prefetched(items: Iterator[Any]) -> Iterator[Any]:
+    """``items`` in order, the next one made by a background thread while the caller works
+    on the current one (the views are Python and NumPy; torch's kernels release the GIL)."""
+    ahead: queue.Queue = queue.Queue(maxsize=1)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                ahead.put(item)
+        except BaseException as error:  # re-raised in the caller's thread
+            ahead.put(error)
+        ahead.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := ahead.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 # --- the stage ------------------------------------------------------------------------------

@@ -25,9 +25,11 @@ leaves the tables and plots last published (docs/architecture.md, "Rerun semanti
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -77,24 +79,29 @@ def run(job: Job) -> None:
     write_summary(summary, job.output("summary"))
     write_comparisons(comparisons, job.output("comparisons"))
     plots_dir = Path(job.output("plots"))
-    similarities = job.input_list("similarities")
-
-    shutil.rmtree(plots_dir, ignore_errors=True)  # only figures of this run, none left over
-    written = plots.plot_all(summary, plots_dir, comparisons)
-    similarity = pl.concat([read_table(path) for path in similarities], how="diagonal")
-    written += similarity_plots(plots, similarity, metrics, plots_dir)
+    similarity = pl.concat(
+        [read_table(path) for path in job.input_list("similarities")], how="diagonal"
+    )
+    sweep = None
     if "sweeps" in job.inputs:
         sweep = concat_metrics(read_metrics(path) for path in job.input_list("sweeps"))
         write_sweep(sweep_with_similarity(sweep, similarity), job.output("sweep"))
         write_sweep_rho(sweep_rho(plots, similarity, sweep), job.output("sweep_rho"))
-        written += sweep_plots(plots, similarity, sweep, plots_dir)
     examples = pl.concat([read_table(path) for path in job.input_list("examples")])
     datasets = {
         read_manifest(Path(layout.dataset_of_manifest(m)))["name"]: layout.dataset_of_manifest(m)
         for m in job.input_list("datasets")
     }
-    written += segmentation_figures(
-        plots, summary, examples, datasets, set(job.spec.get("token_methods", ())), plots_dir
+    token_methods = set(job.spec.get("token_methods", ()))
+
+    shutil.rmtree(plots_dir, ignore_errors=True)  # only figures of this run, none left over
+    written = draw(
+        [
+            (plots.plot_all, (summary, plots_dir, comparisons)),
+            (layer_figures, (similarity, metrics, sweep, plots_dir)),
+            (segmentation_figures, (summary, examples, datasets, token_methods, plots_dir)),
+        ],
+        job.threads or 1,
     )
     log.info(
         "%d metric rows, %d summary rows, %d comparisons (%d with an image interval excluding "
@@ -105,6 +112,30 @@ def run(job: Job) -> None:
         comparisons["item_excludes_zero"].sum(),
         len(written),
     )
+
+
+def draw(families: list[tuple[Callable[..., list[Path]], tuple]], workers: int) -> list[Path]:
+    """The figures of each family (a function and its arguments, returning the paths it wrote),
+    in that order; with more than one worker, the families are drawn in parallel processes
+    (matplotlib draws on one core; spawned, not forked: polars' thread pool is running)."""
+    if workers < 2:
+        return [path for function, args in families for path in function(*args)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(families)), mp_context=context) as pool:
+        futures = [pool.submit(function, *args) for function, args in families]
+        return [path for future in futures for path in future.result()]
+
+
+def layer_figures(
+    similarity: pl.DataFrame, metrics: pl.DataFrame, sweep: pl.DataFrame | None, plots_dir: Path
+) -> list[Path]:
+    """The similarity-against-metric figures of the runs' layer pairs and of the sweep."""
+    from pipeline.evaluate import plots
+
+    written = similarity_plots(plots, similarity, metrics, plots_dir)
+    if sweep is not None:
+        written += sweep_plots(plots, similarity, sweep, plots_dir)
+    return written
 
 
 def similarity_plots(
@@ -205,7 +236,6 @@ def sweep_plots(
 
 
 def segmentation_figures(
-    plots,
     summary: pl.DataFrame,
     examples: pl.DataFrame,
     datasets: dict[str, str],
@@ -215,6 +245,8 @@ def segmentation_figures(
     """Per encoder pair and segmentation task: a few test images, their true masks, and the
     label maps of the best token method (PAL) and of the best pooled method (patch baseline),
     each at the largest n_pairs (mean mIoU over seeds; the example run is its smallest seed)."""
+    from pipeline.evaluate import plots
+
     written = []
     if examples.is_empty():
         return written

@@ -53,6 +53,7 @@ rule aggregate:
         layout.log("aggregate", "tables"),
     benchmark:
         layout.benchmark("aggregate", "tables")
+    threads: 2  # figure families drawn in parallel (matplotlib is single-threaded)
     resources:
         mem_mb=4000,
         runtime=30,
