@@ -11,7 +11,7 @@ from typing import Any
 SPLIT = "pretrain"
 DEFAULTS: dict[str, Any] = {
     "images": 8192,  # distinct unpaired images, rendered once
-    "steps": 190,
+    "steps": 210,
     "batch_size": 128,  # images per step (two views each)
     "lr": 2.0e-3,
     "weight_decay": 0.05,
