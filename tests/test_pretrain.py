@@ -143,6 +143,8 @@ def test_pretraining_is_deterministic_and_its_weights_round_trip(tmp_path) -> No
     first, second = load_file(paths[0]), load_file(paths[1])
     assert first.keys() == second.keys()
     assert all(torch.equal(first[key], second[key]) for key in first)
+    # the same bytes, so the same SHA-256 in the record and in every store made from them
+    assert paths[0].read_bytes() == paths[1].read_bytes()
     record = json.loads((tmp_path / "a.json").read_text())
     assert len(record["losses"]) == 3 and record["image_passes"] == 48
     assert (

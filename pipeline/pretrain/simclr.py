@@ -253,7 +253,9 @@ def run_pretrain(
     result = pretrain(encoder_name, encoder_spec, spec, settings, threads)
     state = {key: value.detach().contiguous() for key, value in result.model.state_dict().items()}
     with atomic.atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"objective": "simclr", "split": SPLIT})
+        # one metadata key: safetensors writes them in hash-map order, so two would make the
+        # bytes (and the SHA-256 every store records) differ between identical runs
+        save_file(state, str(tmp), metadata={"objective": f"simclr on the {SPLIT} split"})
     atomic.write_json(
         record,
         {
