@@ -31,6 +31,7 @@ import yaml
 from PIL import Image
 
 from pipeline.encoders import build_encoder
+from pipeline.pretrain import initial_spec
 from pipeline.stores.features import FeatureWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,6 +226,12 @@ def main() -> None:
             config = yaml.safe_load(args.config.read_text())
             pair = config["experiment"]["pairs"][0]
             encoders = {role: config["encoders"][role] for role in (pair["vision"], pair["text"])}
+            # an encoder pretrained by the pipeline: its architecture at its seeded init (the
+            # cost of a forward pass does not depend on the weights)
+            encoders = {
+                name: initial_spec(spec) if "pretrain" in spec else spec
+                for name, spec in encoders.items()
+            }
         for name, spec in encoders.items():
             bench(name, spec, args.n, args.batch_size, device, args.precision, args.repeats)
 
