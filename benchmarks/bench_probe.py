@@ -108,8 +108,7 @@ def main() -> None:
                 }
             )
     view, classes = random_init.token_layout()["view"], len(synthetic.SEGMENTATION_CLASSES)
-    ceiling = patch_ceiling(test.masks, random_init.grid, view, classes)
-    floor = patch_ceiling(test.masks, random_init.grid, view, classes, background=True)
+    ceiling, floor = patch_ceiling(test.masks, random_init.grid, view, classes)
     print(
         f"patch probe mIoU: {ceiling:.3f} for a perfect patch classifier, {floor:.3f} for "
         "background everywhere"

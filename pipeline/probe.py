@@ -159,21 +159,21 @@ def patch_ceiling(
     grid: tuple[int, int],
     view: dict[str, Any] | None,
     n_classes: int,
-    background: bool = False,
-) -> float:
-    """The mIoU of a perfect patch probe: each patch scored 1 for its own target class
-    (``patch_targets``) and 0 for the others, decoded the same way; what patch-level
-    segmentation of these masks on this grid can reach at most (near enough: a soft score
-    can do slightly better at borders). ``background``: instead, the mIoU of predicting
-    the background (class 0) everywhere on the same pixels (``miou_all_background``), the
-    floor a segmentation must clear."""
+) -> tuple[float, float]:
+    """(ceiling, floor) of patch-level segmentation of these masks on this grid, from one
+    decoding. The ceiling is the mIoU of a perfect patch probe: each patch scored 1 for its
+    own target class (``patch_targets``) and 0 for the others, decoded the same way (near
+    enough the most it can reach: a soft score can do slightly better at borders). The floor
+    is the mIoU of predicting the background (class 0) everywhere on the same pixels
+    (``miou_all_background``), what a segmentation must clear."""
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
     for mask in masks:
         scores = np.eye(n_classes)[patch_targets(mask, grid, view, n_classes)]
         labels = decode(scores, grid, mask.shape, view)
         target = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, mask)
         confusion += confusion_matrix(labels, target, n_classes)
-    return segmentation_metrics(confusion)["miou_all_background" if background else "miou"]
+    metrics = segmentation_metrics(confusion)
+    return metrics["miou"], metrics["miou_all_background"]
 
 
 SCHEMA = {"layer": pl.Int64, "attribute": pl.String, "score": pl.Float64}

@@ -64,7 +64,7 @@ def test_the_patch_probe_reaches_the_ceiling_on_coded_tokens_and_not_on_noise() 
     train_masks, train_tokens = masks_and_tokens(60, rng)
     test_masks, test_tokens = masks_and_tokens(40, rng)
     targets = np.stack([patch_targets(m, (4, 4), None, 3) for m in train_masks])
-    ceiling = patch_ceiling(test_masks, (4, 4), None, 3)
+    ceiling, floor = patch_ceiling(test_masks, (4, 4), None, 3)
     assert 0.5 < ceiling < 1.0  # bilinear decoding blurs a block's border
     coded = patch_probe(train_tokens, targets, test_tokens, test_masks, (4, 4), None, 3)
     assert coded == pytest.approx(ceiling, abs=0.02)
@@ -72,5 +72,4 @@ def test_the_patch_probe_reaches_the_ceiling_on_coded_tokens_and_not_on_noise() 
     assert patch_probe(train_tokens, targets, noise, test_masks, (4, 4), None, 3) < 0.5 * ceiling
     # background everywhere: IoU 15/16 for the background, 0 for the one object class
     # each mask holds (both classes occur in the set, so both count)
-    floor = patch_ceiling(test_masks, (4, 4), None, 3, background=True)
     assert floor == pytest.approx(15 / 16 / 3)
